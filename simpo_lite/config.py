@@ -1,0 +1,383 @@
+"""Configuration schema and its resolution.
+
+Resolution order, each layer overriding the one before:
+defaults < preset < config file (YAML) < first-class CLI flags < repeated ``--set section.key=value``.
+Every layer is validated against the schema; unknown keys and wrong types are collected and
+reported together, each naming the key and the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from simpo_lite.errors import ConfigError, UserError
+
+
+def _f(default: Any, help: str, *, ge: float | None = None, gt: float | None = None,
+       lt: float | None = None, le: float | None = None) -> Any:
+    """A schema field: its default, a one-line description and optional numeric bounds."""
+    meta = {"help": help, "ge": ge, "gt": gt, "lt": lt, "le": le}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _f("smollm2-135m-instruct",
+                           "Hub id, local folder, or 'smollm2-135m-instruct' (the bundled GGUF model).")
+    revision: Optional[str] = _f(None, "Hub revision (branch, tag or commit) of the model.")
+    quantize: bool = _f(True, "Load the base weights in 4-bit NF4 (bitsandbytes); false = full-precision LoRA.")
+    double_quant: bool = _f(True, "Quantize the 4-bit quantization constants too (saves ~0.4 bit/param).")
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = _f(
+        "auto", "Dtype of matmuls and unquantized weights; auto = bf16 on GPUs that support it, fp16 on "
+        "other GPUs, fp32 on CPU.")
+    attn_implementation: Optional[str] = _f(None, "Attention kernel (e.g. 'eager' for Gemma-2, 'sdpa'); null = model default.")
+    gradient_checkpointing: bool = _f(True, "Recompute activations in backward (non-reentrant) to save memory.")
+    trust_remote_code: bool = _f(False, "Allow the model repository to run its own Python code.")
+
+
+@dataclass
+class LoraConfig:
+    r: int = _f(16, "LoRA rank.", ge=1)
+    alpha: int = _f(32, "LoRA scaling numerator (scale = alpha / r).", ge=1)
+    dropout: float = _f(0.05, "Dropout on the LoRA input.", ge=0.0, lt=1.0)
+    target_modules: list[str] = _f(["all-linear"], "Modules that get adapters; ['all-linear'] = every linear layer but the output head.")
+
+
+@dataclass
+class DataConfig:
+    source: str = _f("demo", "Training data: 'demo', a .jsonl/.json/.parquet/.csv file, or a Hub dataset id.")
+    config_name: Optional[str] = _f(None, "Config (subset) name of a Hub dataset.")
+    split: str = _f("train", "Split of the training source.")
+    eval_source: Optional[str] = _f(None, "Separate evaluation data (file or dataset id); null = use eval_split or eval_fraction.")
+    eval_split: Optional[str] = _f(None, "Split used for evaluation (of eval_source, else of source).")
+    eval_fraction: float = _f(0.1, "Share of the training rows held out for evaluation when no eval split or source is given.", ge=0.0, lt=1.0)
+    eval_max_pairs: Optional[int] = _f(None, "Evaluate on at most this many pairs (null = all).", ge=1)
+    max_train_pairs: Optional[int] = _f(None, "Use at most this many training pairs (null = all).", ge=1)
+    columns: dict[str, str] = _f({}, "Column mapping, e.g. {prompt: question, chosen: good, rejected: bad, system: sys}.")
+    system_prompt: Optional[str] = _f(None, "System message added to every prompt that has none.")
+    max_length: int = _f(1024, "Longest prompt + response in tokens.", ge=2)
+    max_prompt_length: int = _f(512, "Longest prompt in tokens after truncation.", ge=1)
+    truncation_mode: Literal["keep_end", "keep_start"] = _f("keep_end", "Which end of an over-long prompt to keep.")
+    max_bad_fraction: float = _f(0.1, "Stop before training when more than this share of rows is invalid or dropped.", ge=0.0, le=1.0)
+    num_proc: int = _f(1, "Processes used to tokenize.", ge=1)
+    group_by_length: bool = _f(True, "Batch pairs of similar length together to cut padding.")
+
+
+@dataclass
+class SimpoConfig:
+    beta: float = _f(2.0, "Reward scale: reward = beta * average response log-prob.", gt=0.0)
+    gamma_beta_ratio: float = _f(0.5, "Target reward margin divided by beta (gamma = gamma_beta_ratio * beta).", ge=0.0)
+    loss_type: Literal["sigmoid", "hinge"] = _f("sigmoid", "Bradley-Terry sigmoid loss or hinge loss.")
+    label_smoothing: float = _f(0.0, "Conservative BT label smoothing (sigmoid loss only).", ge=0.0, le=0.5)
+    sft_weight: float = _f(0.0, "Weight of an NLL term on the chosen response (0 = pure SimPO).", ge=0.0)
+    logp_chunk_tokens: int = _f(1024, "Response tokens projected through the output head at a time.", ge=1)
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = _f("runs/simpo-lite", "Folder for checkpoints, metrics.jsonl, config.yaml and the final adapter.")
+    seed: int = _f(42, "Seed for data order, LoRA init and dropout.")
+    learning_rate: float = _f(1e-5, "Peak learning rate.", gt=0.0)
+    num_epochs: float = _f(1.0, "Passes over the training data (ignored when max_steps is set).", gt=0.0)
+    max_steps: Optional[int] = _f(None, "Stop after this many optimizer steps (null = num_epochs).", ge=1)
+    micro_batch_size: int = _f(2, "Preference pairs per forward pass per process.", ge=1)
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.", ge=1)
+    warmup_ratio: float = _f(0.1, "Share of the steps spent warming the learning rate up.", ge=0.0, lt=1.0)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = _f("cosine", "Learning-rate schedule after warmup.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.", ge=0.0)
+    max_grad_norm: float = _f(1.0, "Clip the gradient norm to this (0 = no clipping).", ge=0.0)
+    optimizer: Literal["auto", "adamw", "paged_adamw_8bit"] = _f(
+        "auto", "auto = bitsandbytes paged 8-bit AdamW on CUDA, torch AdamW elsewhere.")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = _f("auto", "accelerate mixed precision; auto follows model.compute_dtype.")
+    logging_steps: int = _f(1, "Write a metrics line every this many steps.", ge=1)
+    eval_steps: int = _f(50, "Evaluate every this many steps (also at step 0 and at the end).", ge=1)
+    eval_batch_size: int = _f(4, "Pairs per evaluation forward pass.", ge=1)
+    save_steps: int = _f(100, "Save a checkpoint every this many steps.", ge=1)
+    save_total_limit: int = _f(2, "Keep only the newest this many checkpoints.", ge=1)
+    on_nonfinite: Literal["stop", "skip"] = _f("stop", "On a NaN/inf loss or gradient: stop the run, or skip the step.")
+    report_to: list[str] = _f([], "Extra trackers through accelerate: 'tensorboard', 'wandb'.")
+
+
+@dataclass
+class ExportConfig:
+    dtype: Literal["bf16", "fp16", "fp32"] = _f("bf16", "Precision of the merged weights.")
+    max_shard_size: str = _f("2GB", "Largest safetensors shard.")
+    verify_tolerance: float = _f(0.05, "Largest allowed |merged - adapter| logit difference after merging.", gt=0.0)
+    hub_private: bool = _f(False, "Create the Hub repository as private when pushing.")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    simpo: SimpoConfig = field(default_factory=SimpoConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "lora": LoraConfig, "data": DataConfig,
+            "simpo": SimpoConfig, "train": TrainConfig, "export": ExportConfig}
+DEFAULT_PRESET = "smollm2-demo"
+
+
+def schema() -> dict[str, dict[str, dataclasses.Field]]:
+    """Every section's fields, by name."""
+    return {name: {f.name: f for f in dataclasses.fields(cls)} for name, cls in SECTIONS.items()}
+
+
+def _suggest(word: str, options: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _suggest_key(section: str, key: str) -> str:
+    fields = schema()
+    elsewhere = [s for s, fs in fields.items() if key in fs]
+    if elsewhere:
+        return f"; it belongs to section '{elsewhere[0]}' ('{elsewhere[0]}.{key}')"
+    hint = _suggest(key, fields[section])
+    if hint:
+        return hint.replace("'", f"'{section}.", 1)
+    return f"; valid keys: {', '.join(fields[section])}"
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is typing.Union:
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _type_name(inner[0]) + " or null"
+    if origin is list:
+        return "a list of " + _type_name(typing.get_args(tp)[0]) + "s"
+    if origin is dict:
+        return "a mapping of strings"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}[tp]
+
+
+def _check_type(value: Any, tp: Any) -> tuple[bool, Any]:
+    """(ok, normalised value). Ints are accepted where floats are expected, never bools for numbers."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        if value is None:
+            return True, None
+        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        return _check_type(value, inner)
+    if origin is Literal:
+        return value in typing.get_args(tp), value
+    if origin is list:
+        if isinstance(value, str):  # a single item is a one-item list: `--set lora.target_modules=q_proj`
+            value = [value]
+        if not isinstance(value, list):
+            return False, value
+        item = typing.get_args(tp)[0]
+        checked = [_check_type(v, item) for v in value]
+        return all(ok for ok, _ in checked), [v for _, v in checked]
+    if origin is dict:
+        ok = isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+        return ok, value
+    if tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    return isinstance(value, tp), value
+
+
+def _check_bounds(key: str, value: Any, meta: typing.Mapping) -> str | None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    for name, test, word in (("ge", lambda b: value >= b, ">="), ("gt", lambda b: value > b, ">"),
+                             ("le", lambda b: value <= b, "<="), ("lt", lambda b: value < b, "<")):
+        bound = meta.get(name)
+        if bound is not None and not test(bound):
+            return f"{key}: {value!r} is out of range; it must be {word} {bound}"
+    return None
+
+
+def validate_layer(layer: Any, source: str) -> tuple[dict, list[str]]:
+    """Check one override layer ({section: {key: value}}); return the valid part and the problems."""
+    fields = schema()
+    hints = {name: typing.get_type_hints(cls) for name, cls in SECTIONS.items()}
+    valid: dict = {}
+    problems: list[str] = []
+    if layer is None:
+        return valid, problems
+    if not isinstance(layer, dict):
+        return valid, [f"{source}: expected a mapping of sections ({', '.join(SECTIONS)}), got {type(layer).__name__}"]
+    for section, values in layer.items():
+        if section not in fields:
+            hint = _suggest(str(section), fields) or f"; sections are {', '.join(fields)}"
+            problems.append(f"{source}: unknown section '{section}'{hint}")
+            continue
+        if not isinstance(values, dict):
+            problems.append(f"{source}: section '{section}' must be a mapping of key: value")
+            continue
+        for key, value in values.items():
+            dotted = f"{section}.{key}"
+            if key not in fields[section]:
+                problems.append(f"{source}: unknown key '{dotted}'{_suggest_key(section, str(key))}")
+                continue
+            tp = hints[section][key]
+            ok, value = _check_type(value, tp)
+            if not ok:
+                problems.append(f"{source}: {dotted} must be {_type_name(tp)}, got {value!r}")
+                continue
+            bound_problem = _check_bounds(dotted, value, fields[section][key].metadata)
+            if bound_problem:
+                problems.append(f"{source}: {bound_problem}")
+                continue
+            valid.setdefault(section, {})[key] = value
+    return valid, problems
+
+
+def parse_set(assignments: list[str]) -> tuple[dict, list[str]]:
+    """Turn ``section.key=value`` strings into a layer; values are parsed as YAML scalars/lists."""
+    layer: dict = {}
+    problems: list[str] = []
+    hints = {name: typing.get_type_hints(cls) for name, cls in SECTIONS.items()}
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not name:
+            problems.append(f"--set {item!r}: expected section.key=value, e.g. --set simpo.beta=2.5")
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        # A string field keeps the text as typed, so `--set model.revision=1234` stays '1234'.
+        if section in hints and name in hints[section] and _is_str_type(hints[section][name]) and raw not in ("null", "~"):
+            value = raw
+        layer.setdefault(section, {})[name] = value
+    return layer, problems
+
+
+def _is_str_type(tp: Any) -> bool:
+    if typing.get_origin(tp) is typing.Union:
+        return any(_is_str_type(a) for a in typing.get_args(tp) if a is not type(None))
+    return tp is str
+
+
+def _merge(base: dict, layer: dict) -> None:
+    for section, values in layer.items():
+        base.setdefault(section, {}).update(values)
+
+
+def _cross_checks(cfg: Config) -> list[str]:
+    """Combinations that are individually valid but together wrong."""
+    problems = []
+    if cfg.data.max_prompt_length >= cfg.data.max_length:
+        problems.append(f"data.max_prompt_length ({cfg.data.max_prompt_length}) must be smaller than "
+                        f"data.max_length ({cfg.data.max_length}) to leave room for the response")
+    if cfg.simpo.loss_type == "hinge" and cfg.simpo.label_smoothing > 0:
+        # The reference trainer ignores label smoothing for the hinge loss with a warning; do the same.
+        warnings.warn("simpo.label_smoothing is ignored with simpo.loss_type=hinge", stacklevel=2)
+    unknown_trackers = [t for t in cfg.train.report_to if t not in ("tensorboard", "wandb")]
+    for t in unknown_trackers:
+        problems.append(f"train.report_to: unknown tracker '{t}'{_suggest(t, ['tensorboard', 'wandb'])}")
+    return problems
+
+
+def build_config(layers: list[tuple[str, Any]]) -> Config:
+    """Validate and apply the layers in order over the defaults; raise ConfigError with every problem."""
+    merged: dict = {}
+    problems: list[str] = []
+    for source, layer in layers:
+        valid, layer_problems = validate_layer(layer, source)
+        problems += layer_problems
+        _merge(merged, valid)
+    if problems:
+        raise ConfigError(problems)
+    cfg = Config(**{name: cls(**merged.get(name, {})) for name, cls in SECTIONS.items()})
+    problems = _cross_checks(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+# ---- presets ---------------------------------------------------------------------------------
+
+def presets_dir() -> Path:
+    """The presets shipped in the wheel (package simpo_lite.presets), or the checkout's presets/."""
+    try:
+        from importlib.resources import files
+        shipped = Path(str(files("simpo_lite.presets")))
+        if shipped.is_dir():
+            return shipped
+    except (ModuleNotFoundError, TypeError):
+        pass
+    return Path(__file__).resolve().parent.parent / "presets"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in presets_dir().glob("*.yaml"))
+
+
+def preset_path(name: str) -> Path:
+    path = presets_dir() / f"{name}.yaml"
+    if not path.is_file():
+        names = preset_names()
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.4)
+        hint = f"did you mean {', '.join(close)}?" if close else "see 'simpo-lite presets list'"
+        raise UserError(f"unknown preset '{name}': {hint}")
+    return path
+
+
+def read_yaml(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise UserError(f"{what} '{path}' not found: check the path")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"{what} '{path}' is not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+
+
+def resolve(preset: str | None = None, config_file: str | None = None, flags: dict | None = None,
+            sets: list[str] | None = None) -> Config:
+    """defaults < preset < config file < first-class flags < --set."""
+    layers: list[tuple[str, Any]] = []
+    if preset:
+        layers.append((f"preset {preset}", read_yaml(preset_path(preset), "preset")))
+    if config_file:
+        layers.append((str(config_file), read_yaml(Path(config_file), "config file")))
+    if flags:
+        layers.append(("command-line flags", flags))
+    set_layer, set_problems = parse_set(sets or [])
+    layers.append(("--set", set_layer))
+    try:
+        cfg = build_config(layers)
+    except ConfigError as err:
+        raise ConfigError(set_problems + err.problems) from None
+    if set_problems:
+        raise ConfigError(set_problems)
+    return cfg
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    """Write the resolved config atomically; it reproduces the run with ``--config``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("# Resolved simpo-lite config; reproduce with: simpo-lite train --config " + path.name + "\n"
+                   + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp.replace(path)
+
+
+def load_saved_config(path: Path) -> Config:
+    return build_config([(str(path), read_yaml(path, "config file"))])

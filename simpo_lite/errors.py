@@ -1,0 +1,13 @@
+"""User-facing errors: the CLI prints their message on one line and exits with code 2."""
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad flag, missing file, invalid value): no traceback is shown."""
+
+
+class ConfigError(UserError):
+    """One or more problems in a configuration, all reported at once, one per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))

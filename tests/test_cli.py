@@ -1,0 +1,68 @@
+import subprocess
+import sys
+import time
+
+import pytest
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "simpo_lite", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_help_is_fast_and_does_not_import_torch():
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", "import sys; from simpo_lite.cli import app, main; "
+                          "print('torch' in sys.modules, 'transformers' in sys.modules)"],
+                         capture_output=True, text=True)
+    assert out.stdout.strip() == "False False"
+    result = run_cli("--help")
+    assert result.returncode == 0 and "train" in result.stdout
+    assert time.perf_counter() - start < 5  # two interpreter starts; --help alone is ~0.3 s
+
+
+def test_presets_list_and_show():
+    listing = run_cli("presets", "list")
+    assert listing.returncode == 0
+    for name in ("llama3-8b-lora", "smollm2-demo", "gemma2-9b-lora"):
+        assert name in listing.stdout
+    shown = run_cli("presets", "show", "llama3-8b-lora")
+    assert shown.returncode == 0 and "gamma_beta_ratio: 0.55" in shown.stdout
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["presets", "show", "lama3-8b-lora"], "did you mean llama3-8b-lora"),
+    (["train", "--preset", "nope"], "unknown preset 'nope'"),
+    (["train", "--bogus"], "No such option: --bogus"),
+    (["train", "--config", "/no/such/file.yaml"], "not found"),
+    (["train", "--set", "simpo.bta=1"], "did you mean 'simpo.beta'"),
+    (["train", "--set", "train.learning_rate=abc"], "train.learning_rate must be a number"),
+    (["train", "--max-steps", "x"], "--max-steps"),
+    (["plan", "--set", "lora.r=-1"], "lora.r"),
+])
+def test_user_errors_exit_2_with_one_line_and_no_traceback(args, fragment):
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert fragment in result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+
+
+def test_broken_yaml_reports_line(tmp_path):
+    bad = tmp_path / "c.yaml"
+    bad.write_text("simpo:\n  beta: [1,\n")
+    result = run_cli("train", "--config", str(bad))
+    assert result.returncode == 2 and "not valid YAML at line" in result.stderr
+
+
+def test_every_problem_of_a_config_is_reported(tmp_path):
+    bad = tmp_path / "c.yaml"
+    bad.write_text("simpo:\n  bta: 2\n  loss_type: ipo\ntrain:\n  seeed: 1\n")
+    result = run_cli("train", "--config", str(bad))
+    assert result.returncode == 2
+    assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 3
+
+
+def test_debug_shows_traceback():
+    result = run_cli("train", "--preset", "nope", "--debug")
+    assert result.returncode != 0 and "Traceback" in result.stderr
