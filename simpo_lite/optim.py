@@ -1,0 +1,43 @@
+"""Optimizer and learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from simpo_lite.config import TrainConfig
+
+
+def build_optimizer(params, train_cfg: TrainConfig):
+    """Paged 8-bit AdamW on CUDA (optimizer state in 8 bits, paged to CPU under pressure), torch AdamW elsewhere."""
+    params = [p for p in params if p.requires_grad]
+    choice = train_cfg.optimizer
+    if choice == "auto":
+        choice = "paged_adamw_8bit" if torch.cuda.is_available() else "adamw"
+    if choice == "paged_adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW8bit(params, lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay)
+
+
+def total_steps(train_cfg: TrainConfig, steps_per_epoch: int) -> int:
+    if train_cfg.max_steps:
+        return train_cfg.max_steps
+    return max(1, math.ceil(train_cfg.num_epochs * steps_per_epoch))
+
+
+def warmup_steps(train_cfg: TrainConfig, total_steps: int) -> int:
+    return math.ceil(train_cfg.warmup_ratio * total_steps)
+
+
+def build_scheduler(optimizer, train_cfg: TrainConfig, total_steps: int):
+    from transformers import (get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup,
+                              get_linear_schedule_with_warmup)
+
+    warmup = warmup_steps(train_cfg, total_steps)
+    if train_cfg.lr_scheduler == "constant":
+        return get_constant_schedule_with_warmup(optimizer, warmup)
+    factory = get_cosine_schedule_with_warmup if train_cfg.lr_scheduler == "cosine" else get_linear_schedule_with_warmup
+    return factory(optimizer, warmup, total_steps)

@@ -1,0 +1,248 @@
+"""The training loop: accelerate for devices, mixed precision and DDP; our own loop around it.
+
+One optimizer step = gradient_accumulation_steps micro-batches on each of world_size processes.
+Micro-batches come from a deterministic batch order per (seed, epoch); process r of W takes every
+W-th micro-batch, so W processes x 1 micro-batch see exactly what 1 process x W accumulation steps
+sees, and a resumed run skips to the same position.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from simpo_lite import checkpoint as ckpt
+from simpo_lite.config import Config, save_config
+from simpo_lite.errors import RunError, UserError
+from simpo_lite.progress import MetricsLog, Progress, peak_memory_mb
+from simpo_lite.run_setup import RunParts, build_run_parts
+
+RUN_ARTIFACTS = ("checkpoint-*", "adapter", "metrics.jsonl", "config.yaml", "summary.json", ".checkpoint-*")
+
+
+def check_output_dir(output_dir: Path, resume: str | None, overwrite: bool) -> None:
+    """Refuse to mix two runs in one folder unless the user says which they want."""
+    if resume or not output_dir.exists() or not any(output_dir.iterdir()):
+        return
+    if not overwrite:
+        raise UserError(f"output dir '{output_dir}' already holds files: continue that run with --resume, "
+                        f"start afresh with --overwrite, or choose another --output-dir")
+    for pattern in RUN_ARTIFACTS:
+        for path in output_dir.glob(pattern):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _mean_records(records: list[dict]) -> dict:
+    return {key: sum(r[key] for r in records) / len(records) for key in records[0]}
+
+
+class Trainer:
+    """Holds the live objects of one run; `fit` runs it to the end."""
+
+    def __init__(self, cfg: Config, parts: RunParts, quiet: bool):
+        self.cfg = cfg
+        self.parts = parts
+        self.acc = parts.accelerator
+        self.output_dir = Path(cfg.train.output_dir)
+        self.state = parts.state
+        self.quiet = quiet
+        self.world = self.acc.num_processes
+        self.rank = self.acc.process_index
+        self.per_step = self.world * cfg.train.gradient_accumulation_steps
+        self._batches_epoch = None
+        self._batches = None
+
+    # ---- data position ------------------------------------------------------------------
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        if self._batches_epoch != epoch:
+            self._batches = self.parts.batches_for_epoch(epoch)
+            self._batches_epoch = epoch
+        return self._batches
+
+    def steps_per_epoch(self) -> int:
+        return len(self.epoch_batches(0)) // self.per_step
+
+    def total_steps(self) -> int:
+        from simpo_lite.optim import total_steps
+
+        return total_steps(self.cfg.train, self.steps_per_epoch())
+
+    def my_micro_batches(self) -> list[dict]:
+        """This process's micro-batches for the next optimizer step."""
+        batches = self.epoch_batches(self.state.epoch)
+        first = self.state.batch_in_epoch
+        mine = [batches[first + a * self.world + self.rank] for a in range(self.cfg.train.gradient_accumulation_steps)]
+        dataset = self.parts.train_data
+        return [self.parts.collate([dataset[i] for i in idx]) for idx in mine]
+
+    def advance(self) -> None:
+        self.state.step += 1
+        self.state.batch_in_epoch += self.per_step
+        if self.state.batch_in_epoch + self.per_step > len(self.epoch_batches(self.state.epoch)):
+            self.state.epoch += 1
+            self.state.batch_in_epoch = 0
+
+    # ---- one optimizer step -------------------------------------------------------------
+    def train_step(self) -> dict:
+        from simpo_lite.objective import batch_metrics
+
+        policy, optimizer, acc = self.parts.policy, self.parts.optimizer, self.acc
+        micro = self.my_micro_batches()
+        start = time.perf_counter()
+        records, tokens = [], 0
+        for i, batch in enumerate(micro):
+            batch = {k: v.to(acc.device) for k, v in batch.items()}
+            tokens += int(batch["attention_mask"].sum())
+            # Gradients are all-reduced once per optimizer step, on the last micro-batch.
+            sync = acc.no_sync(policy) if i < len(micro) - 1 else contextlib.nullcontext()
+            with sync:
+                loss, metrics = batch_metrics(policy, batch, self.cfg.simpo)
+                acc.backward(loss / len(micro))
+            records.append({"loss": loss.item(), **metrics})
+        max_norm = self.cfg.train.max_grad_norm or float("inf")
+        grad_norm = float(acc.clip_grad_norm_(self.parts.trainable_params, max_norm))
+        record = self._reduce(_mean_records(records))
+        if not (math.isfinite(record["loss"]) and math.isfinite(grad_norm)):
+            optimizer.zero_grad(set_to_none=True)
+            return self._on_nonfinite(record["loss"], grad_norm)
+        lr = self.parts.scheduler.get_last_lr()[0]
+        optimizer.step()
+        self.parts.scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - start
+        tokens = int(self._reduce({"t": float(tokens)}, op="sum")["t"])
+        self.advance()
+        return {"step": self.state.step, "epoch": self._epoch_float(), "lr": lr, "grad_norm": grad_norm, **record,
+                "tokens_per_s": tokens / elapsed, "step_time_s": elapsed, "peak_mem_mb": peak_memory_mb()}
+
+    def _epoch_float(self) -> float:
+        return round(self.state.epoch + self.state.batch_in_epoch / max(self.steps_per_epoch() * self.per_step, 1), 4)
+
+    def _reduce(self, record: dict, op: str = "mean") -> dict:
+        if self.world == 1:
+            return record
+        values = torch.tensor(list(record.values()), dtype=torch.float64, device=self.acc.device)
+        values = self.acc.reduce(values, reduction=op)
+        return dict(zip(record, values.tolist()))
+
+    def _on_nonfinite(self, loss: float, grad_norm: float) -> None:
+        what = f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} ({loss if not math.isfinite(loss) else grad_norm})"
+        if self.cfg.train.on_nonfinite == "skip":
+            self.state.skipped_steps += 1
+            self.advance_without_update()
+            self.progress.message(f"[yellow]step {self.state.step}: {what}; step skipped "
+                                  f"({self.state.skipped_steps} so far)[/]")
+            return None
+        latest = ckpt.checkpoints(self.output_dir)
+        kept = f"the last good checkpoint is {latest[-1]}" if latest else "no checkpoint was written yet"
+        raise RunError(f"{what} at step {self.state.step + 1}; stopped, {kept}. Lower train.learning_rate, "
+                       f"check the data, or set train.on_nonfinite=skip")
+
+    def advance_without_update(self) -> None:
+        """A skipped step still consumes its data and counts, so the schedule keeps its length."""
+        self.parts.scheduler.step()
+        self.advance()
+
+    # ---- evaluation and checkpoints ---------------------------------------------------
+    def evaluate(self) -> dict | None:
+        from simpo_lite.evaluate import evaluate_dataset
+
+        if self.parts.eval_data is None:
+            return None
+        metrics = evaluate_dataset(self.parts.policy, self.parts.eval_data, self.parts.collate, self.cfg.simpo,
+                                   self.cfg.train.eval_batch_size, rank=self.rank, world_size=self.world,
+                                   reduce_sum=(lambda t: self.acc.reduce(t, reduction="sum")) if self.world > 1 else None,
+                                   device=self.acc.device)
+        record = {"step": self.state.step, "epoch": self._epoch_float(), **metrics}
+        if self.acc.is_main_process:
+            self.metrics.write(record)
+            self.acc.log(record, step=self.state.step)
+        self.progress.message(f"eval @ step {self.state.step}: loss {metrics['eval_loss']:.4f}  "
+                              f"reward accuracy {metrics['eval_rewards/accuracies']:.3f}  "
+                              f"margin {metrics['eval_rewards/margins']:.3f}")
+        return record
+
+    def save(self, rng: dict | None = None) -> Path | None:
+        from accelerate.utils import gather_object
+
+        rng = rng or ckpt.rng_state()
+        rngs = gather_object([rng]) if self.world > 1 else [rng]
+        path = None
+        if self.acc.is_main_process:
+            model = self.acc.unwrap_model(self.parts.policy).model
+            path = ckpt.save_checkpoint(self.output_dir, model, self.parts.optimizer, self.parts.scheduler,
+                                        self.state, self.cfg, rngs, self.cfg.train.save_total_limit)
+        self.acc.wait_for_everyone()
+        return path
+
+    # ---- the run ------------------------------------------------------------------------
+    def fit(self) -> dict:
+        total = self.total_steps()
+        train_cfg = self.cfg.train
+        resumed = self.parts.resumed_from is not None
+        self.metrics = MetricsLog(self.output_dir / "metrics.jsonl", self.state.step if resumed else None)
+        self.progress = Progress(total, self.state.step, self.quiet, enabled=self.acc.is_main_process)
+        started = time.perf_counter()
+        first_eval = None if resumed else self.evaluate()
+        last_eval = first_eval
+        self.parts.policy.train()
+        if resumed:
+            ckpt.set_rng_state(self.parts.resume_rng)
+        try:
+            while self.state.step < total:
+                step_rng = ckpt.rng_state()
+                record = self.train_step()
+                if record is None:
+                    continue
+                if self.acc.is_main_process and (self.state.step % train_cfg.logging_steps == 0 or self.state.step == total):
+                    self.metrics.write(record)
+                    self.acc.log(record, step=self.state.step)
+                self.progress.update(self.state.step, record)
+                if self.state.step % train_cfg.eval_steps == 0 or self.state.step == total:
+                    last_eval = self.evaluate()
+                if self.state.step % train_cfg.save_steps == 0:
+                    self.save()
+        except KeyboardInterrupt:
+            self.parts.optimizer.zero_grad(set_to_none=True)
+            path = self.save(rng=step_rng)
+            self.progress.close()
+            raise RunError(f"interrupted at step {self.state.step}; checkpoint saved to {path}; "
+                           f"continue with: simpo-lite train --config {self.output_dir / 'config.yaml'} --resume",
+                           exit_code=130) from None
+        finally:
+            self.progress.close()
+        return self.finish(first_eval, last_eval, time.perf_counter() - started)
+
+    def finish(self, first_eval: dict | None, last_eval: dict | None, seconds: float) -> dict:
+        from simpo_lite.summary import print_summary, save_final_adapter, write_summary
+
+        summary = {"steps": self.state.step, "skipped_steps": self.state.skipped_steps, "train_seconds": seconds,
+                   "peak_mem_mb": peak_memory_mb(), "start_eval": first_eval, "end_eval": last_eval}
+        if self.acc.is_main_process:
+            model = self.acc.unwrap_model(self.parts.policy).model
+            save_final_adapter(self.output_dir / "adapter", model, self.parts.tokenizer)
+            summary = write_summary(self.output_dir, summary)
+            print_summary(summary, self.output_dir)
+        self.acc.wait_for_everyone()
+        self.acc.end_training()
+        return summary
+
+
+def run_training(cfg: Config, resume: str | None = None, overwrite: bool = False, quiet: bool = False) -> dict:
+    """Train to the end (or resume), writing checkpoints, metrics.jsonl, the adapter and a summary."""
+    output_dir = Path(cfg.train.output_dir)
+    check_output_dir(output_dir, resume, overwrite)
+    resume_path = ckpt.find_checkpoint(output_dir, resume) if resume else None
+    with warnings.catch_warnings():
+        # Deprecation chatter from transformers/peft internals says nothing the user can act on.
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        parts = build_run_parts(cfg, resume_path, quiet)
+        if parts.accelerator.is_main_process:
+            save_config(cfg, output_dir / "config.yaml")
+        return Trainer(cfg, parts, quiet).fit()
