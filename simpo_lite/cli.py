@@ -236,6 +236,11 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         _fail(str(err))
+    except RunError as err:
+        if debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
     except click.NoArgsIsHelpError:
         sys.exit(0)
     except click.UsageError as err:
