@@ -194,9 +194,11 @@ class Trainer:
         self.parts.policy.train()
         if resumed:
             ckpt.set_rng_state(self.parts.resume_rng)
+        step_rng, rng_step = None, -1
         try:
             while self.state.step < total:
-                step_rng = ckpt.rng_state()
+                # The RNG as of the last completed step: an interrupted step must be replayed from it.
+                step_rng, rng_step = ckpt.rng_state(), self.state.step
                 record = self.train_step()
                 if record is None:
                     continue
@@ -210,7 +212,7 @@ class Trainer:
                     self.save()
         except KeyboardInterrupt:
             self.parts.optimizer.zero_grad(set_to_none=True)
-            path = self.save(rng=step_rng)
+            path = self.save(rng=step_rng if self.state.step == rng_step else None)
             self.progress.close()
             raise RunError(f"interrupted at step {self.state.step}; checkpoint saved to {path}; "
                            f"continue with: simpo-lite train --config {self.output_dir / 'config.yaml'} --resume",

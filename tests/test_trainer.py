@@ -1,0 +1,122 @@
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import make_tiny_model, train_losses, write_config, write_pairs
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return make_tiny_model(root / "model"), write_pairs(root / "pairs.jsonl", 40)
+
+
+def cli(*args, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "simpo_lite", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def run_to_end(*args):
+    proc = cli(*args)
+    out, err = proc.communicate(timeout=600)
+    return proc.returncode, out, err
+
+
+def wait_for(path: Path, proc, timeout=300):
+    start = time.time()
+    while not path.exists():
+        assert proc.poll() is None, f"run ended before {path.name} appeared: {proc.communicate()[1][-2000:]}"
+        assert time.time() - start < timeout
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny, tmp_path_factory):
+    model, data = tiny
+    root = tmp_path_factory.mktemp("full")
+    config = write_config(root / "c.yaml", model, data, root / "run", max_steps=12, save_steps=4, eval_steps=4)
+    code, _, err = run_to_end("train", "--config", str(config), "--quiet")
+    assert code == 0, err
+    return root / "run"
+
+
+def test_run_writes_everything_a_user_needs(uninterrupted):
+    run = uninterrupted
+    assert (run / "config.yaml").is_file() and (run / "summary.json").is_file()
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-8"]  # keeps the last 2
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in lines if "loss" in r]
+    evals = [r for r in lines if "eval_loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 13))
+    assert [r["step"] for r in evals] == [0, 4, 8, 12]
+    for key in ("epoch", "lr", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+                "rewards/margins", "logps/chosen", "logps/rejected", "tokens_per_s", "step_time_s", "peak_mem_mb"):
+        assert key in train[0], key
+    assert "eval_rewards/accuracies" in evals[0]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["end_eval"]["step"] == 12
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tiny, uninterrupted, tmp_path):
+    model, data = tiny
+    config = write_config(tmp_path / "c.yaml", model, data, tmp_path / "run", max_steps=12, save_steps=4, eval_steps=4)
+    proc = cli("train", "--config", str(config), "--quiet")
+    wait_for(tmp_path / "run" / "checkpoint-4", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "run" / "adapter").exists()
+    code, _, err = run_to_end("train", "--config", str(config), "--resume", "--quiet")
+    assert code == 0, err
+    expected, resumed = train_losses(uninterrupted), train_losses(tmp_path / "run")
+    assert sorted(resumed) == list(range(1, 13))
+    assert resumed == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny, uninterrupted, tmp_path):
+    model, data = tiny
+    config = write_config(tmp_path / "c.yaml", model, data, tmp_path / "run", max_steps=12, save_steps=4, eval_steps=4)
+    proc = cli("train", "--config", str(config), "--quiet")
+    wait_for(tmp_path / "run" / "checkpoint-4", proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "interrupted at step" in err and "Traceback" not in err
+    code, _, err = run_to_end("train", "--config", str(config), "--resume", "--quiet")
+    assert code == 0, err
+    assert train_losses(tmp_path / "run") == pytest.approx(train_losses(uninterrupted), rel=1e-5, abs=1e-6)
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):
+    model, data = tiny
+    config = write_config(tmp_path / "c.yaml", model, data, tmp_path / "run", max_steps=8, save_steps=1,
+                          learning_rate=1e30, max_grad_norm=0.0)
+    code, _, err = run_to_end("train", "--config", str(config), "--quiet")
+    assert code == 1
+    assert "non-finite" in err and "last good checkpoint" in err
+    kept = sorted((tmp_path / "run").glob("checkpoint-*"))
+    assert kept and all((p / "adapter_model.safetensors").is_file() for p in kept)
+
+
+def test_nonfinite_steps_can_be_skipped(tiny, tmp_path):
+    model, data = tiny
+    config = write_config(tmp_path / "c.yaml", model, data, tmp_path / "run", max_steps=6,
+                          learning_rate=1e30, max_grad_norm=0.0, on_nonfinite="skip")
+    code, _, err = run_to_end("train", "--config", str(config), "--quiet")
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["skipped_steps"] > 0
+
+
+def test_refuses_non_empty_output_dir(tiny, tmp_path):
+    model, data = tiny
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
+    config = write_config(tmp_path / "c.yaml", model, data, tmp_path / "run", max_steps=1)
+    code, _, err = run_to_end("train", "--config", str(config), "--quiet")
+    assert code == 2 and "--resume" in err and "--overwrite" in err
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == "{}\n"
