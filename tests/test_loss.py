@@ -113,6 +113,8 @@ def test_metrics_by_hand():
         "logps/rejected": -1.25,
     })
     assert all(type(v) is float for v in metrics.values())
+    tie = torch.tensor([-1.0])
+    assert preference_metrics(tie, tie, tie, tie)["rewards/accuracies"] == 0.0  # strictly greater, as TRL
 
 
 def test_sft_nll_by_hand():
