@@ -252,3 +252,45 @@ def test_check_logit_head_rejects_unknown_transform():
     ids, _, _ = batch()
     with pytest.raises(ValueError, match="transforms its logits"):
         check_logit_head(model, ids, atol=1e-3)
+
+
+def test_training_step_on_4bit_lora_model_moves_only_the_adapters(tmp_path):
+    """bitsandbytes NF4 (it runs on the CPU) + PEFT LoRA: two SimPO steps change every LoRA matrix
+    (B first; A once B is non-zero) and leave every base weight and quantization constant as it was."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    from simpo_lite.config import SimpoConfig
+    from simpo_lite.loss import simpo_objective
+
+    tiny("llama", tied=True, dtype=torch.float32).save_pretrained(tmp_path)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32)
+    model = LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=quant, device_map="cpu")
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+    assert "Linear4bit" in type(model.get_base_model().model.layers[0].mlp.up_proj.base_layer).__name__
+    base_before = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
+    lora = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert lora and all("lora_" in n for n in lora)
+    lora_before = {n: p.detach().clone() for n, p in lora.items()}
+
+    ids, mask, labels = batch()
+    optimizer = torch.optim.AdamW(lora.values(), lr=1e-2)
+    model.train()
+    for _ in range(2):
+        chosen, rejected = concatenated_logps(model, {"input_ids": ids, "attention_mask": mask, "labels": labels},
+                                              chunk_tokens=5)
+        loss, _ = simpo_objective(chosen, rejected, SimpoConfig(beta=2.0, gamma_beta_ratio=0.5))
+        assert torch.isfinite(loss)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    unchanged = [n for n, p in lora.items() if torch.equal(p.detach(), lora_before[n])]
+    assert not unchanged, f"LoRA weights that did not move: {unchanged}"
+    base_after = {k: v for k, v in model.state_dict().items() if "lora_" not in k}
+    assert base_after.keys() == base_before.keys()
+    moved = [k for k in base_before if not torch.equal(base_after[k], base_before[k])]
+    assert not moved, f"base weights changed: {moved}"
