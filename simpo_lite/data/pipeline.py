@@ -1,0 +1,95 @@
+"""build_datasets: config in, tokenized train/eval splits and a report out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+from datasets import Dataset
+
+from simpo_lite.data.formats import resolve_columns
+from simpo_lite.data.process import FEATURES, RowProcessor
+from simpo_lite.data.report import DataReport, SourceReport, split_lengths
+from simpo_lite.data.sources import Source, load_source
+from simpo_lite.data.tokenize import PairTokenizer, ensure_pad_token
+from simpo_lite.errors import UserError
+
+
+@dataclass
+class PreparedData:
+    """Tokenized splits. Besides the four token columns each row has `row` (its number in the source),
+    `prompt_length`, `chosen_length`, `rejected_length` and `length` (the longer of the two)."""
+
+    train: Dataset
+    eval: Optional[Dataset]
+    report: DataReport
+
+
+def _tokenize(source: Source, data_cfg, pair_tokenizer: PairTokenizer, role: str) -> tuple[Dataset, SourceReport]:
+    if source.dataset.num_rows == 0:
+        raise UserError(f"{role} data {source.name} has no rows: check data.source and the split settings")
+    columns = resolve_columns(source.columns, data_cfg.columns, source.name)
+    processor = RowProcessor(pair_tokenizer, columns, data_cfg.system_prompt)
+    num_proc = min(data_cfg.num_proc, max(source.dataset.num_rows, 1))
+    mapped = source.dataset.map(processor, batched=True, with_indices=True, features=FEATURES,
+                                remove_columns=source.dataset.column_names,
+                                num_proc=num_proc if num_proc > 1 else None,
+                                desc=f"Tokenizing {role} data")
+    drops = mapped["drop"]
+    report = SourceReport.from_columns(source.name, role, columns.describe(), mapped["row"], drops, mapped["kind"])
+    report.check(data_cfg.max_bad_fraction)
+    kept = mapped.select([i for i, d in enumerate(drops) if not d])
+    return kept.remove_columns(["drop", "kind"]), report
+
+
+def _subset(dataset: Dataset, limit: Optional[int], seed: int) -> Dataset:
+    """At most `limit` rows, a seeded random choice kept in source order."""
+    if limit is None or dataset.num_rows <= limit:
+        return dataset
+    chosen = np.sort(np.random.default_rng(seed).permutation(dataset.num_rows)[:limit])
+    return dataset.select(chosen.tolist())
+
+
+def _hold_out(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Optional[Dataset]]:
+    n = dataset.num_rows
+    k = int(round(n * fraction))
+    if fraction <= 0 or n < 2:
+        return dataset, None
+    k = min(max(k, 1), n - 1)
+    held = np.random.default_rng(seed).permutation(n)[:k]
+    mask = np.zeros(n, dtype=bool)
+    mask[held] = True
+    return dataset.select(np.flatnonzero(~mask).tolist()), dataset.select(np.flatnonzero(mask).tolist())
+
+
+def build_datasets(data_cfg, tokenizer, seed: int) -> PreparedData:
+    """Load, validate, template, mask and truncate the data of `data_cfg` (a config.DataConfig).
+
+    Raises UserError before any training when a source cannot be loaded or too many rows are unusable.
+    """
+    ensure_pad_token(tokenizer)
+    pairs = PairTokenizer(tokenizer, data_cfg.max_length, data_cfg.max_prompt_length, data_cfg.truncation_mode)
+    train_source = load_source(data_cfg.source, data_cfg.config_name, data_cfg.split)
+    train, train_report = _tokenize(train_source, data_cfg, pairs, "train")
+    reports = [train_report]
+    if data_cfg.eval_source or data_cfg.eval_split:
+        same = data_cfg.eval_source in (None, data_cfg.source)  # config_name belongs to data.source
+        eval_source = load_source(data_cfg.eval_source or data_cfg.source, data_cfg.config_name if same else None,
+                                  data_cfg.eval_split or data_cfg.split)
+        evaluation, eval_report = _tokenize(eval_source, data_cfg, pairs, "eval")
+        reports.append(eval_report)
+        origin = f"from {eval_source.name}"
+    else:
+        train, evaluation = _hold_out(train, data_cfg.eval_fraction, seed)
+        origin = (f"held out {data_cfg.eval_fraction:g} of the training rows with seed {seed}"
+                  if evaluation is not None else "no evaluation data")
+    train = _subset(train, data_cfg.max_train_pairs, seed)
+    if evaluation is not None:
+        evaluation = _subset(evaluation, data_cfg.eval_max_pairs, seed)
+    report = DataReport(sources=reports, train_pairs=train.num_rows,
+                        eval_pairs=evaluation.num_rows if evaluation is not None else 0, eval_origin=origin)
+    report.lengths["train"] = split_lengths(train)
+    if evaluation is not None:
+        report.lengths["eval"] = split_lengths(evaluation)
+    return PreparedData(train=train, eval=evaluation, report=report)

@@ -1,0 +1,90 @@
+"""The `datasets.map` step: raw rows in, masked token pairs (or the reason a row is skipped) out.
+
+Runs batched so the fast tokenizer encodes many texts per call; `datasets` caches the result next to
+file-backed sources (keyed by this object's settings and tokenizer) and can spread it over num_proc.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+from datasets import Features, List, Value
+from jinja2.exceptions import TemplateError
+
+from simpo_lite.data.formats import Columns, Pair, RowProblem, normalise
+from simpo_lite.data.tokenize import TEMPLATE_ERROR, TOO_LONG, PairTokenizer
+
+RAW_JSON = "__raw_json__"  # single column of a source whose rows are kept as JSON text (see sources.py)
+TOKEN_COLUMNS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
+FEATURES = Features({
+    "row": Value("int64"),
+    "drop": Value("string"),
+    "kind": Value("string"),
+    **{name: List(Value("int32")) for name in TOKEN_COLUMNS},
+    "prompt_length": Value("int32"),
+    "chosen_length": Value("int32"),
+    "rejected_length": Value("int32"),
+    "length": Value("int32"),
+})
+
+
+def _dropped(row: int, rule: str, kind: str = "") -> dict:
+    return {"row": row, "drop": rule, "kind": kind, **{name: [] for name in TOKEN_COLUMNS},
+            "prompt_length": 0, "chosen_length": 0, "rejected_length": 0, "length": 0}
+
+
+class RowProcessor:
+    def __init__(self, pair_tokenizer: PairTokenizer, columns: Columns, system_prompt: Optional[str]):
+        self.pairs = pair_tokenizer
+        self.columns = columns
+        self.system_prompt = system_prompt
+
+    def _texts(self, pair: Pair) -> tuple[str, Optional[str], Optional[str]]:
+        prompt = self.pairs.prompt_text(pair.messages)
+        return (prompt, self.pairs.response_text(pair.messages, prompt, pair.chosen),
+                self.pairs.response_text(pair.messages, prompt, pair.rejected))
+
+    def __call__(self, batch: dict, indices: list[int]) -> dict:
+        names = list(batch)
+        rows = [dict(zip(names, values)) for values in zip(*batch.values())]
+        out, todo = [], []  # todo: (slot in out, pair, prompt text, chosen text, rejected text, templated)
+        for index, row in zip(indices, rows):
+            if RAW_JSON in row:
+                row = json.loads(row[RAW_JSON])
+            try:
+                pair = normalise(row, self.columns, self.system_prompt)
+                prompt, chosen, rejected = self._texts(pair)
+            except RowProblem as problem:
+                out.append(_dropped(index, problem.rule))
+                continue
+            except TemplateError:  # raised by templates for conversations they reject
+                out.append(_dropped(index, TEMPLATE_ERROR))
+                continue
+            templated = chosen is not None and rejected is not None
+            if not templated:
+                chosen, rejected = pair.chosen, pair.rejected
+            out.append(None)
+            todo.append((len(out) - 1, index, pair.kind, prompt, chosen, rejected, templated))
+        self._tokenize(todo, out)
+        return {name: [item[name] for item in out] for name in FEATURES}
+
+    def _tokenize(self, todo: list, out: list) -> None:
+        encoded = self.pairs.encode([text for item in todo for text in item[3:6]])
+        for n, (slot, index, kind, _, _, _, templated) in enumerate(todo):
+            prompt, chosen, rejected = encoded[3 * n: 3 * n + 3]
+            prompt = self.pairs.finish_prompt(prompt)
+            chosen = self.pairs.finish_response(chosen, templated)
+            rejected = self.pairs.finish_response(rejected, templated)
+            fitted = self.pairs.fit(prompt, chosen, rejected)
+            if fitted is None:
+                out[slot] = _dropped(index, TOO_LONG, kind)
+                continue
+            chosen_ids, chosen_labels = self.pairs.join(fitted, chosen)
+            rejected_ids, rejected_labels = self.pairs.join(fitted, rejected)
+            out[slot] = {"row": index, "drop": "", "kind": kind,
+                         "chosen_input_ids": chosen_ids, "chosen_labels": chosen_labels,
+                         "rejected_input_ids": rejected_ids, "rejected_labels": rejected_labels,
+                         "prompt_length": len(fitted), "chosen_length": len(chosen_ids),
+                         "rejected_length": len(rejected_ids),
+                         "length": max(len(chosen_ids), len(rejected_ids))}

@@ -1,0 +1,147 @@
+"""Load one data source as a `datasets.Dataset`: the demo set, a local file or folder, or a Hub dataset.
+
+Hub datasets load through `datasets.load_dataset`, so a dataset fetched once keeps working offline
+from the local cache. Files load through the `json`/`parquet`/`csv` builders, whose Arrow cache makes
+later runs (and the tokenization cached beside it) fast.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import datasets
+from datasets import Dataset, DatasetDict, Json
+
+from simpo_lite.data.process import RAW_JSON
+from simpo_lite.errors import UserError
+
+DEMO = "demo"
+BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+@dataclass
+class Source:
+    dataset: Dataset
+    columns: list[str]  # the rows' field names (differs from dataset.column_names for raw JSON rows)
+    name: str           # for messages: path or id, with config and split
+
+
+def demo_path() -> Path:
+    return Path(__file__).resolve().parent.parent / "assets" / "demo_prefs.jsonl"
+
+
+def _looks_like_path(source: str) -> bool:
+    return (Path(source).expanduser().exists() or Path(source).suffix.lower() in BUILDERS
+            or source.startswith((".", "/", "~")))
+
+
+def load_source(source: str, config_name: Optional[str], split: str) -> Source:
+    if source == DEMO:
+        return _load_file(demo_path(), "train", name="demo")
+    if _looks_like_path(source):
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise UserError(f"data file '{source}' not found: check the path (or use a Hub dataset id)")
+        if path.is_dir():
+            return _load_folder(path, config_name, split)
+        return _load_file(path, split, name=str(source))
+    return _load_hub(source, config_name, split)
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _load_file(path: Path, split: str, name: str) -> Source:
+    builder = BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise UserError(f"'{path}': unsupported file type '{path.suffix}'; use .jsonl, .json, .parquet or .csv")
+    if split != "train":
+        raise UserError(f"'{name}' is a single file without a '{split}' split: give evaluation data with "
+                        f"data.eval_source or hold some out with data.eval_fraction")
+    try:
+        dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as err:
+        if builder != "json":
+            raise UserError(f"cannot read '{name}' as {builder}: {_first_line(err)}") from None
+        dataset = None
+    # Columns of mixed types cannot be one Arrow type: `datasets` either fails or stores them as Json,
+    # which turns strings such as "4" into numbers. Such files are kept as JSON text, checked row by row.
+    if builder == "json" and (dataset is None or _has_json_feature(dataset.features)):
+        return _raw_json(path, name)
+    return Source(dataset, list(dataset.column_names), name)
+
+
+def _has_json_feature(feature) -> bool:
+    if isinstance(feature, Json):
+        return True
+    if isinstance(feature, dict):
+        return any(_has_json_feature(f) for f in feature.values())
+    inner = getattr(feature, "feature", None)  # List, LargeList, Sequence
+    return inner is not None and _has_json_feature(inner)
+
+
+def _read_json_rows(path: Path, name: str) -> list:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise UserError(f"'{name}' is not valid JSON (line {err.lineno}): {err.msg}") from None
+        if not isinstance(rows, list):
+            raise UserError(f"'{name}' must hold a JSON list of rows, one object per preference pair")
+        return rows
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise UserError(f"'{name}' line {number} is not valid JSON: {err.msg}; fix or delete that line") from None
+    return rows
+
+
+def _raw_json(path: Path, name: str) -> Source:
+    rows = _read_json_rows(path, name)
+    columns = list(dict.fromkeys(k for row in rows if isinstance(row, dict) for k in row))
+    dataset = Dataset.from_dict({RAW_JSON: [json.dumps(row) for row in rows]})
+    return Source(dataset, columns, name)
+
+
+def _pick_split(loaded, split: str, name: str) -> Dataset:
+    if isinstance(loaded, DatasetDict):
+        if split not in loaded:
+            raise UserError(f"'{name}' has no split '{split}'; its splits are {', '.join(loaded)}: "
+                            f"set data.split or data.eval_split")
+        return loaded[split]
+    if split != "train":
+        raise UserError(f"'{name}' has a single split, not '{split}': set data.eval_fraction or data.eval_source instead")
+    return loaded
+
+
+def _load_folder(path: Path, config_name: Optional[str], split: str) -> Source:
+    name = f"{path} [{split}]"
+    if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+        dataset = _pick_split(datasets.load_from_disk(str(path)), split, str(path))  # save_to_disk output
+    else:
+        dataset = _load_dataset(str(path), config_name, split, name)  # a folder of data files, as in a Hub repo
+    return Source(dataset, list(dataset.column_names), name)
+
+
+def _load_hub(dataset_id: str, config_name: Optional[str], split: str) -> Source:
+    name = f"{dataset_id}{f' ({config_name})' if config_name else ''} [{split}]"
+    dataset = _load_dataset(dataset_id, config_name, split, name)
+    return Source(dataset, list(dataset.column_names), name)
+
+
+def _load_dataset(path: str, config_name: Optional[str], split: str, name: str) -> Dataset:
+    try:
+        return datasets.load_dataset(path, config_name, split=split)
+    except ConnectionError:
+        raise UserError(f"cannot load dataset '{path}': it is not in the local datasets cache and the Hub "
+                        f"cannot be reached; load it once online or use a local file") from None
+    except Exception as err:  # datasets raises many types here (missing dataset, config or split)
+        raise UserError(f"cannot load {name}: {_first_line(err)}") from None

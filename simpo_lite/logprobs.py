@@ -1,0 +1,194 @@
+"""Sequence log-probabilities computed only where the labels are, a chunk of tokens at a time.
+
+The usual path (``model(...).logits`` -> log-softmax -> gather) materialises float32 logits of shape
+[rows, length, vocab], the largest allocation of a QLoRA preference run. Here the decoder runs once to
+its final hidden states, only positions whose next token is a label are kept, and those are projected
+through the output head ``chunk_tokens`` at a time in float32 log-sum-exp. No chunk's [chunk, vocab]
+logits outlive the chunk:
+
+- A frozen plain ``nn.Linear`` head (the LoRA case: adapters leave ``lm_head`` alone by default, and
+  tied embeddings are frozen too) goes through ``_FrozenHeadLogps``. A token's log-prob depends only
+  on its own hidden state, so d logp / d hidden is a [tokens, hidden] tensor that is exact whatever
+  the loss does later; it is computed next to the forward value, and backward only scales it. The
+  head's matmul runs twice per token (value, gradient), as in an ordinary forward + backward.
+- Any other head (LoRA-wrapped, trainable, quantized) goes through ``torch.utils.checkpoint`` per
+  chunk: the logits are dropped after forward and recomputed in backward.
+
+Labels follow the Hugging Face convention: aligned with ``input_ids`` (``labels[t] == input_ids[t]``
+on response tokens, -100 elsewhere); the shift happens here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+
+def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                   labels: torch.Tensor, average: bool = True, chunk_tokens: int = 1024) -> torch.Tensor:
+    """Mean (``average=True``) or sum of log p(label_t | prefix) over each row's labelled positions.
+
+    Returns a float32 tensor [rows] (float64 for a float64 model). A row without any label raises:
+    its average is undefined and would turn the whole loss into NaN.
+    """
+    lm = causal_lm(model)
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    counts = keep.sum(-1)
+    if bool((counts == 0).any()):
+        empty = (counts == 0).nonzero().flatten().tolist()
+        raise ValueError(f"rows {empty} have no response tokens (every label is {IGNORE_INDEX})")
+    # The last position predicts nothing, so the decoder never needs to see it (causal attention).
+    mask = attention_mask[:, :-1] if attention_mask is not None else None
+    hidden = final_hidden_states(lm, input_ids[:, :-1], mask)
+    token_logps = head_logps(lm, hidden[keep], targets[keep], chunk_tokens)
+    rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(keep)[keep]
+    sums = token_logps.new_zeros(labels.shape[0]).index_add(0, rows, token_logps)
+    return sums / counts.to(sums.dtype) if average else sums
+
+
+def concatenated_logps(model, batch: dict, chunk_tokens: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Average log-probs of a [chosen; rejected] batch of 2B rows in one forward, split at B."""
+    rows = batch["input_ids"].shape[0]
+    if rows % 2:
+        raise ValueError(f"a concatenated batch has 2 x pairs rows, got {rows}")
+    logps = sequence_logps(model, batch["input_ids"], batch.get("attention_mask"), batch["labels"],
+                           average=True, chunk_tokens=chunk_tokens)
+    return logps[: rows // 2], logps[rows // 2:]
+
+
+def causal_lm(model):
+    """The ``*ForCausalLM`` module: a PEFT wrapper is looked through (its LoRA layers stay in place)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def final_hidden_states(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """[rows, length, hidden] after the final norm, without ever calling the output head."""
+    out = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def logit_transform(lm) -> tuple[float, float | None]:
+    """(scale, soft cap) that the model applies to ``lm_head`` outputs: logits = cap * tanh(scale * z / cap).
+
+    Gemma-2/3 soft-cap their logits; Cohere multiplies them by ``logit_scale``; Granite divides them by
+    ``logits_scaling``. ``check_logit_head`` catches a model doing something else.
+    """
+    cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    kind = getattr(cfg, "model_type", "") or ""
+    scale = 1.0
+    if kind.startswith("granite") and getattr(cfg, "logits_scaling", None):
+        scale = 1.0 / float(cfg.logits_scaling)
+    elif kind.startswith("cohere") and hasattr(lm, "logit_scale"):
+        scale = float(lm.logit_scale)
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    return scale, (float(cap) if cap else None)
+
+
+def head_logps(lm, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+    """log p(target) for each row of ``hidden`` [tokens, hidden_size], ``chunk_tokens`` rows at a time."""
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    head = lm.get_output_embeddings()
+    scale, cap = logit_transform(lm)
+    if type(head) is torch.nn.Linear and not (torch.is_grad_enabled() and _trainable(head)):
+        return _FrozenHeadLogps.apply(hidden, head.weight, head.bias, targets, scale, cap, chunk_tokens)
+    pieces = []
+    for h, t in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens)):
+        if torch.is_grad_enabled():
+            pieces.append(checkpoint(_chunk_logps, head, h, t, scale, cap, use_reentrant=False))
+        else:
+            pieces.append(_chunk_logps(head, h, t, scale, cap))
+    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=_acc_dtype(hidden))
+
+
+def check_logit_head(model, input_ids: torch.Tensor, atol: float = 0.1) -> float:
+    """Compare this module's log-probs with the model's own ``forward`` logits on a few tokens.
+
+    Returns the largest absolute difference (nats); raises ValueError above ``atol``, which means the
+    model transforms its logits in a way ``logit_transform`` does not know. Cheap: call once per run.
+    """
+    ids = input_ids[:1, :16]
+    labels = ids.clone()
+    labels[:, 0] = IGNORE_INDEX
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        reference = logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        lm = causal_lm(model)
+        hidden = final_hidden_states(lm, ids[:, :-1], None)[0]
+        ours = head_logps(lm, hidden, ids[0, 1:], chunk_tokens=1024).float()
+    diff = (ours - reference[0]).abs().max().item()
+    if diff > atol:
+        raise ValueError(f"log-probs differ from the model's own logits by {diff:.3g} nats: "
+                         f"{type(lm).__name__} transforms its logits in a way simpo_lite does not apply")
+    return diff
+
+
+def _trainable(module: torch.nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    """float32 for half-precision activations; float64 stays float64 (tests compare at that precision)."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _transform(z: torch.Tensor, scale: float, cap: float | None) -> torch.Tensor:
+    if scale != 1.0:
+        z = z * scale
+    if cap is not None:
+        z = torch.tanh(z / cap) * cap
+    return z
+
+
+def _chunk_logps(head, hidden, targets, scale, cap):
+    logits = _transform(head(hidden).to(_acc_dtype(hidden)), scale, cap)
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+class _FrozenHeadLogps(torch.autograd.Function):
+    """log-softmax(head(hidden))[target] for a frozen Linear head, with d/d hidden made in the same pass.
+
+    Per chunk: z = hidden @ W^T + b, logits = transform(z), logp = logits[t] - logsumexp(logits), and
+    d logp / d z = (onehot(t) - softmax(logits)) * transform'(z), turned into d logp / d hidden by one
+    matmul with W. The [chunk, vocab] buffers are reused in place and freed before the next chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, scale, cap, chunk_tokens):
+        acc = _acc_dtype(hidden)
+        need_grad = ctx.needs_input_grad[0]
+        out = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
+        grad = torch.empty_like(hidden) if need_grad else None
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            sl = slice(start, start + chunk_tokens)
+            t = targets[sl].unsqueeze(-1)
+            logits = F.linear(hidden[sl], weight, bias).to(acc)
+            if scale != 1.0:
+                logits.mul_(scale)
+            squashed = None
+            if cap is not None:
+                squashed = logits.div_(cap).tanh_()  # kept: the soft cap's derivative is 1 - tanh^2
+                logits = squashed * cap
+            lse = logits.logsumexp(-1, keepdim=True)
+            out[sl] = (logits.gather(-1, t) - lse).squeeze(-1)
+            if need_grad:
+                g = logits.sub_(lse).exp_().neg_()  # -softmax, in the logits' own buffer
+                g.scatter_add_(-1, t, torch.ones_like(t, dtype=acc))
+                if squashed is not None:
+                    g.mul_(squashed.mul_(squashed).neg_().add_(1))
+                if scale != 1.0:
+                    g.mul_(scale)
+                grad[sl] = (g.to(weight.dtype) @ weight).to(grad.dtype)
+            del logits, squashed
+        ctx.save_for_backward(grad)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out.unsqueeze(-1).to(grad.dtype), None, None, None, None, None, None
