@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         _fail(err.format_message())
-    except click.Abort:
+    except typer.Abort:
         print("aborted", file=sys.stderr)
         sys.exit(130)
     except KeyboardInterrupt:

@@ -138,9 +138,24 @@ def load_base_model(model_cfg: ModelConfig, quantize: bool | None = None, dtype:
         kwargs["quantization_config"] = quantization_config(model_cfg)
     source = resolve_model_source(model_cfg.name_or_path)
     try:
-        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as err:
         raise UserError(_not_found(model_cfg.name_or_path, err)) from None
+    if quantize:
+        _keep_one_cpu_4bit_kernel(model)
+    return model
+
+
+def _keep_one_cpu_4bit_kernel(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for its bf16 CPU inference kernel.
+
+    On CPUs with AVX512-BF16 the first no-grad forward in eval mode repacks every Linear4bit in
+    place; training afterwards runs on the repacked weights and its gradients differ (measured: up
+    to 0.1 on a tiny model), so an evaluation would change the run it measures.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def lora_config(lora_cfg: LoraConfig):

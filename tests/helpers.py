@@ -16,12 +16,12 @@ def smollm2_tokenizer_dir() -> str:
 
 
 def make_tiny_model(folder: Path, seed: int = 0, tie: bool = True) -> Path:
-    """A 2-layer, 32-wide Llama over SmolLM2's vocabulary, saved with SmolLM2's tokenizer."""
+    """A 2-layer, 64-wide Llama over SmolLM2's vocabulary, saved with SmolLM2's tokenizer."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          tie_word_embeddings=tie, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
