@@ -46,7 +46,9 @@ def make_accelerator(cfg: Config):
     from accelerate import Accelerator
 
     trackers = list(cfg.train.report_to) or None
-    acc = Accelerator(mixed_precision=mixed_precision(cfg), log_with=trackers, project_dir=cfg.train.output_dir)
+    # cpu=True on a machine without CUDA lets torchrun / accelerate launch start gloo DDP on the CPU.
+    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision(cfg), log_with=trackers,
+                      project_dir=cfg.train.output_dir)
     if trackers:
         acc.init_trackers("simpo-lite", config=_flatten(cfg.to_dict()))
     return acc
