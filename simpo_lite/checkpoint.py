@@ -109,13 +109,14 @@ def write_atomically(target: Path, fill) -> Path:
 
 
 def save_checkpoint(output_dir: Path, model, optimizer, scheduler, state: TrainerState, cfg: Config,
-                    rng_states: list[dict], keep: int) -> Path:
+                    rng_states: list[dict], keep: int, adapter_state: dict | None = None) -> Path:
     """Write checkpoint-<step> atomically, then drop the oldest beyond `keep`.
 
     rng_states: one per process (gathered by the caller), so every process resumes its own stream.
+    adapter_state: the full model state dict when the live one is sharded (FSDP), else None.
     """
     def fill(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=adapter_state)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         for rank, rng in enumerate(rng_states):

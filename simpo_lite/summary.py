@@ -11,9 +11,9 @@ SHOWN = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_r
          "eval_rewards/rejected", "eval_logps/chosen", "eval_logps/rejected")
 
 
-def save_final_adapter(target: Path, model, tokenizer) -> None:
+def save_final_adapter(target: Path, model, tokenizer, adapter_state: dict | None = None) -> None:
     def fill(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=adapter_state)
         tokenizer.save_pretrained(tmp)
 
     write_atomically(target, fill)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import math
 import shutil
+import signal
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -173,13 +175,28 @@ class Trainer:
 
         rng = rng or ckpt.rng_state()
         rngs = gather_object([rng]) if self.world > 1 else [rng]
+        adapter_state = self._full_state_dict()
         path = None
         if self.acc.is_main_process:
-            model = self.acc.unwrap_model(self.parts.policy).model
-            path = ckpt.save_checkpoint(self.output_dir, model, self.parts.optimizer, self.parts.scheduler,
-                                        self.state, self.cfg, rngs, self.cfg.train.save_total_limit)
+            path = ckpt.save_checkpoint(self.output_dir, self._peft_model(), self.parts.optimizer, self.parts.scheduler,
+                                        self.state, self.cfg, rngs, self.cfg.train.save_total_limit, adapter_state)
         self.acc.wait_for_everyone()
         return path
+
+    def _peft_model(self):
+        return self.acc.unwrap_model(self.parts.policy).model
+
+    def _full_state_dict(self) -> dict | None:
+        """Under FSDP the adapter weights are sharded: every process takes part in gathering them.
+
+        Elsewhere None: peft reads the weights straight from the unwrapped model.
+        """
+        from accelerate.utils import DistributedType
+
+        if self.acc.distributed_type != DistributedType.FSDP:
+            return None
+        state = self.acc.get_state_dict(self.parts.policy)
+        return {key.removeprefix("model."): value for key, value in state.items()}
 
     # ---- the run ------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -226,9 +243,9 @@ class Trainer:
 
         summary = {"steps": self.state.step, "skipped_steps": self.state.skipped_steps, "train_seconds": seconds,
                    "peak_mem_mb": peak_memory_mb(), "start_eval": first_eval, "end_eval": last_eval}
+        adapter_state = self._full_state_dict()
         if self.acc.is_main_process:
-            model = self.acc.unwrap_model(self.parts.policy).model
-            save_final_adapter(self.output_dir / "adapter", model, self.parts.tokenizer)
+            save_final_adapter(self.output_dir / "adapter", self._peft_model(), self.parts.tokenizer, adapter_state)
             summary = write_summary(self.output_dir, summary)
             print_summary(summary, self.output_dir)
         self.acc.wait_for_everyone()
@@ -240,6 +257,9 @@ def run_training(cfg: Config, resume: str | None = None, overwrite: bool = False
     """Train to the end (or resume), writing checkpoints, metrics.jsonl, the adapter and a summary."""
     output_dir = Path(cfg.train.output_dir)
     check_output_dir(output_dir, resume, overwrite)
+    _interrupt_on_sigterm()
+    if quiet:
+        _hide_library_progress_bars()
     resume_path = ckpt.find_checkpoint(output_dir, resume) if resume else None
     with warnings.catch_warnings():
         # Deprecation chatter from transformers/peft internals says nothing the user can act on.
@@ -248,3 +268,20 @@ def run_training(cfg: Config, resume: str | None = None, overwrite: bool = False
         if parts.accelerator.is_main_process:
             save_config(cfg, output_dir / "config.yaml")
         return Trainer(cfg, parts, quiet).fit()
+
+
+def _interrupt_on_sigterm() -> None:
+    """Schedulers and `kill` send SIGTERM: treat it like Ctrl-C so a checkpoint is saved."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
+def _hide_library_progress_bars() -> None:
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
