@@ -6,10 +6,16 @@ A tiny random Llama (with the bundled SmolLM2 tokenizer and chat template) is tr
 
 from __future__ import annotations
 
+import base64
 import json
+import re
+import socket
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 import torch
@@ -269,3 +275,187 @@ def test_cli_reports_user_errors_on_one_line(tmp_path):
 def test_bad_dtype_is_a_user_error(run_dir, tmp_path):
     with pytest.raises(UserError, match="--dtype 'fp8'.*bf16, fp16, fp32"):
         export_run(run_dir, out=tmp_path / "x", dtype="fp8")
+
+
+# ---- pushing, against a local stand-in for the Hub API -----------------------------------------
+
+class HubStandIn(ThreadingHTTPServer):
+    """Just enough of the Hub HTTP API for whoami, create_repo, repo_info and upload_folder with regular
+    (inline, base64) uploads; it records every call and stores the uploaded files."""
+
+    def __init__(self, token: str, role: str = "write"):
+        super().__init__(("127.0.0.1", 0), _HubHandler)
+        self.token, self.role = token, role
+        self.calls: list[tuple[str, str]] = []
+        self.auth_headers: list[str | None] = []
+        self.repos: dict[str, dict] = {}
+        self.cards: list = []  # README.md metadata as validated
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_port}"
+
+
+class _HubHandler(BaseHTTPRequestHandler):
+    def log_message(self, *args):  # keep the test output quiet
+        pass
+
+    def do_GET(self):
+        self._route("GET")
+
+    def do_POST(self):
+        self._route("POST")
+
+    def _json(self, status: int, payload: dict) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _route(self, method: str) -> None:
+        hub: HubStandIn = self.server
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        path = urlparse(self.path).path
+        if path == "/api/agent-harnesses":  # huggingface_hub's own housekeeping, unrelated to the upload
+            return self._json(404, {})
+        hub.calls.append((method, path))
+        hub.auth_headers.append(self.headers.get("Authorization"))
+        if self.headers.get("Authorization") != f"Bearer {hub.token}":
+            return self._json(401, {"error": "Invalid credentials in Authorization header"})
+        if (method, path) == ("GET", "/api/whoami-v2"):
+            return self._json(200, {"name": "tester", "type": "user", "auth": {"accessToken": {"role": hub.role}}})
+        if (method, path) == ("POST", "/api/repos/create"):
+            data = json.loads(body)
+            repo = f"{data.get('organization') or 'tester'}/{data['name']}"
+            if repo in hub.repos:
+                return self._json(409, {"error": "You already created this model repo"})
+            hub.repos[repo] = {"private": data.get("visibility") == "private", "files": {}}
+            return self._json(200, {"url": f"{hub.url}/{repo}"})
+        if (method, path) == ("POST", "/api/validate-yaml"):  # upload_folder checks README.md metadata first
+            return self._validate_card(json.loads(body)["content"])
+        match = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/(preupload|commit)/main)?", path)
+        if not match or match.group(1) not in hub.repos:
+            return self._json(404, {"error": f"{method} {path} is not in the stand-in"})
+        repo, action = match.groups()
+        if action is None and method == "GET":
+            return self._json(200, {"id": repo, "private": hub.repos[repo]["private"], "sha": "0" * 40})
+        if action == "preupload":
+            files = json.loads(body)["files"]
+            return self._json(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                              for f in files]})
+        for line in body.splitlines():  # commit: one NDJSON item per line
+            item = json.loads(line)
+            if item["key"] == "file":
+                hub.repos[repo]["files"][item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+        return self._json(200, {"commitUrl": f"{hub.url}/{repo}/commit/{'1' * 40}", "commitOid": "1" * 40})
+
+
+    def _validate_card(self, content: str) -> None:
+        meta = yaml.safe_load(content.split("---\n")[1]) if content.startswith("---\n") else None
+        ok = (isinstance(meta, dict) and all(isinstance(t, str) for t in meta.get("tags", []))
+              and all(isinstance(meta.get(k, ""), str) for k in ("base_model", "library_name", "pipeline_tag")))
+        self.server.cards.append(meta)
+        if not ok:
+            return self._json(400, {"errors": [{"message": f"invalid metadata: {meta!r}"}]})
+        return self._json(200, {"warnings": []})
+
+
+SECRET = "hf_standin_secret_token_0123456789"
+
+
+@pytest.fixture
+def hub_standin(monkeypatch):
+    from huggingface_hub import constants
+
+    server = HubStandIn(token=SECRET)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    # huggingface_hub reads HF_ENDPOINT and HF_HUB_OFFLINE once, at import: point its constants here.
+    monkeypatch.setattr(constants, "ENDPOINT", server.url)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_push_uploads_the_export_with_the_token_and_writes_the_token_nowhere(run_dir, tmp_path, hub_standin, capfd):
+    out = tmp_path / "merged"
+    report = export_run(run_dir, out=out, dtype="fp32", push_to_hub="tester/tiny-simpo", private=True)
+
+    assert report.hub_url == f"{hub_standin.url}/tester/tiny-simpo"
+    repo = hub_standin.repos["tester/tiny-simpo"]
+    assert repo["private"] is True
+    local = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert repo["files"] == local  # every file of the export, byte for byte
+    assert {"model.safetensors", "config.json", "README.md", "tokenizer.json", "generation_config.json"} <= set(local)
+    assert "tester/tiny-simpo" in (out / "README.md").read_text()
+    assert hub_standin.cards and "simpo" in hub_standin.cards[0]["tags"]
+    assert hub_standin.calls[0] == ("GET", "/api/whoami-v2")
+    assert ("POST", "/api/models/tester/tiny-simpo/commit/main") in hub_standin.calls
+    assert set(hub_standin.auth_headers) == {f"Bearer {SECRET}"}
+
+    captured = capfd.readouterr()
+    assert SECRET not in captured.out + captured.err
+    for path in tmp_path.rglob("*"):
+        assert not path.is_file() or SECRET.encode() not in path.read_bytes()
+
+
+def test_push_checks_the_token_before_any_work(run_dir, tmp_path, hub_standin, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong")
+    with pytest.raises(UserError, match="Hub refused to check the token \\(HTTP 401\\)") as err:
+        export_run(run_dir, out=tmp_path / "merged", push_to_hub="tester/x")
+    assert "hf_wrong" not in str(err.value)
+    assert not (tmp_path / "merged").exists() and hub_standin.calls == [("GET", "/api/whoami-v2")]
+
+
+def test_push_with_a_read_only_token_is_refused(run_dir, tmp_path, hub_standin):
+    hub_standin.role = "read"
+    with pytest.raises(UserError, match="read-only"):
+        export_run(run_dir, out=tmp_path / "merged", push_to_hub="tester/x")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_private_push_never_lands_in_an_existing_public_repo(run_dir, tmp_path, hub_standin):
+    hub_standin.repos["tester/public"] = {"private": False, "files": {}}
+    with pytest.raises(UserError, match="exported to .* but not pushed: .*already exists and is public"):
+        export_run(run_dir, out=tmp_path / "a", adapter_only=True, push_to_hub="tester/public", private=True)
+    assert hub_standin.repos["tester/public"]["files"] == {}
+    assert (tmp_path / "a" / "adapter_model.safetensors").is_file()  # the local export stays usable
+
+
+def test_missing_token_is_a_one_line_user_error_before_any_work(run_dir, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HF_OIDC_RESOURCE", raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    with pytest.raises(UserError, match="needs a Hugging Face token.*HF_TOKEN.*hf auth login") as err:
+        export_run(run_dir, out=tmp_path / "merged", push_to_hub="tester/x")
+    assert "\n" not in str(err.value) and not (tmp_path / "merged").exists()
+
+
+def test_unreachable_hub_is_a_one_line_user_error(run_dir, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    with pytest.raises(UserError, match="cannot reach the Hugging Face Hub") as err:
+        export_run(run_dir, out=tmp_path / "merged", push_to_hub="tester/x")
+    assert "\n" not in str(err.value) and SECRET not in str(err.value)
+
+
+def test_offline_mode_is_reported_as_such(run_dir, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    with pytest.raises(UserError, match="cannot reach the Hugging Face Hub.*offline mode"):
+        export_run(run_dir, out=tmp_path / "merged", push_to_hub="tester/x")
