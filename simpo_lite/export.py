@@ -8,6 +8,7 @@ leaves no folder that looks complete (and, with --force, the previous export unt
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -57,11 +58,11 @@ def export_run(run_dir: Path, out: Path | None = None, dtype: str | None = None,
     if adapter_only:
         if dtype != cfg.export.dtype:
             _say(f"--dtype {dtype} has no effect with --adapter-only: the adapter keeps its trained weights.")
-        write_atomically(target, lambda tmp: _fill_adapter_only(tmp, run, cfg, summary, report))
+        write_atomically(target, _shareable(lambda tmp: _fill_adapter_only(tmp, run, cfg, summary, report)))
     else:
         from simpo_lite.merge import fill_merged
 
-        write_atomically(target, lambda tmp: fill_merged(tmp, run, cfg, dtype, summary, report, say=_say))
+        write_atomically(target, _shareable(lambda tmp: fill_merged(tmp, run, cfg, dtype, summary, report, say=_say)))
     _say(f"exported to {target}")
     if push_to_hub:
         report.hub_url = hub.push_folder(target, push_to_hub, token, private=private or cfg.export.hub_private,
@@ -129,6 +130,20 @@ def _fill_adapter_only(tmp: Path, run: Path, cfg: Config, summary: dict | None, 
             shutil.copy2(item, tmp / item.name)
     hub.rewrite_adapter_base(tmp / "adapter_config.json", cfg.model.name_or_path)
     hub.write_model_card(tmp, cfg, summary, report)
+
+
+def _shareable(fill):
+    """An export is meant to be shared: undo the owner-only modes of the temporary folder (mkdtemp) and of
+    files that libraries write through temporary files, applying the umask like any new file."""
+    def fill_and_open_up(tmp: Path) -> None:
+        fill(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
+        for path in tmp.rglob("*"):
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+    return fill_and_open_up
 
 
 def _say(message: str) -> None:

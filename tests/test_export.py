@@ -459,3 +459,15 @@ def test_offline_mode_is_reported_as_such(run_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", SECRET)
     with pytest.raises(UserError, match="cannot reach the Hugging Face Hub.*offline mode"):
         export_run(run_dir, out=tmp_path / "merged", push_to_hub="tester/x")
+
+
+def test_export_is_readable_by_others_like_any_new_file(run_dir, tmp_path):
+    import os
+    import stat
+
+    out = tmp_path / "adapter-out"
+    export_run(run_dir, out=out, adapter_only=True)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask for p in out.iterdir())
