@@ -76,7 +76,8 @@ def _export_check(report) -> str:
         return ""
     rows = [(f"{report.dtype} export vs base+adapter (fp32 compute)", f"{report.merge_diff:.3g}"),
             ("base+adapter vs base alone (the adapter's effect)", f"{report.adapter_effect:.3g}"),
-            (f"{report.dtype} export vs the {report.trained_kind} model trained", f"{report.trained_diff:.3g}")]
+            (f"{report.dtype} export vs the {report.trained_kind} model trained",
+             f"{report.trained_diff:.3g} (same top token at {report.trained_top1:.0%} of positions)")]
     return ("## Export check\n\nLargest absolute logit difference on a few prompts.\n\n"
             + _table(("comparison", "max abs logit diff"), rows) + "\n")
 

@@ -33,6 +33,7 @@ class ExportReport:
     adapter_effect: float | None = None  # max |logit| of base+adapter vs the base alone: the scale of merge_diff
     trained_diff: float | None = None    # max |logit| of the export vs the model the run trained (information)
     trained_kind: str | None = None
+    trained_top1: float | None = None    # share of positions where both pick the same most likely token
     sample_prompt: str | None = None
     sample: str | None = None
     seconds: float = 0.0

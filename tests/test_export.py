@@ -132,6 +132,7 @@ def test_fp32_export_loads_with_plain_transformers_and_matches_the_adapter_model
     assert (exported - with_adapter).abs().max().item() < 1e-4
     assert report.merge_diff < 1e-4 and report.adapter_effect > 0.05
     assert report.trained_diff is not None and report.trained_diff > 0  # 4-bit base differs from fp32
+    assert 0 <= report.trained_top1 <= 1
     assert report.sample is not None
 
     assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
@@ -172,6 +173,16 @@ def test_model_card_has_hub_metadata_hyperparameters_and_final_metrics(fp32_expo
     assert "| SimPO beta | 2.5 |" in body and "gamma = 1.25" in body
     assert "| eval_rewards/accuracies | 0.5000 | 0.8125 |" in body
     assert "Export check" in body
+
+
+def test_comparison_measures():
+    from simpo_lite.merge import max_diff, top1_agreement
+
+    a = [torch.tensor([[[0.0, 1.0], [2.0, 0.0]]]), torch.tensor([[[1.0, 0.0]]])]
+    b = [torch.tensor([[[0.0, 1.5], [0.0, 2.0]]]), torch.tensor([[[1.0, 0.0]]])]
+    assert max_diff(a, b) == 2.0
+    assert top1_agreement(a, b) == pytest.approx(2 / 3)
+    assert top1_agreement(a, a) == 1.0
 
 
 # ---- adapter only ----------------------------------------------------------------------------
