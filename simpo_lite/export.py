@@ -48,6 +48,7 @@ def export_run(run_dir: Path, out: Path | None = None, dtype: str | None = None,
     started = time.perf_counter()
     run = check_run_dir(Path(run_dir))
     cfg = run_config(run, sets or [])
+    dtype_given = dtype is not None
     dtype = _dtype_name(dtype or cfg.export.dtype)
     target = Path(out) if out else run / ("adapter-export" if adapter_only else "merged")
     check_target(target, run, cfg, force)
@@ -57,7 +58,7 @@ def export_run(run_dir: Path, out: Path | None = None, dtype: str | None = None,
                           hub_repo=push_to_hub)
     summary = hub.read_summary(run)
     if adapter_only:
-        if dtype != cfg.export.dtype:
+        if dtype_given:
             _say(f"--dtype {dtype} has no effect with --adapter-only: the adapter keeps its trained weights.")
         write_atomically(target, _shareable(lambda tmp: _fill_adapter_only(tmp, run, cfg, summary, report)))
     else:

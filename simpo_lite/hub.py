@@ -90,11 +90,13 @@ def _hub_call(fn, doing: str):
 
 
 def _network_errors() -> tuple[type[BaseException], ...]:
-    """OSError covers offline mode and requests; huggingface_hub's httpx(2) transport errors are not OSErrors."""
+    """Connection failures of whichever HTTP client this huggingface_hub uses (httpx2, httpx or requests);
+    ConnectionError also covers its OfflineModeIsEnabled."""
     import importlib
 
-    errors: list[type[BaseException]] = [OSError]
-    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError")):
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"),
+                         ("requests", "ConnectionError"), ("requests", "Timeout")):
         try:
             errors.append(getattr(importlib.import_module(module), name))
         except (ImportError, AttributeError):

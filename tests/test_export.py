@@ -275,12 +275,17 @@ def test_a_run_without_adapter_is_a_user_error(run_dir, tmp_path):
         export_run(tmp_path)
 
 
-def test_cli_reports_user_errors_on_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "simpo_lite", "export", str(tmp_path / "missing")],
+@pytest.mark.parametrize("args, fragment", [
+    (["{tmp}/missing"], "run folder '{tmp}/missing' not found"),
+    (["{run}", "--set", "export.verify_tolerence=1"], "did you mean 'export.verify_tolerance'"),
+])
+def test_cli_reports_user_errors_on_one_line(run_dir, tmp_path, args, fragment):
+    fill = lambda text: text.format(tmp=tmp_path, run=run_dir)  # noqa: E731
+    result = subprocess.run([sys.executable, "-m", "simpo_lite", "export", *map(fill, args)],
                             capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "not found" in errors[0] and "Traceback" not in result.stderr
+    assert len(errors) == 1 and fill(fragment) in errors[0] and "Traceback" not in result.stderr
 
 
 def test_bad_dtype_is_a_user_error(run_dir, tmp_path):
@@ -482,3 +487,42 @@ def test_export_is_readable_by_others_like_any_new_file(run_dir, tmp_path):
     os.umask(umask)
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask for p in out.iterdir())
+
+
+# ---- before merging: memory and base-model checks ----------------------------------------------
+
+def test_low_memory_is_warned_about(run_dir, monkeypatch):
+    from collections import namedtuple
+
+    import psutil
+
+    from simpo_lite.config import load_saved_config
+    from simpo_lite.merge import check_memory, parameter_count
+
+    cfg = load_saved_config(run_dir / "config.yaml")
+    params = parameter_count(cfg)
+    assert params > 3_000_000  # mostly the 49k x 64 embedding and head
+    said: list[str] = []
+    memory = namedtuple("memory", "available")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(available=params * 4))
+    check_memory(cfg, said.append)
+    assert said and "GiB of RAM" in said[0] and "checked in fp32" in said[0]
+    said.clear()
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory(available=params * 8))
+    check_memory(cfg, said.append)
+    assert said == []
+
+
+def test_a_pre_quantized_base_is_refused(run_dir, tiny_base, tmp_path):
+    from simpo_lite.config import load_saved_config
+    from simpo_lite.merge import parameter_count
+
+    base = tmp_path / "quantized-base"
+    base.mkdir()
+    config = json.loads((tiny_base / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (base / "config.json").write_text(json.dumps(config))
+    cfg = load_saved_config(run_dir / "config.yaml")
+    cfg.model.name_or_path = str(base)
+    with pytest.raises(UserError, match="stored quantized.*--adapter-only"):
+        parameter_count(cfg)
