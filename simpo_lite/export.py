@@ -20,8 +20,6 @@ from simpo_lite.config import Config, build_config, parse_set, read_yaml
 from simpo_lite.errors import ConfigError, UserError
 
 DTYPE_NAMES = ("bf16", "fp16", "fp32")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "added_tokens.json")
 
 
 @dataclass

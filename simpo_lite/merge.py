@@ -32,8 +32,6 @@ VERIFY_BYTES_PER_PARAM = 4  # the check holds one fp32 copy of the model at a ti
 def fill_merged(tmp: Path, run: Path, cfg: Config, dtype_name: str, summary: dict | None, report,
                 say: Callable[[str], None]) -> None:
     """Merge, save into tmp, reload the saved files with plain transformers, check them, add a card."""
-    from transformers import AutoModelForCausalLM
-
     tokenizer = load_run_tokenizer(run, cfg)
     ids = [encode(tokenizer, p)["input_ids"] for p in PROMPTS]
     check_memory(cfg, say)
@@ -43,11 +41,22 @@ def fill_merged(tmp: Path, run: Path, cfg: Config, dtype_name: str, summary: dic
     say(f"merging the adapter into {cfg.model.name_or_path} loaded in {dtype_name}")
     merged, reference, report.adapter_effect = merge(cfg, run / "adapter", DTYPES[dtype_name], ids)
     merged.save_pretrained(tmp, max_shard_size=cfg.export.max_shard_size)
-    del merged
+    del merged  # the check below reloads from disk: never two copies in memory
     gc.collect()
     tokenizer.save_pretrained(tmp)
-    # Check what users will load: the saved files, through plain transformers, computed in fp32.
-    exported = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, device_map="cpu",
+    exported = check_saved(tmp, cfg, dtype_name, ids, reference, trained, report, say)
+    report.sample_prompt = PROMPTS[0]
+    report.sample = sample(exported, tokenizer, PROMPTS[0])
+    say(f"sample (greedy): {PROMPTS[0]!r} -> {report.sample!r}")
+    hub.write_model_card(tmp, cfg, summary, report)
+
+
+def check_saved(folder: Path, cfg: Config, dtype_name: str, ids, reference, trained, report,
+                say: Callable[[str], None]):
+    """Load what users will load (the saved files, plain transformers), compare, raise above tolerance."""
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map="cpu",
                                                     trust_remote_code=cfg.model.trust_remote_code)
     got = logits(exported, ids)
     report.merge_diff, report.trained_diff = max_diff(got, reference), max_diff(got, trained)
@@ -58,10 +67,7 @@ def fill_merged(tmp: Path, run: Path, cfg: Config, dtype_name: str, summary: dic
     say(f"info: export vs the run's {report.trained_kind} training model: max |logit diff| {report.trained_diff:.3g}, "
         f"same most likely next token at {report.trained_top1:.0%} of positions")
     check_tolerance(report, cfg, dtype_name)
-    report.sample_prompt = PROMPTS[0]
-    report.sample = sample(exported, tokenizer, PROMPTS[0])
-    say(f"sample (greedy): {PROMPTS[0]!r} -> {report.sample!r}")
-    hub.write_model_card(tmp, cfg, summary, report)
+    return exported
 
 
 def load_run_tokenizer(run: Path, cfg: Config):
