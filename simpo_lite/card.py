@@ -26,7 +26,8 @@ def _front_matter(report, base_id: str | None, datasets: list[str]) -> str:
 
 def _intro(cfg: Config, report, base_id: str | None) -> str:
     name = report.hub_repo or report.out.name
-    base = f"[{base_id}](https://huggingface.co/{base_id})" if base_id else f"`{cfg.model.name_or_path}` (a local model)"
+    base = (f"[{base_id}](https://huggingface.co/{base_id})" if base_id
+            else f"`{cfg.model.name_or_path}` (a local model)")
     how = ("LoRA adapters trained on the 4-bit NF4 base" if cfg.model.quantize else "LoRA adapters")
     what = ("This repository holds the LoRA adapter alone; load it on top of the base model."
             if report.adapter_only else

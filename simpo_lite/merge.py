@@ -125,7 +125,8 @@ def parameter_count(cfg: Config) -> int:
                                         trust_remote_code=cfg.model.trust_remote_code)
     if getattr(config, "quantization_config", None):
         raise UserError(f"base model '{cfg.model.name_or_path}' is stored quantized, so there are no "
-                        f"full-precision weights to merge into: train from the unquantized model, or use --adapter-only")
+                        f"full-precision weights to merge into: train from the unquantized model, "
+                        f"or use --adapter-only")
     with torch.device("meta"):  # shapes only, no memory
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
     return sum(p.numel() for p in model.parameters())
@@ -168,7 +169,8 @@ def merge(cfg: Config, adapter_dir: Path, dtype: torch.dtype, ids: list[torch.Te
     try:
         merged = model.merge_and_unload(safe_merge=True)
     except ValueError as err:  # safe_merge found NaNs in the merged weights
-        raise RunError(f"merge failed: {err}; the adapter in {adapter_dir} is broken, export an earlier checkpoint") from None
+        raise RunError(f"merge failed: {err}; the adapter in {adapter_dir} is broken, "
+                       f"export an earlier checkpoint") from None
     return merged.to(dtype), reference, max_diff(reference, plain)
 
 

@@ -196,7 +196,8 @@ def test_adapter_only_export_loads_on_the_base_and_keeps_the_adapter(run_dir, tm
     report = export_run(run_dir, out=out, adapter_only=True)
     assert report.merge_diff is None
     assert not (out / "model.safetensors").exists()
-    exported, trained = load_file(out / "adapter_model.safetensors"), load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    exported = load_file(out / "adapter_model.safetensors")
+    trained = load_file(run_dir / "adapter" / "adapter_model.safetensors")
     assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in trained)
     assert card_metadata(out)["library_name"] == "peft"
 
