@@ -82,18 +82,21 @@ def train(
 @app.command()
 def export(
     run_dir: Path = typer.Argument(..., help="A training run's output folder."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Destination folder (default: RUN_DIR/merged)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Destination folder (default: RUN_DIR/merged, or "
+                                       "RUN_DIR/adapter-export with --adapter-only)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (default: the run's export.dtype)."),
     adapter_only: bool = typer.Option(False, "--adapter-only", help="Export the LoRA adapter alone, unmerged."),
     push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="Also upload to this Hub repo id."),
     private: bool = typer.Option(False, "--private", help="Create the Hub repo as private."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --out folder."),
+    sets: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Override a key of the run's saved config, "
+                                             "e.g. --set export.verify_tolerance=0.1 (repeatable)."),
 ):
     """Merge a run's adapters into full-precision base weights (and optionally push them to the Hub)."""
     from simpo_lite.export import export_run
 
     export_run(run_dir, out=out, dtype=dtype, adapter_only=adapter_only, push_to_hub=push_to_hub,
-               private=private, force=force)
+               private=private, force=force, sets=sets or [])
 
 
 @presets_app.command("list")

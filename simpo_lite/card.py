@@ -1,0 +1,95 @@
+"""The model card of an export: Hub metadata, how it was trained, its final eval metrics and export check."""
+
+from __future__ import annotations
+
+from simpo_lite.config import Config
+
+EVAL_SHOWN = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_rewards/chosen",
+              "eval_rewards/rejected", "eval_logps/chosen", "eval_logps/rejected")
+
+
+def render_card(cfg: Config, summary: dict | None, report, base_id: str | None, datasets: list[str]) -> str:
+    return "\n".join([_front_matter(report, base_id, datasets), _intro(cfg, report, base_id),
+                      _training(cfg, summary), _evaluation(summary), _export_check(report),
+                      _usage(report, base_id)])
+
+
+def _front_matter(report, base_id: str | None, datasets: list[str]) -> str:
+    from huggingface_hub import ModelCardData
+
+    tags = ["simpo", "simpo-lite", "preference-optimization", "lora"]
+    tags += ["peft"] if report.adapter_only else ["merged"]
+    data = ModelCardData(base_model=base_id, library_name="peft" if report.adapter_only else "transformers",
+                         pipeline_tag="text-generation", tags=tags, datasets=datasets or None)
+    return f"---\n{data.to_yaml()}\n---\n"
+
+
+def _intro(cfg: Config, report, base_id: str | None) -> str:
+    name = report.hub_repo or report.out.name
+    base = (f"[{base_id}](https://huggingface.co/{base_id})" if base_id
+            else f"`{cfg.model.name_or_path}` (a local model)")
+    how = ("LoRA adapters trained on the 4-bit NF4 base" if cfg.model.quantize else "LoRA adapters")
+    what = ("This repository holds the LoRA adapter alone; load it on top of the base model."
+            if report.adapter_only else
+            f"The adapters are merged into {report.dtype} weights of the base: this is a plain transformers model.")
+    return (f"# {name}\n\n{base} preference-tuned with [SimPO](https://arxiv.org/abs/2405.14734) "
+            f"(reference-free, length-normalized rewards) by simpo-lite: {how}. {what}\n")
+
+
+def _table(header: tuple[str, ...], rows: list[tuple]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _training(cfg: Config, summary: dict | None) -> str:
+    s, t, lora, d = cfg.simpo, cfg.train, cfg.lora, cfg.data
+    rows = [("data", d.source + (f" ({d.split})" if d.split != "train" else "")),
+            ("SimPO beta", f"{s.beta:g}"),
+            ("gamma / beta", f"{s.gamma_beta_ratio:g} (gamma = {s.gamma_beta_ratio * s.beta:g})"),
+            ("loss", s.loss_type + (f", label smoothing {s.label_smoothing:g}" if s.label_smoothing else "")
+             + (f", SFT weight {s.sft_weight:g}" if s.sft_weight else "")),
+            ("learning rate", f"{t.learning_rate:g} ({t.lr_scheduler}, warmup {t.warmup_ratio:g})"),
+            ("length", f"{t.max_steps} steps" if t.max_steps else f"{t.num_epochs:g} epoch(s)"),
+            ("batch", f"{t.micro_batch_size * t.gradient_accumulation_steps} pairs per step per process"),
+            ("LoRA", f"r {lora.r}, alpha {lora.alpha}, dropout {lora.dropout:g}, {', '.join(lora.target_modules)}"),
+            ("max length / prompt", f"{d.max_length} / {d.max_prompt_length}"),
+            ("base weights in training", "4-bit NF4" if cfg.model.quantize else cfg.model.compute_dtype),
+            ("seed", t.seed)]
+    if summary:
+        rows.append(("steps done", f"{summary.get('steps')} in {summary.get('train_seconds', 0):.0f} s"))
+    return "## Training\n\n" + _table(("setting", "value"), rows) + "\n"
+
+
+def _evaluation(summary: dict | None) -> str:
+    start, end = (summary or {}).get("start_eval") or {}, (summary or {}).get("end_eval") or {}
+    if not end:
+        return "## Evaluation\n\nThe run recorded no evaluation.\n"
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    keys = [k for k in EVAL_SHOWN if k in end] + sorted(k for k in end if k not in EVAL_SHOWN)
+    rows = [(k, fmt(start.get(k)), fmt(end.get(k))) for k in keys]
+    return ("## Evaluation\n\nPreference metrics on the held-out pairs, before and after training.\n\n"
+            + _table(("metric", "start", "end"), rows) + "\n")
+
+
+def _export_check(report) -> str:
+    if report.adapter_only:
+        return ""
+    rows = [(f"{report.dtype} export vs base+adapter (fp32 compute)", f"{report.merge_diff:.3g}"),
+            ("base+adapter vs base alone (the adapter's effect)", f"{report.adapter_effect:.3g}"),
+            (f"{report.dtype} export vs the {report.trained_kind} model trained",
+             f"{report.trained_diff:.3g} (same top token at {report.trained_top1:.0%} of positions)")]
+    return ("## Export check\n\nLargest absolute logit difference on a few prompts.\n\n"
+            + _table(("comparison", "max abs logit diff"), rows) + "\n")
+
+
+def _usage(report, base_id: str | None) -> str:
+    name = report.hub_repo or str(report.out)
+    if report.adapter_only:
+        code = (f"from peft import AutoPeftModelForCausalLM\n\n"
+                f"model = AutoPeftModelForCausalLM.from_pretrained(\"{name}\")")
+    else:
+        code = (f"from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+                f"model = AutoModelForCausalLM.from_pretrained(\"{name}\")\n"
+                f"tokenizer = AutoTokenizer.from_pretrained(\"{name}\")")
+    return f"## Use\n\n```python\n{code}\n```\n"

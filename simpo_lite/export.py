@@ -1,0 +1,154 @@
+"""`simpo-lite export`: merge a run's LoRA adapters into full-precision weights, check the merge, save, push.
+
+The adapters are merged into the base reloaded in the export precision, never into the 4-bit weights the
+run trained on: merging into NF4 would re-quantize the sum and lose most of a small fine-tune.
+Everything is built in a temporary folder next to the target and renamed at the end, so a failed export
+leaves no folder that looks complete (and, with --force, the previous export untouched).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from simpo_lite import hub
+from simpo_lite.checkpoint import write_atomically
+from simpo_lite.config import Config, build_config, parse_set, read_yaml
+from simpo_lite.errors import ConfigError, UserError
+
+DTYPE_NAMES = ("bf16", "fp16", "fp32")
+
+
+@dataclass
+class ExportReport:
+    out: Path
+    adapter_only: bool
+    dtype: str | None = None
+    merge_diff: float | None = None      # max |logit| of the export vs base+adapter, same precision, fp32 compute
+    adapter_effect: float | None = None  # max |logit| of base+adapter vs the base alone: the scale of merge_diff
+    trained_diff: float | None = None    # max |logit| of the export vs the model the run trained (information)
+    trained_kind: str | None = None
+    trained_top1: float | None = None    # share of positions where both pick the same most likely token
+    sample_prompt: str | None = None
+    sample: str | None = None
+    seconds: float = 0.0
+    hub_repo: str | None = None
+    hub_url: str | None = None
+
+
+def export_run(run_dir: Path, out: Path | None = None, dtype: str | None = None, adapter_only: bool = False,
+               push_to_hub: str | None = None, private: bool = False, force: bool = False,
+               sets: list[str] | None = None) -> ExportReport:
+    """Export a run folder (merged model or adapter alone) to `out`, optionally uploading it to the Hub."""
+    started = time.perf_counter()
+    run = check_run_dir(Path(run_dir))
+    cfg = run_config(run, sets or [])
+    dtype_given = dtype is not None
+    dtype = _dtype_name(dtype or cfg.export.dtype)
+    target = Path(out) if out else run / ("adapter-export" if adapter_only else "merged")
+    check_target(target, run, cfg, force)
+    # Fail on a missing token or an unreachable Hub now, not after minutes of merging.
+    token = hub.check_push_access(push_to_hub) if push_to_hub else None
+    report = ExportReport(out=target, adapter_only=adapter_only, dtype=None if adapter_only else dtype,
+                          hub_repo=push_to_hub)
+    summary = hub.read_summary(run)
+    if adapter_only:
+        if dtype_given:
+            _say(f"--dtype {dtype} has no effect with --adapter-only: the adapter keeps its trained weights.")
+        write_atomically(target, _shareable(lambda tmp: _fill_adapter_only(tmp, run, cfg, summary, report)))
+    else:
+        from simpo_lite.merge import fill_merged
+
+        write_atomically(target, _shareable(lambda tmp: fill_merged(tmp, run, cfg, dtype, summary, report, say=_say)))
+    _say(f"exported to {target}")
+    if push_to_hub:
+        report.hub_url = hub.push_folder(target, push_to_hub, token, private=private or cfg.export.hub_private,
+                                         message=f"simpo-lite export of {run.name}")
+        _say(f"pushed to {report.hub_url}")
+    report.seconds = time.perf_counter() - started
+    _say(f"done in {report.seconds:.1f} s")
+    return report
+
+
+def check_run_dir(run: Path) -> Path:
+    if not run.is_dir():
+        raise UserError(f"run folder '{run}' not found: give the output_dir of a 'simpo-lite train' run")
+    if not (run / "config.yaml").is_file():
+        raise UserError(f"'{run}' has no config.yaml, so it is not a simpo-lite run folder: "
+                        f"give the output_dir of a 'simpo-lite train' run")
+    if not (run / "adapter" / "adapter_config.json").is_file():
+        raise UserError(f"'{run}' has no trained adapter (adapter/adapter_config.json): finish or resume the run "
+                        f"with 'simpo-lite train --config {run / 'config.yaml'} --resume'")
+    return run
+
+
+def run_config(run: Path, sets: list[str]) -> Config:
+    """The run's saved config, with --set overrides (e.g. export.verify_tolerance) on top."""
+    layer, problems = parse_set(sets)
+    if problems:
+        raise ConfigError(problems)
+    path = run / "config.yaml"
+    return build_config([(str(path), read_yaml(path, "config file")), ("--set", layer)])
+
+
+def _dtype_name(name: str) -> str:
+    if name not in DTYPE_NAMES:
+        raise UserError(f"--dtype '{name}' is not supported: use one of {', '.join(DTYPE_NAMES)}")
+    return name
+
+
+def check_target(target: Path, run: Path, cfg: Config, force: bool) -> None:
+    """Refuse a non-empty target without --force, and any target whose replacement would destroy inputs."""
+    resolved = target.resolve()
+    run_resolved = run.resolve()
+    if resolved == run_resolved or run_resolved.is_relative_to(resolved):
+        raise UserError(f"--out '{target}' is or contains the run folder '{run}': choose another folder, "
+                        f"e.g. --out {run / 'merged'}")
+    inputs = [run_resolved / "adapter"] + _local_base_folder(cfg)
+    for keep in inputs:
+        if resolved.is_relative_to(keep) or keep.is_relative_to(resolved):
+            raise UserError(f"--out '{target}' overlaps '{keep}', which the export reads: choose another folder")
+    if target.exists() and not target.is_dir():
+        raise UserError(f"--out '{target}' is a file: choose a folder path")
+    if target.is_dir() and any(target.iterdir()) and not force:
+        raise UserError(f"--out '{target}' is not empty: add --force to replace it, or choose another folder")
+
+
+def _local_base_folder(cfg: Config) -> list[Path]:
+    path = Path(cfg.model.name_or_path)
+    return [path.resolve()] if path.is_dir() else []
+
+
+def _fill_adapter_only(tmp: Path, run: Path, cfg: Config, summary: dict | None, report: ExportReport) -> None:
+    """The adapter as trained (safetensors), the tokenizer, and a card; base_model points at the Hub id."""
+    adapter = run / "adapter"
+    for item in adapter.iterdir():
+        if item.is_file():
+            shutil.copy2(item, tmp / item.name)
+    hub.rewrite_adapter_base(tmp / "adapter_config.json", cfg.model.name_or_path)
+    hub.write_model_card(tmp, cfg, summary, report)
+
+
+def _shareable(fill):
+    """An export is meant to be shared: undo the owner-only modes of the temporary folder (mkdtemp) and of
+    files that libraries write through temporary files, applying the umask like any new file."""
+    def fill_and_open_up(tmp: Path) -> None:
+        fill(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
+        for path in tmp.rglob("*"):
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+    return fill_and_open_up
+
+
+def _say(message: str) -> None:
+    from rich.console import Console
+    from rich.text import Text
+
+    # Text, not markup: model output and paths may contain [brackets].
+    Console(stderr=True, soft_wrap=True).print(Text.assemble(("simpo-lite", "bold cyan"), ": ", message))

@@ -1,0 +1,210 @@
+"""Merge a run's adapters into the base in the export precision, and check the saved result by its logits.
+
+The check compares the saved export with the unmerged base+adapter whose base weights are rounded to the
+same precision, both computed in fp32. Computing in bf16 instead adds activation rounding noise (about 1.4
+logits on SmolLM2-135M, more than a small adapter's whole effect) and could not tell a correct merge from
+a lost adapter; in fp32 the difference is only the rounding of the merged weights, which is what
+exporting in that precision costs. The model the run trained (4-bit) is compared too, for information:
+it differs by the NF4 quantization error of the base, which no export can reproduce.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from simpo_lite import hub
+from simpo_lite.config import Config
+from simpo_lite.errors import RunError, UserError
+from simpo_lite.model import load_adapter_model, load_tokenizer, resolve_model_source
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PROMPTS = ("What is the capital of France?", "Write a haiku about autumn leaves.",
+           "Explain in one sentence why the sky is blue.")
+SAMPLE_TOKENS = 40
+VERIFY_BYTES_PER_PARAM = 4  # the check holds one fp32 copy of the model at a time
+
+
+def fill_merged(tmp: Path, run: Path, cfg: Config, dtype_name: str, summary: dict | None, report,
+                say: Callable[[str], None]) -> None:
+    """Merge, save into tmp, reload the saved files with plain transformers, check them, add a card."""
+    tokenizer = load_run_tokenizer(run, cfg)
+    ids = [encode(tokenizer, p)["input_ids"] for p in PROMPTS]
+    check_memory(cfg, say)
+    report.trained_kind = "4-bit NF4" if cfg.model.quantize else "unquantized"
+    say(f"computing reference logits of the run's {report.trained_kind} training model")
+    trained = trained_model_logits(cfg, run / "adapter", ids)
+    say(f"merging the adapter into {cfg.model.name_or_path} loaded in {dtype_name}")
+    merged, reference, report.adapter_effect = merge(cfg, run / "adapter", DTYPES[dtype_name], ids)
+    merged.save_pretrained(tmp, max_shard_size=cfg.export.max_shard_size)
+    del merged  # the check below reloads from disk: never two copies in memory
+    gc.collect()
+    tokenizer.save_pretrained(tmp)
+    exported = check_saved(tmp, cfg, dtype_name, ids, reference, trained, report, say)
+    report.sample_prompt = PROMPTS[0]
+    report.sample = sample(exported, tokenizer, PROMPTS[0])
+    say(f"sample (greedy): {PROMPTS[0]!r} -> {report.sample!r}")
+    hub.write_model_card(tmp, cfg, summary, report)
+
+
+def check_saved(folder: Path, cfg: Config, dtype_name: str, ids, reference, trained, report,
+                say: Callable[[str], None]):
+    """Load what users will load (the saved files, plain transformers), compare, raise above tolerance."""
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map="cpu",
+                                                    trust_remote_code=cfg.model.trust_remote_code)
+    got = logits(exported, ids)
+    report.merge_diff, report.trained_diff = max_diff(got, reference), max_diff(got, trained)
+    report.trained_top1 = top1_agreement(got, trained)
+    say(f"check: {dtype_name} export vs base+adapter ({dtype_name} base, fp32 compute): max |logit diff| "
+        f"{report.merge_diff:.3g} (tolerance {cfg.export.verify_tolerance:g}; the adapter itself moves logits "
+        f"by up to {report.adapter_effect:.3g})")
+    say(f"info: export vs the run's {report.trained_kind} training model: max |logit diff| {report.trained_diff:.3g}, "
+        f"same most likely next token at {report.trained_top1:.0%} of positions")
+    check_tolerance(report, cfg, dtype_name)
+    return exported
+
+
+def load_run_tokenizer(run: Path, cfg: Config):
+    """The tokenizer saved with the adapter (chat template included), else the base model's."""
+    from transformers import AutoTokenizer
+
+    adapter = run / "adapter"
+    if (adapter / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(adapter, trust_remote_code=cfg.model.trust_remote_code)
+    return load_tokenizer(cfg.model)
+
+
+def encode(tokenizer, prompt: str):
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             return_tensors="pt", return_dict=True)
+    return tokenizer(prompt, return_tensors="pt")
+
+
+@torch.no_grad()
+def logits(model, ids: list[torch.Tensor]) -> list[torch.Tensor]:
+    model.eval()  # LoRA dropout must be off
+    device = next(model.parameters()).device
+    return [model(input_ids=i.to(device)).logits.float().cpu() for i in ids]
+
+
+def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+def top1_agreement(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """Share of positions where both models rank the same token first: the max difference alone looks
+    alarming for a 4-bit model and says nothing about how often its choice changes."""
+    same = sum((x.argmax(-1) == y.argmax(-1)).sum().item() for x, y in zip(a, b))
+    return same / sum(x.shape[0] * x.shape[1] for x in a)
+
+
+def check_memory(cfg: Config, say: Callable[[str], None]) -> None:
+    """Refuse a pre-quantized base; warn when RAM is short of one fp32 copy of the model."""
+    import psutil
+
+    params = parameter_count(cfg)
+    need = params * VERIFY_BYTES_PER_PARAM * 1.1
+    available = psutil.virtual_memory().available
+    if need > available:
+        say(f"warning: the export needs about {need / 2**30:.1f} GiB of RAM ({params / 1e9:.2f} B parameters, "
+            f"checked in fp32) but only {available / 2**30:.1f} GiB is available: it may be killed or swap")
+
+
+def parameter_count(cfg: Config) -> int:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source = resolve_model_source(cfg.model.name_or_path)
+    config = AutoConfig.from_pretrained(source, revision=cfg.model.revision,
+                                        trust_remote_code=cfg.model.trust_remote_code)
+    if getattr(config, "quantization_config", None):
+        raise UserError(f"base model '{cfg.model.name_or_path}' is stored quantized, so there are no "
+                        f"full-precision weights to merge into: train from the unquantized model, "
+                        f"or use --adapter-only")
+    with torch.device("meta"):  # shapes only, no memory
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+    return sum(p.numel() for p in model.parameters())
+
+
+def trained_model_logits(cfg: Config, adapter_dir: Path, ids: list[torch.Tensor]) -> list[torch.Tensor]:
+    model = load_adapter_model(cfg, adapter_dir)
+    result = logits(model, ids)
+    del model
+    _free()
+    return result
+
+
+def load_full_precision(cfg: Config, dtype: torch.dtype):
+    """The base on the CPU in `dtype` (transformers 5 loads lazily, one tensor at a time)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            resolve_model_source(cfg.model.name_or_path), dtype=dtype, device_map="cpu",
+            revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code, **kwargs)
+    except OSError as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"cannot load base model '{cfg.model.name_or_path}': {first} -- if it moved, "
+                        f"add --set model.name_or_path=NEW_PATH") from None
+
+
+def merge(cfg: Config, adapter_dir: Path, dtype: torch.dtype, ids: list[torch.Tensor]):
+    """(merged model in dtype, reference logits of base+adapter, largest logit change the adapter makes)."""
+    from peft import PeftModel
+
+    # Base rounded to the export precision, then held in fp32 so that the reference and the merge
+    # both see the adapter at full precision: the only rounding left is that of the merged sum.
+    base = load_full_precision(cfg, dtype).float()
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    reference = logits(model, ids)
+    with model.disable_adapter():
+        plain = logits(model, ids)
+    try:
+        merged = model.merge_and_unload(safe_merge=True)
+    except ValueError as err:  # safe_merge found NaNs in the merged weights
+        raise RunError(f"merge failed: {err}; the adapter in {adapter_dir} is broken, "
+                       f"export an earlier checkpoint") from None
+    return merged.to(dtype), reference, max_diff(reference, plain)
+
+
+def check_tolerance(report, cfg: Config, dtype_name: str) -> None:
+    diff, tolerance = report.merge_diff, cfg.export.verify_tolerance
+    if diff <= tolerance:  # also false for NaN, e.g. an fp16 overflow
+        return
+    suggest = f"{10 ** math.ceil(math.log10(diff)):g}" if math.isfinite(diff) and diff > 0 else "a larger value"
+    if not math.isfinite(diff):
+        why, fix = f"the export's logits are not finite ({dtype_name} overflow)", "export with --dtype bf16 or fp32"
+    elif dtype_name == "fp32":
+        why, fix = "more than rounding, so the merge itself went wrong", "please report it with the run's config.yaml"
+    else:
+        why = f"{dtype_name} rounding of the merged weights loses part of the fine-tune"
+        fix = f"export with --dtype fp32, or accept the loss with --set export.verify_tolerance={suggest}"
+    raise RunError(f"merge check failed: the {dtype_name} export differs from base+adapter by up to {diff:.3g} logits "
+                   f"(export.verify_tolerance {tolerance:g}; the adapter itself moves logits by up to "
+                   f"{report.adapter_effect:.3g}): {why}; nothing was written to {report.out}; {fix}")
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompt: str) -> str:
+    from transformers import GenerationConfig
+
+    enc = encode(tokenizer, prompt)
+    # A fresh greedy config: the model's own may ask for sampling.
+    greedy = GenerationConfig(max_new_tokens=SAMPLE_TOKENS, do_sample=False,
+                              eos_token_id=model.generation_config.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    out = model.generate(**enc, generation_config=greedy)
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
