@@ -8,6 +8,7 @@ through ``torch.save``; loading uses ``weights_only=True``.
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
@@ -94,6 +95,7 @@ def write_atomically(target: Path, fill) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         fill(tmp)
+        _apply_umask(tmp)
         if target.exists():
             old = target.with_name(f".{target.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -106,6 +108,15 @@ def write_atomically(target: Path, fill) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _apply_umask(folder: Path) -> None:
+    """mkdtemp and some libraries' temporary files are owner-only; give the result normal modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def save_checkpoint(output_dir: Path, model, optimizer, scheduler, state: TrainerState, cfg: Config,

@@ -110,9 +110,13 @@ class TrainConfig:
 
 @dataclass
 class ExportConfig:
-    dtype: Literal["bf16", "fp16", "fp32"] = _f("bf16", "Precision of the merged weights.")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = _f(
+        "auto", "Precision of the merged weights; auto = the base checkpoint's own (fp32 for the bundled demo model, "
+        "bf16 for Llama-3).")
     max_shard_size: str = _f("2GB", "Largest safetensors shard.")
-    verify_tolerance: float = _f(0.05, "Largest allowed |merged - adapter| logit difference after merging.", gt=0.0)
+    verify_tolerance: Optional[float] = _f(
+        None, "Largest allowed |merged - (base + adapter)| logit difference; null = 1e-3 for fp32 exports and 1.0 for "
+        "bf16/fp16, whose rounding of the merged weights alone moves SmolLM2's logits by ~0.7.", gt=0.0)
     hub_private: bool = _f(False, "Create the Hub repository as private when pushing.")
 
 
@@ -191,6 +195,11 @@ def _check_type(value: Any, tp: Any) -> tuple[bool, Any]:
         ok = isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
         return ok, value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string; users mean the number
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         return ok, float(value) if ok else value
     if tp is int:

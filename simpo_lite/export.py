@@ -8,7 +8,6 @@ leaves no folder that looks complete (and, with --force, the previous export unt
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -47,7 +46,7 @@ def export_run(run_dir: Path, out: Path | None = None, dtype: str | None = None,
     run = check_run_dir(Path(run_dir))
     cfg = run_config(run, sets or [])
     dtype_given = dtype is not None
-    dtype = _dtype_name(dtype or cfg.export.dtype)
+    dtype = _dtype_name(dtype or cfg.export.dtype, cfg)
     target = Path(out) if out else run / ("adapter-export" if adapter_only else "merged")
     check_target(target, run, cfg, force)
     # Fail on a missing token or an unreachable Hub now, not after minutes of merging.
@@ -58,11 +57,11 @@ def export_run(run_dir: Path, out: Path | None = None, dtype: str | None = None,
     if adapter_only:
         if dtype_given:
             _say(f"--dtype {dtype} has no effect with --adapter-only: the adapter keeps its trained weights.")
-        write_atomically(target, _shareable(lambda tmp: _fill_adapter_only(tmp, run, cfg, summary, report)))
+        write_atomically(target, lambda tmp: _fill_adapter_only(tmp, run, cfg, summary, report))
     else:
         from simpo_lite.merge import fill_merged
 
-        write_atomically(target, _shareable(lambda tmp: fill_merged(tmp, run, cfg, dtype, summary, report, say=_say)))
+        write_atomically(target, lambda tmp: fill_merged(tmp, run, cfg, dtype, summary, report, say=_say))
     _say(f"exported to {target}")
     if push_to_hub:
         report.hub_url = hub.push_folder(target, push_to_hub, token, private=private or cfg.export.hub_private,
@@ -94,10 +93,27 @@ def run_config(run: Path, sets: list[str]) -> Config:
     return build_config([(str(path), read_yaml(path, "config file")), ("--set", layer)])
 
 
-def _dtype_name(name: str) -> str:
+def _dtype_name(name: str, cfg: Config) -> str:
+    if name == "auto":
+        return _stored_dtype(cfg)
     if name not in DTYPE_NAMES:
-        raise UserError(f"--dtype '{name}' is not supported: use one of {', '.join(DTYPE_NAMES)}")
+        raise UserError(f"--dtype '{name}' is not supported: use one of auto, {', '.join(DTYPE_NAMES)}")
     return name
+
+
+def _stored_dtype(cfg: Config) -> str:
+    """The precision the base checkpoint was published in: merging into it loses nothing the base had."""
+    from transformers import AutoConfig
+
+    from simpo_lite.model import resolve_model_source
+
+    try:
+        base = AutoConfig.from_pretrained(resolve_model_source(cfg.model.name_or_path), revision=cfg.model.revision,
+                                          trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError):
+        return "bf16"
+    stored = str(getattr(base, "dtype", None) or getattr(base, "torch_dtype", None) or "bfloat16")
+    return {"float32": "fp32", "float16": "fp16"}.get(stored.removeprefix("torch."), "bf16")
 
 
 def check_target(target: Path, run: Path, cfg: Config, force: bool) -> None:
@@ -130,20 +146,6 @@ def _fill_adapter_only(tmp: Path, run: Path, cfg: Config, summary: dict | None, 
             shutil.copy2(item, tmp / item.name)
     hub.rewrite_adapter_base(tmp / "adapter_config.json", cfg.model.name_or_path)
     hub.write_model_card(tmp, cfg, summary, report)
-
-
-def _shareable(fill):
-    """An export is meant to be shared: undo the owner-only modes of the temporary folder (mkdtemp) and of
-    files that libraries write through temporary files, applying the umask like any new file."""
-    def fill_and_open_up(tmp: Path) -> None:
-        fill(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)
-        for path in tmp.rglob("*"):
-            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-
-    return fill_and_open_up
 
 
 def _say(message: str) -> None:

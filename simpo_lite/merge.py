@@ -62,7 +62,7 @@ def check_saved(folder: Path, cfg: Config, dtype_name: str, ids, reference, trai
     report.merge_diff, report.trained_diff = max_diff(got, reference), max_diff(got, trained)
     report.trained_top1 = top1_agreement(got, trained)
     say(f"check: {dtype_name} export vs base+adapter ({dtype_name} base, fp32 compute): max |logit diff| "
-        f"{report.merge_diff:.3g} (tolerance {cfg.export.verify_tolerance:g}; the adapter itself moves logits "
+        f"{report.merge_diff:.3g} (tolerance {export_tolerance(cfg, dtype_name):g}; the adapter itself moves logits "
         f"by up to {report.adapter_effect:.3g})")
     say(f"info: export vs the run's {report.trained_kind} training model: max |logit diff| {report.trained_diff:.3g}, "
         f"same most likely next token at {report.trained_top1:.0%} of positions")
@@ -174,8 +174,15 @@ def merge(cfg: Config, adapter_dir: Path, dtype: torch.dtype, ids: list[torch.Te
     return merged.to(dtype), reference, max_diff(reference, plain)
 
 
+def export_tolerance(cfg: Config, dtype_name: str) -> float:
+    """The configured tolerance, else one that fp32 round-off passes and 16-bit rounding of small deltas passes."""
+    if cfg.export.verify_tolerance is not None:
+        return cfg.export.verify_tolerance
+    return 1e-3 if dtype_name == "fp32" else 1.0
+
+
 def check_tolerance(report, cfg: Config, dtype_name: str) -> None:
-    diff, tolerance = report.merge_diff, cfg.export.verify_tolerance
+    diff, tolerance = report.merge_diff, export_tolerance(cfg, dtype_name)
     if diff <= tolerance:  # also false for NaN, e.g. an fp16 overflow
         return
     suggest = f"{10 ** math.ceil(math.log10(diff)):g}" if math.isfinite(diff) and diff > 0 else "a larger value"

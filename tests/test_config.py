@@ -88,3 +88,12 @@ def test_saved_config_round_trips(tmp_path):
     cfgmod.save_config(cfg, tmp_path / "config.yaml")
     assert cfgmod.load_saved_config(tmp_path / "config.yaml") == cfg
     assert cfgmod.resolve(config_file=str(tmp_path / "config.yaml")) == cfg
+
+
+def test_scientific_notation_without_dot_is_a_number(tmp_path):
+    # YAML 1.1 (PyYAML) reads 1e-5 as a string; a learning rate written that way must still work.
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  learning_rate: 1e-5\n")
+    assert cfgmod.resolve(config_file=str(path), sets=["export.verify_tolerance=1e-6"]).train.learning_rate == 1e-5
+    with pytest.raises(ConfigError, match="train.learning_rate must be a number"):
+        cfgmod.resolve(sets=["train.learning_rate=fast"])
