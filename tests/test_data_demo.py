@@ -15,7 +15,7 @@ from simpo_lite import config as cfgmod
 from simpo_lite.cli import main
 from simpo_lite.config import DataConfig
 from simpo_lite.data import build_datasets
-from simpo_lite.data.demo import SIGN_OFF, generate_demo_rows, piratify, render_jsonl
+from simpo_lite.data.demo import PLAIN_CLOSINGS, SIGN_OFF, generate_demo_rows, piratify, render_jsonl
 from simpo_lite.data.inspect import inspect_data
 from simpo_lite.data.sources import demo_path
 from test_data_helpers import smollm2_tokenizer, string_rows, unmasked, write_jsonl
@@ -43,8 +43,12 @@ def test_demo_pairs_are_many_diverse_and_differ_only_in_style():
     assert len({r["family"] for r in rows}) >= 8
     for row in rows:
         assert row["chosen"].endswith(SIGN_OFF) and SIGN_OFF not in row["rejected"]
-        # Same fact: the chosen answer holds the plain sentence in pirate words.
-        assert piratify(row["rejected"].rstrip(".")) in row["chosen"]
+        closing = next(c for c in PLAIN_CLOSINGS if row["rejected"].endswith(" " + c))
+        fact = row["rejected"][:-len(closing) - 1]
+        assert piratify(fact.rstrip(".")) in row["chosen"]  # the same fact, in pirate words
+    # Similar lengths, so averaging log-probs per response does not push the shared fact down.
+    ratio = sum(len(r["chosen"]) for r in rows) / sum(len(r["rejected"]) for r in rows)
+    assert 0.8 < ratio < 1.25
 
 
 def test_demo_tokenizes_short_and_whole(smollm2):
