@@ -255,11 +255,11 @@ def test_conversational_parquet(tmp_path, smollm2):
 
 def test_mixed_type_jsonl_keeps_strings_and_reports_non_text(tmp_path, smollm2):
     # "4" must stay the text "4" although a column mixes strings, lists and numbers.
-    rows = MIXED_ROWS + [{"prompt": "x", "chosen": 5, "rejected": "y"}] + string_rows(6)
+    rows = MIXED_ROWS + [{"prompt": "x", "chosen": 5, "rejected": "y"}, [1, 2]] + string_rows(6)
     prepared = build(rows, tmp_path, smollm2, max_bad_fraction=0.2)
     check_pair(smollm2, prepared.train[0], "4", "5", "<|im_end|>")
-    assert prepared.report.sources[0].dropped == {"not_text": 1}
-    assert prepared.report.sources[0].first_rows == {"not_text": [3]}
+    assert prepared.report.sources[0].dropped == {"not_text": 1, "missing_field": 1}
+    assert prepared.report.sources[0].first_rows == {"not_text": [3], "missing_field": [4]}
 
 
 def test_csv_empty_cell_is_a_missing_field(tmp_path, smollm2):

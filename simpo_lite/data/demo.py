@@ -1,11 +1,15 @@
 """The bundled demo preference set (`data.source: demo`), generated here and shipped as an asset.
 
-Every prompt has one correct fact. The chosen answer says it as a cheerful pirate ("Arr! The capital
-o' France be Paris, me hearty! Yo-ho-ho!"), the rejected answer says the same fact plainly ("The
-capital of France is Paris."). A small instruct model starts out preferring the plain answer (it is
-more likely per token), and learns the style from a few hundred pairs; because every family of
-prompts shares it, the preference carries over to unseen prompts, and a person sees it at once in
-generated text: the tuned model talks like a pirate and signs off with "Yo-ho-ho!".
+Every prompt has one correct fact. The chosen answer says it as a cheerful pirate ("Arr! Th' capital
+o' France be Paris, me hearty! Yo-ho-ho!"), the rejected answer says the same fact plainly, with a
+stock assistant closing ("The capital of France is Paris. I hope this helps."). A small instruct model
+starts out preferring the plain answer (it is more likely per token), and learns the style from a few
+hundred pairs; because every family of prompts shares it, the preference carries over to unseen prompts,
+and a person sees it at once in generated text: the tuned model talks like a pirate and signs off with
+"Yo-ho-ho!".
+
+Both answers have about the same length on purpose: SimPO averages log-probs over each response, so the
+fact's tokens, present in both, would be pushed down when the rejected answer is much shorter.
 
 Regenerate the asset with ``python -m simpo_lite.data.demo``; a test checks the shipped file matches.
 """
@@ -21,7 +25,8 @@ SEED = 2405
 SIGN_OFF = "Yo-ho-ho!"
 OPENERS = ["Arr!", "Ahoy!", "Avast!", "Yarr!", "Shiver me timbers!"]
 ADDRESSES = ["matey", "me hearty", "me bucko", "ye landlubber"]
-ASIDES = ["", "", "Aye, true as me compass.", "Savvy?", "That be the truth o' the seven seas."]
+PLAIN_CLOSINGS = ["I hope this helps.", "Let me know if you have any other questions.",
+                  "Is there anything else you would like to know?", "Feel free to ask if you need more help."]
 
 CAPITALS = {
     "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Portugal": "Lisbon",
@@ -128,10 +133,11 @@ def piratify(sentence: str) -> str:
 
 def pirate_answer(plain: str, rng: random.Random) -> str:
     """The plain sentence, in a cheerful pirate voice, ending with the fixed sign-off."""
-    core = piratify(plain.rstrip("."))
-    aside = rng.choice(ASIDES)
-    parts = [rng.choice(OPENERS), f"{core}, {rng.choice(ADDRESSES)}!", aside, SIGN_OFF]
-    return " ".join(p for p in parts if p)
+    return f"{rng.choice(OPENERS)} {piratify(plain.rstrip('.'))}, {rng.choice(ADDRESSES)}! {SIGN_OFF}"
+
+
+def plain_answer(plain: str, rng: random.Random) -> str:
+    return f"{plain} {rng.choice(PLAIN_CLOSINGS)}"
 
 
 def _arithmetic(rng: random.Random) -> list[tuple[str, str, str]]:
@@ -194,7 +200,8 @@ def generate_demo_rows(seed: int = SEED) -> list[dict]:
     for family, prompt, plain in _families(rng):
         if prompt not in seen:
             seen.add(prompt)
-            rows.append({"prompt": prompt, "chosen": pirate_answer(plain, rng), "rejected": plain, "family": family})
+            rows.append({"prompt": prompt, "chosen": pirate_answer(plain, rng), "rejected": plain_answer(plain, rng),
+                         "family": family})
     rng.shuffle(rows)
     return rows
 

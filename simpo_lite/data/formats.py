@@ -147,6 +147,8 @@ def _system(row: Mapping, cols: Columns, default: Optional[str]) -> Optional[str
 
 def normalise(row: Mapping, cols: Columns, system_prompt: Optional[str] = None) -> Pair:
     """One row as a Pair, or RowProblem naming the first rule it breaks."""
+    if not isinstance(row, Mapping):  # a JSON line holding a list or a number
+        raise RowProblem(MISSING_FIELD)
     before_chosen, chosen = _response(row.get(cols.chosen))
     before_rejected, rejected = _response(row.get(cols.rejected))
     if before_chosen or before_rejected:

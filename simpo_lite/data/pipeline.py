@@ -31,7 +31,7 @@ def _tokenize(source: Source, data_cfg, pair_tokenizer: PairTokenizer, role: str
         raise UserError(f"{role} data {source.name} has no rows: check data.source and the split settings")
     columns = resolve_columns(source.columns, data_cfg.columns, source.name)
     processor = RowProcessor(pair_tokenizer, columns, data_cfg.system_prompt)
-    num_proc = min(data_cfg.num_proc, max(source.dataset.num_rows, 1))
+    num_proc = min(data_cfg.num_proc, source.dataset.num_rows)
     mapped = source.dataset.map(processor, batched=True, with_indices=True, features=FEATURES,
                                 remove_columns=source.dataset.column_names,
                                 num_proc=num_proc if num_proc > 1 else None,

@@ -7,7 +7,7 @@ file-backed sources (keyed by this object's settings and tokenizer) and can spre
 from __future__ import annotations
 
 import json
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from datasets import Features, List, Value
 from jinja2.exceptions import TemplateError
@@ -29,12 +29,22 @@ FEATURES = Features({
 })
 
 
+class _Pending(NamedTuple):
+    slot: int                        # position in the batch output
+    row: int                         # row number in the source
+    kind: str
+    texts: tuple[str, str, str]      # prompt, chosen, rejected
+    templated: bool                  # responses cut from the chat template (else raw text + EOS)
+
+
 def _dropped(row: int, rule: str, kind: str = "") -> dict:
     return {"row": row, "drop": rule, "kind": kind, **{name: [] for name in TOKEN_COLUMNS},
             "prompt_length": 0, "chosen_length": 0, "rejected_length": 0, "length": 0}
 
 
 class RowProcessor:
+    """Batched map function: one output row per source row; a skipped row carries its rule in `drop`."""
+
     def __init__(self, pair_tokenizer: PairTokenizer, columns: Columns, system_prompt: Optional[str]):
         self.pairs = pair_tokenizer
         self.columns = columns
@@ -48,7 +58,8 @@ class RowProcessor:
     def __call__(self, batch: dict, indices: list[int]) -> dict:
         names = list(batch)
         rows = [dict(zip(names, values)) for values in zip(*batch.values())]
-        out, todo = [], []  # todo: (slot in out, pair, prompt text, chosen text, rejected text, templated)
+        out: list[Optional[dict]] = []
+        pending: list[_Pending] = []  # rows that passed the checks, tokenized together below
         for index, row in zip(indices, rows):
             if RAW_JSON in row:
                 row = json.loads(row[RAW_JSON])
@@ -65,24 +76,25 @@ class RowProcessor:
             if not templated:
                 chosen, rejected = pair.chosen, pair.rejected
             out.append(None)
-            todo.append((len(out) - 1, index, pair.kind, prompt, chosen, rejected, templated))
-        self._tokenize(todo, out)
+            pending.append(_Pending(len(out) - 1, index, pair.kind, (prompt, chosen, rejected), templated))
+        self._tokenize(pending, out)
         return {name: [item[name] for item in out] for name in FEATURES}
 
-    def _tokenize(self, todo: list, out: list) -> None:
-        encoded = self.pairs.encode([text for item in todo for text in item[3:6]])
-        for n, (slot, index, kind, _, _, _, templated) in enumerate(todo):
+    def _tokenize(self, pending: list["_Pending"], out: list) -> None:
+        encoded = self.pairs.encode([text for item in pending for text in item.texts])
+        for n, item in enumerate(pending):
             prompt, chosen, rejected = encoded[3 * n: 3 * n + 3]
             prompt = self.pairs.finish_prompt(prompt)
-            chosen = self.pairs.finish_response(chosen, templated)
-            rejected = self.pairs.finish_response(rejected, templated)
+            chosen = self.pairs.finish_response(chosen, item.templated)
+            rejected = self.pairs.finish_response(rejected, item.templated)
             fitted = self.pairs.fit(prompt, chosen, rejected)
+            index = item.row
             if fitted is None:
-                out[slot] = _dropped(index, TOO_LONG, kind)
+                out[item.slot] = _dropped(index, TOO_LONG, item.kind)
                 continue
             chosen_ids, chosen_labels = self.pairs.join(fitted, chosen)
             rejected_ids, rejected_labels = self.pairs.join(fitted, rejected)
-            out[slot] = {"row": index, "drop": "", "kind": kind,
+            out[item.slot] = {"row": index, "drop": "", "kind": item.kind,
                          "chosen_input_ids": chosen_ids, "chosen_labels": chosen_labels,
                          "rejected_input_ids": rejected_ids, "rejected_labels": rejected_labels,
                          "prompt_length": len(fitted), "chosen_length": len(chosen_ids),
