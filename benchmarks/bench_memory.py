@@ -360,7 +360,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads per run (0 = torch's default); with 1, CPU seconds are immune "
                              "to other load on the machine")
-    parser.add_argument("--json", type=Path, default=Path("bench_memory.json"), help="every measurement")
+    parser.add_argument("--json", type=Path, default=Path(tempfile.gettempdir()) / "bench_memory.json",
+                        help="every measurement, written as the runs finish")
     parser.add_argument("--worker", choices=SYSTEMS, dest="system", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.system:
