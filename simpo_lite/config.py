@@ -39,7 +39,7 @@ class ModelConfig:
     double_quant: bool = _f(True, "Quantize the 4-bit quantization constants too (saves ~0.4 bit/param).")
     compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = _f(
         "auto", "Dtype of matmuls and unquantized weights; auto = bf16 on GPUs that support it, fp16 on "
-        "other GPUs, fp32 on CPU.")
+        "other GPUs, bf16 on CPUs with AVX512-BF16/AMX, else fp32.")
     attn_implementation: Optional[str] = _f(None, "Attention kernel (e.g. 'eager' for Gemma-2, 'sdpa'); null = model default.")
     gradient_checkpointing: bool = _f(True, "Recompute activations in backward (non-reentrant) to save memory.")
     trust_remote_code: bool = _f(False, "Allow the model repository to run its own Python code.")
