@@ -29,11 +29,7 @@ def load_run(run_dir: Path) -> tuple[list[dict], list[dict], dict]:
     if not path.is_file():
         raise UserError(f"report: '{run_dir}' has no metrics.jsonl: it is not a training run's output_dir, "
                         f"or the run has not logged a step yet")
-    try:
-        records = read_metrics(path)
-    except json.JSONDecodeError as err:
-        raise UserError(f"report: {path} line {err.lineno} is not JSON: fix or delete that line") from None
-    records = [r for r in records if isinstance(r, dict) and "step" in r]
+    records = [r for r in _read_records(path) if isinstance(r, dict) and "step" in r]
     if not records:
         raise UserError(f"report: {path} holds no metrics yet: train for at least one logging step")
     evals = [r for r in records if any(k.startswith("eval_") for k in r)]
@@ -41,6 +37,23 @@ def load_run(run_dir: Path) -> tuple[list[dict], list[dict], dict]:
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     return train, evals, summary
+
+
+def _read_records(path: Path) -> list[dict]:
+    """metrics.jsonl's records; a half-written last line (a run still writing, or killed) is left out."""
+    try:
+        return read_metrics(path)
+    except json.JSONDecodeError:
+        pass
+    lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    records = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise UserError(f"report: {path} line {n} is not JSON: fix or delete that line") from None
+    return records
 
 
 def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
