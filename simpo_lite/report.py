@@ -106,6 +106,7 @@ def plot(train: list[dict], evals: list[dict], out: Path, title: str) -> Path:
         handles, labels = ax.get_legend_handles_labels()
         if twin is not None:
             ax.set_ylabel("learning rate", color=colors[0])
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
             twin.set_ylabel("grad norm (before clipping)", color=colors[1])
             extra_h, extra_l = twin.get_legend_handles_labels()
             handles, labels = handles + extra_h, labels + extra_l
