@@ -78,9 +78,10 @@ def _print_metrics(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("metric", "value", title=f"{result['model']}\non {result['eval_pairs']} eval pairs of "
-                                           f"{result['data']} (beta {result['beta']:g}, "
-                                           f"gamma/beta {result['gamma_beta_ratio']:g})")
+    console = Console(highlight=False, soft_wrap=True)
+    console.print(f"{result['model']}\n{result['eval_pairs']} eval pairs of {result['data']}, "
+                  f"beta {result['beta']:g}, gamma/beta {result['gamma_beta_ratio']:g}")
+    table = Table("metric", "value")
     for name in METRIC_NAMES:
         table.add_row(f"eval_{name}", f"{result[f'eval_{name}']:.4f}")
-    Console(highlight=False).print(table)
+    console.print(table)

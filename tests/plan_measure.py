@@ -1,6 +1,7 @@
 """Measure the peak memory of one real SimPO training step on the CPU, to check simpo_lite.plan.
 
-    MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0 python tests/plan_measure.py --micro-batch 4 --seq-len 256
+    MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0 python tests/plan_measure.py --setting 4,256,8,1024
+    python tests/plan_measure.py --device cuda --setting 4,256,8,1024      # on a GPU: torch's allocator peak
 
 The 4-bit LoRA model, its optimizer and one concatenated [chosen; rejected] batch go through two full
 steps (forward, backward, optimizer step); the second is measured, so the optimizer state already
@@ -81,13 +82,54 @@ def _batch(rows: int, seq_len: int, prompt_len: int, vocab: int) -> dict:
 def _config(micro_batch: int, seq_len: int, prompt_len: int, chunk_tokens: int):
     from simpo_lite.config import resolve
 
+    # torch AdamW everywhere: bitsandbytes' paged 8-bit state lives in CUDA managed memory, which
+    # torch's allocator statistics do not see.
     return resolve("smollm2-demo", sets=[f"train.micro_batch_size={micro_batch}", f"data.max_length={seq_len}",
                                          f"data.max_prompt_length={min(prompt_len, seq_len - 1)}",
-                                         f"simpo.logp_chunk_tokens={chunk_tokens}"])
+                                         f"simpo.logp_chunk_tokens={chunk_tokens}", "train.optimizer=adamw"])
 
 
-def measure(settings: list[tuple[int, int, int, int]], threads: int = 2) -> list[dict]:
-    """One measured step per (micro_batch, seq_len, prompt_len, chunk_tokens), on one loaded model."""
+class _CudaMeter:
+    """The same two numbers on a GPU, from torch's allocator (live tensors only, no CUDA context)."""
+
+    def static(self, model, optimizer) -> int:
+        import torch
+
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated()
+
+    def start(self) -> None:
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+        self.before = torch.cuda.memory_allocated()
+
+    def rise(self) -> int:
+        import torch
+
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - self.before
+
+
+class _CpuMeter:
+    def static(self, model, optimizer) -> int:
+        return live_tensor_bytes(model, optimizer)
+
+    def start(self) -> None:
+        self.before = rss_bytes()
+        reset_peak_rss()
+
+    def rise(self) -> int:
+        return peak_rss_bytes() - self.before
+
+
+def measure(settings: list[tuple[int, int, int, int]], threads: int = 2, device: str = "cpu") -> list[dict]:
+    """One measured step per (micro_batch, seq_len, prompt_len, chunk_tokens), on one loaded model.
+
+    device 'cuda' runs the step under bf16 autocast, as the trainer's accelerate mixed precision does.
+    """
+    import contextlib
+
     import torch
 
     from simpo_lite.model import load_model
@@ -103,8 +145,13 @@ def measure(settings: list[tuple[int, int, int, int]], threads: int = 2) -> list
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.train)
     policy.train()  # as the trainer does: checkpointing and dropout are only active in training mode
 
+    meter = _CudaMeter() if device == "cuda" else _CpuMeter()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
+
     def step(batch: dict) -> float:
-        loss, _ = batch_metrics(policy, batch, cfg.simpo)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast:
+            loss, _ = batch_metrics(policy, batch, cfg.simpo)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -117,12 +164,11 @@ def measure(settings: list[tuple[int, int, int, int]], threads: int = 2) -> list
         policy.chunk_tokens = chunk_tokens
         batch = _batch(2 * micro_batch, seq_len, prompt_len, model.config.vocab_size)
         gc.collect()
-        static = live_tensor_bytes(model, optimizer)
-        before = rss_bytes()
-        reset_peak_rss()
+        static = meter.static(model, optimizer)
+        meter.start()
         loss = step(batch)
-        rise = peak_rss_bytes() - before
-        planned = plan_summary(_config(micro_batch, seq_len, prompt_len, chunk_tokens), device="cpu")
+        rise = meter.rise()
+        planned = plan_summary(_config(micro_batch, seq_len, prompt_len, chunk_tokens), device=device)
         results.append({"micro_batch": micro_batch, "seq_len": seq_len, "prompt_len": prompt_len,
                         "chunk_tokens": chunk_tokens, "loss": loss, "static_tensor_bytes": static,
                         "step_rise_bytes": rise, "measured_peak_bytes": static + rise, **planned})
@@ -149,16 +195,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setting", action="append", metavar="PAIRS,SEQ_LEN,PROMPT_LEN,CHUNK",
                         help="a micro-batch to measure (repeatable); default 4,256,8,1024 (the demo preset's batch)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--json", action="store_true", help="print one JSON line only")
     args = parser.parse_args()
-    if any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
+    if args.device == "cpu" and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
         print("warning: start with " + " ".join(f"{k}={v}" for k, v in MALLOC_ENV.items())
               + " or freed memory stays resident", file=sys.stderr)
     import warnings
 
     warnings.filterwarnings("ignore")
     settings = [tuple(int(x) for x in s.split(",")) for s in (args.setting or ["4,256,8,1024"])]
-    results = measure(settings)
+    results = measure(settings, device=args.device)
     if args.json:
         print(json.dumps(results))
         return
