@@ -76,6 +76,7 @@ def plot(train: list[dict], evals: list[dict], out: Path, title: str) -> Path:
 
     matplotlib.use("Agg")  # no display needed; must precede pyplot's import
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(2, 3, figsize=(16, 8.5), constrained_layout=True)
     colors = ("tab:blue", "tab:red")
@@ -102,6 +103,7 @@ def plot(train: list[dict], evals: list[dict], out: Path, title: str) -> Path:
             ax.axhline(0.0, color="grey", linewidth=0.8, linestyle=":")
         ax.set_title(panel)
         ax.set_xlabel("optimizer step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         handles, labels = ax.get_legend_handles_labels()
         if twin is not None:
