@@ -448,14 +448,14 @@ def plan_command(cfg: Config, gpu_memory: float | None = None) -> None:
 
 def _print_fit(console, arch: Arch, s: Setting, est: Estimate, budget: float, note: str, cfg: Config) -> None:
     effective = s.micro_batch * cfg.train.gradient_accumulation_steps
-    console.print(f"[bold]GPU[/] {note}: the configured micro-batch "
+    console.print(f"[bold]budget[/] {note}: the configured micro-batch "
                   + ("fits" if est.peak() <= budget else "[red]does not fit[/]")
                   + f" ({_gib(est.peak())} of {_gib(budget)}).")
     for label, full in (("simpo-lite", False), ("full-logits trainer", True)):
         fit = largest_micro_batch(arch, s, budget, full_logits=full)
         if fit == 0:
-            console.print(f"  {label}: not even 1 pair x {s.seq_len} tokens fits; lower data.max_length, "
-                          f"simpo.logp_chunk_tokens or lora.r")
+            hint = "" if full else "; lower data.max_length or simpo.logp_chunk_tokens"
+            console.print(f"  {label}: not even 1 pair x {s.seq_len} tokens fits{hint}")
             continue
         micro, accumulation = batch_suggestion(effective, fit)
         console.print(f"  {label}: up to {fit} pairs per micro-batch fit; for the effective batch of {effective}: "
