@@ -1,0 +1,198 @@
+"""`simpo-lite generate`: answers to benchmark prompts in AlpacaEval's format, with length statistics.
+
+The output is what AlpacaEval's evaluators read (a JSON list of {instruction, output, generator}), so
+`alpaca_eval --model_outputs OUT` scores it directly. Response lengths are reported alongside: SimPO's
+length-normalised reward is meant not to make answers longer, and a win rate means little without them.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from simpo_lite.errors import UserError
+
+
+def _prompt_text(item, where: str) -> str:
+    if isinstance(item, str):
+        return item
+    if isinstance(item, dict):
+        for key in ("instruction", "prompt"):
+            if isinstance(item.get(key), str):
+                return item[key]
+        turns = item.get("turns")  # Arena-Hard question files: one user turn
+        if isinstance(turns, list) and len(turns) == 1 and isinstance(turns[0], dict) and isinstance(turns[0].get("content"), str):
+            return turns[0]["content"]
+    raise UserError(f"{where}: expected a string or an object with an 'instruction' or 'prompt' string; "
+                    f"rename the prompt field or fix the row")
+
+
+def read_prompts(path: Path) -> list[dict]:
+    """[{instruction, and 'dataset' when given}] from a JSON list or a JSON-lines file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--prompts '{path}' not found: give a JSON list or JSON-lines file of prompts")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".jsonl":
+            items = [(f"{path} line {i}", json.loads(line)) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+        else:
+            data = json.loads(text)
+            if not isinstance(data, list):
+                raise UserError(f"--prompts '{path}': expected a JSON list of prompts, got a {type(data).__name__}; "
+                                f"use a list or a .jsonl file")
+            items = [(f"{path} item {i}", row) for i, row in enumerate(data)]
+    except json.JSONDecodeError as err:
+        raise UserError(f"--prompts '{path}' is not valid JSON (line {err.lineno}): {err.msg}; "
+                        f"a file with one object per line must end in .jsonl") from None
+    if not items:
+        raise UserError(f"--prompts '{path}' holds no prompts")
+    prompts = []
+    for where, row in items:
+        prompt = {"instruction": _prompt_text(row, where)}
+        if isinstance(row, dict) and isinstance(row.get("dataset"), str):
+            prompt["dataset"] = row["dataset"]  # AlpacaEval reports win rates per source dataset
+        prompts.append(prompt)
+    return prompts
+
+
+def render(tokenizer, instruction: str, system_prompt: str | None) -> list[int]:
+    """Token ids of the chat-templated prompt, ending with the assistant turn's opening."""
+    if not getattr(tokenizer, "chat_template", None):
+        # No template (a base model): the bare instruction, with the tokenizer's usual special tokens.
+        return tokenizer(instruction)["input_ids"]
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
+        [{"role": "user", "content": instruction}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as err:  # jinja raises its own TemplateError, e.g. for a refused system role
+        raise UserError(f"the chat template rejected the prompt ({err}); if it refuses system messages, "
+                        f"use --set data.system_prompt=null") from None
+    # The rendered template already holds every special token (BOS included): adding them again
+    # would put a second BOS in front.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def stop_ids(tokenizer, model) -> list[int]:
+    """EOS of the tokenizer plus the model's own end-of-turn tokens (Llama-3's <|eot_id|>, ...)."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(configured if isinstance(configured, list) else [configured] if configured is not None else [])
+    return sorted(ids)
+
+
+def _batches(prompt_ids: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Indices in batches of similar prompt length (longest first, so memory runs out early if at all)."""
+    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def generate_responses(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float,
+                       batch_size: int, seed: int, progress=None) -> list[dict]:
+    """[{text, tokens, truncated}] in prompt order; rows are left-padded so every prompt ends where generation starts."""
+    import torch
+    from transformers import GenerationConfig
+
+    from simpo_lite.target import model_device
+
+    device = model_device(model)
+    stops = stop_ids(tokenizer, model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    sampling = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else dict(do_sample=False)
+    gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad, **sampling)
+    torch.manual_seed(seed)
+    results: list[dict | None] = [None] * len(prompt_ids)
+    done = 0
+    for batch in _batches(prompt_ids, batch_size):
+        width = max(len(prompt_ids[i]) for i in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            n = len(prompt_ids[i])
+            ids[row, width - n:] = torch.tensor(prompt_ids[i])
+            mask[row, width - n:] = 1
+        with torch.no_grad():
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg)
+        for row, i in enumerate(batch):
+            results[i] = _decode(tokenizer, out[row, width:].tolist(), stops, max_new_tokens)
+        done += len(batch)
+        if progress:
+            progress(done, len(prompt_ids))
+    return results
+
+
+def _decode(tokenizer, new_ids: list[int], stops: list[int], max_new_tokens: int) -> dict:
+    """The response up to its first stop token; the rest is padding of shorter rows."""
+    end = next((k for k, t in enumerate(new_ids) if t in stops), None)
+    tokens = new_ids if end is None else new_ids[:end]
+    text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    return {"text": text, "tokens": len(tokens), "truncated": end is None and len(new_ids) >= max_new_tokens}
+
+
+def length_stats(responses: list[dict]) -> dict:
+    tokens = [r["tokens"] for r in responses]
+    chars = [len(r["text"]) for r in responses]
+    return {"responses": len(responses),
+            "tokens": {"mean": statistics.fmean(tokens), "median": statistics.median(tokens), "max": max(tokens)},
+            "characters": {"mean": statistics.fmean(chars), "median": statistics.median(chars), "max": max(chars)},
+            "hit_max_new_tokens": sum(r["truncated"] for r in responses)}
+
+
+def write_json(path: Path, value) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def stats_path(out: Path) -> Path:
+    return out.with_name(out.stem + ".lengths.json")
+
+
+def print_stats(stats: dict, generator: str, max_new_tokens: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("response length", "mean", "median", "max", title=f"{generator}: {stats['responses']} responses")
+    for unit in ("tokens", "characters"):
+        s = stats[unit]
+        table.add_row(unit, f"{s['mean']:.1f}", f"{s['median']:.1f}", str(s["max"]))
+    console = Console(highlight=False)
+    console.print(table)
+    if stats["hit_max_new_tokens"]:
+        console.print(f"{stats['hit_max_new_tokens']} responses stopped at --max-new-tokens {max_new_tokens} "
+                      f"without finishing: raise it for a fair length comparison")
+
+
+def generate_command(model_or_run: str, prompts: Path, out: Path, max_new_tokens: int = 512,
+                     temperature: float = 0.0, generator: str | None = None, sets: list[str] | None = None) -> list[dict]:
+    from simpo_lite.target import load_target_model, load_target_tokenizer, resolve_target
+
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
+    if temperature < 0:
+        raise UserError(f"--temperature {temperature:g}: must be >= 0 (0 = greedy)")
+    out = Path(out)
+    if out.suffix.lower() != ".json":
+        raise UserError(f"--out '{out}' must end in .json: AlpacaEval reads a JSON list")
+    items = read_prompts(prompts)
+    target = resolve_target(model_or_run, sets=sets)
+    name = generator or target.label
+    tokenizer = load_target_tokenizer(target)
+    prompt_ids = [render(tokenizer, item["instruction"], target.cfg.data.system_prompt) for item in items]
+    print(f"generating {len(items)} responses with {target.describe()}", file=sys.stderr, flush=True)
+    model = load_target_model(target)
+    responses = generate_responses(
+        model, tokenizer, prompt_ids, max_new_tokens, temperature, target.cfg.train.eval_batch_size,
+        target.cfg.train.seed, progress=lambda done, total: print(f"  {done}/{total}", file=sys.stderr, flush=True))
+    records = [{"instruction": item["instruction"], "output": r["text"], "generator": name,
+                **({"dataset": item["dataset"]} if "dataset" in item else {})} for item, r in zip(items, responses)]
+    write_json(out, records)
+    stats = length_stats(responses)
+    write_json(stats_path(out), {"generator": name, "model": target.describe(), "max_new_tokens": max_new_tokens,
+                                 "temperature": temperature, **stats})
+    print_stats(stats, name, max_new_tokens)
+    print(f"wrote {out} (AlpacaEval format) and {stats_path(out)}")
+    return records

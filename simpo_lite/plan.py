@@ -1,0 +1,482 @@
+"""`simpo-lite plan`: estimated peak GPU memory of a run, before loading anything.
+
+The estimate follows what simpo-lite's own code path keeps alive, term by term:
+
+- base weights: every decoder linear layer in NF4 (half a byte per weight) plus its quantization
+  constants; embeddings, output head and norms unquantized;
+- LoRA adapters: fp32 weights, fp32 gradients and the optimizer's state;
+- activations: with non-reentrant gradient checkpointing one hidden-state tensor per layer per token,
+  plus one layer's full activations while it is recomputed in backward;
+- log-probs: one [chunk_tokens, vocab] float32 buffer, reused in place for the softmax and its
+  gradient (simpo_lite.logprobs never builds [2B, L, vocab]); a trainer that builds [2B, L, vocab]
+  float32 logits and their log-softmax is shown beside, for comparison;
+- CUDA context and allocator slack.
+
+The recomputed layer and the log-prob chunk are never alive at the same time (the chunk belongs to
+the forward pass, the recompute to the backward pass): see Estimate for how the peak is combined.
+The estimate assumes every row is padded to data.max_length and is all response: the worst batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from simpo_lite.config import Config
+from simpo_lite.errors import UserError
+
+GIB = 2**30
+
+# CUDA context (driver, cuBLAS/cuDNN handles and workspaces): outside torch's allocator, typically
+# 0.3-0.6 GiB on current GPUs and drivers; the upper end is used so the plan errs towards fitting less.
+CUDA_CONTEXT_BYTES = 0.5 * GIB
+# torch's caching allocator reserves more than it hands out (block rounding, fragmentation between
+# differently sized activations); reserved/allocated of 1.05-1.15 is usual for training loops.
+ALLOCATOR_SLACK = 0.10
+
+NF4_BYTES = 0.5
+QUANT_BLOCK = 64          # bitsandbytes NF4 block size: one absmax per 64 weights
+DOUBLE_QUANT_BLOCK = 256  # double quantization: the absmaxes are themselves 8-bit, one fp32 scale per 256
+
+
+@dataclass(frozen=True)
+class Arch:
+    """The architecture figures memory depends on."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied_embeddings: bool
+    norms_per_layer: int = 2          # Gemma-2 has four RMSNorms per decoder layer
+    attn_softcap: bool = False        # Gemma-2 soft-caps attention scores (one more [L, L] tensor in eager)
+    logit_softcap: bool = False       # Gemma-2 soft-caps the final logits (one more [chunk, vocab] buffer)
+    source: str = ""
+
+
+def _hf(repo: str) -> str:
+    return f"https://huggingface.co/{repo}/blob/main/config.json"
+
+
+# Published values, each copied from the model's config.json (the URL in `source`). Used when the
+# config is not in the local Hugging Face cache, so `plan` works offline.
+KNOWN_ARCHS: dict[str, Arch] = {
+    "meta-llama/Meta-Llama-3-8B-Instruct": Arch(
+        hidden=4096, layers=32, heads=32, kv_heads=8, head_dim=128, intermediate=14336, vocab=128256,
+        tied_embeddings=False, source=_hf("meta-llama/Meta-Llama-3-8B-Instruct")),
+    "mistralai/Mistral-7B-Instruct-v0.2": Arch(
+        hidden=4096, layers=32, heads=32, kv_heads=8, head_dim=128, intermediate=14336, vocab=32000,
+        tied_embeddings=False, source=_hf("mistralai/Mistral-7B-Instruct-v0.2")),
+    "google/gemma-2-9b-it": Arch(
+        hidden=3584, layers=42, heads=16, kv_heads=8, head_dim=256, intermediate=14336, vocab=256000,
+        tied_embeddings=True, norms_per_layer=4, attn_softcap=True, logit_softcap=True, source=_hf("google/gemma-2-9b-it")),
+    "Qwen/Qwen2.5-7B-Instruct": Arch(
+        hidden=3584, layers=28, heads=28, kv_heads=4, head_dim=128, intermediate=18944, vocab=152064,
+        tied_embeddings=False, source=_hf("Qwen/Qwen2.5-7B-Instruct")),
+    "HuggingFaceTB/SmolLM2-135M-Instruct": Arch(
+        hidden=576, layers=30, heads=9, kv_heads=3, head_dim=64, intermediate=1536, vocab=49152,
+        tied_embeddings=True, source=_hf("HuggingFaceTB/SmolLM2-135M-Instruct")),
+}
+# Same architecture under other names (base models, SFT starting points, the bundled copy).
+ALIASES = {
+    "meta-llama/Meta-Llama-3-8B": "meta-llama/Meta-Llama-3-8B-Instruct",
+    "princeton-nlp/Llama-3-Base-8B-SFT": "meta-llama/Meta-Llama-3-8B-Instruct",
+    "mistralai/Mistral-7B-v0.1": "mistralai/Mistral-7B-Instruct-v0.2",
+    "alignment-handbook/zephyr-7b-sft-full": "mistralai/Mistral-7B-Instruct-v0.2",
+    "google/gemma-2-9b": "google/gemma-2-9b-it",
+    "Qwen/Qwen2.5-7B": "Qwen/Qwen2.5-7B-Instruct",
+    "HuggingFaceTB/SmolLM2-135M": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
+
+
+def arch_from_hf_config(hf_config, source: str) -> Arch:
+    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    heads = text.num_attention_heads
+    kind = getattr(text, "model_type", "") or ""
+    return Arch(hidden=text.hidden_size, layers=text.num_hidden_layers, heads=heads,
+                kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+                head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+                intermediate=text.intermediate_size, vocab=text.vocab_size,
+                tied_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+                norms_per_layer=4 if kind.startswith(("gemma2", "gemma3")) else 2,
+                attn_softcap=bool(getattr(text, "attn_logit_softcapping", None)),
+                logit_softcap=bool(getattr(text, "final_logit_softcapping", None)), source=source)
+
+
+def _local_config(name_or_path: str, revision: str | None):
+    """The model's config from a local folder or the Hugging Face cache; None when not there."""
+    from simpo_lite.model import BUNDLED_MODELS, cache_dir
+
+    if name_or_path in BUNDLED_MODELS:
+        # Converting the bundled GGUF takes a while; plan reads the folder only if it already exists.
+        name_or_path = str(cache_dir() / "models" / name_or_path)
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(name_or_path, revision=revision, local_files_only=True), name_or_path
+    except (OSError, ValueError, KeyError):
+        return None, name_or_path
+
+
+def architecture(model_cfg) -> Arch:
+    """Architecture of model.name_or_path: its local config.json if present, else the built-in table."""
+    hf_config, where = _local_config(model_cfg.name_or_path, model_cfg.revision)
+    if hf_config is not None:
+        return arch_from_hf_config(hf_config, f"config.json in {where}")
+    by_lower = {k.lower(): k for k in [*KNOWN_ARCHS, *ALIASES]}
+    key = by_lower.get(model_cfg.name_or_path.lower())
+    if key is None:
+        raise UserError(f"plan: no architecture for model '{model_cfg.name_or_path}': its config.json is not "
+                        f"cached locally and it is not one of {', '.join(KNOWN_ARCHS)}; fetch it once with "
+                        f"'hf download {model_cfg.name_or_path} config.json' or give a local model folder")
+    return KNOWN_ARCHS[ALIASES.get(key, key)]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Everything besides the architecture that decides memory: a resolved config on a device."""
+
+    micro_batch: int        # preference pairs per forward; the forward sees 2 x micro_batch rows
+    seq_len: int            # tokens per row (data.max_length: the worst case)
+    lora_r: int
+    lora_dropout: bool
+    lora_targets: tuple[str, ...]
+    quantize: bool
+    double_quant: bool
+    compute_bytes: int      # matmul dtype: bf16/fp16 = 2, fp32 = 4
+    residual_bytes: int     # dtype of the hidden states between layers, embeddings and head
+    autocast: bool          # mixed precision on CUDA: matmuls cast their inputs to the compute dtype
+    optimizer_state_bytes: int
+    optimizer: str
+    gradient_checkpointing: bool
+    eager_attention: bool   # the eager kernel builds [rows, heads, L, L] score tensors
+    chunk_tokens: int
+    cuda: bool
+
+    @property
+    def rows(self) -> int:
+        return 2 * self.micro_batch
+
+    @property
+    def tokens(self) -> int:
+        return self.rows * self.seq_len
+
+
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def setting_from_config(cfg: Config, device: str = "cuda") -> Setting:
+    """How a run of `cfg` would use memory on `device` ('cuda' = the GPU it is planned for, 'cpu')."""
+    cuda = device == "cuda"
+    compute = {"bf16": 2, "fp16": 2, "fp32": 4}.get(cfg.model.compute_dtype, 2 if cuda else 4)
+    # model.load_model calls peft's prepare_model_for_kbit_training on a 4-bit model, which upcasts
+    # every parameter that is not 4-bit (embeddings, head, norms) to fp32; the embedding output, and so
+    # the residual stream, is then fp32 too (bitsandbytes' Linear4bit casts its output back to its input's dtype).
+    residual = 4 if cfg.model.quantize else compute
+    optimizer = cfg.train.optimizer
+    if optimizer == "auto":
+        optimizer = "paged_adamw_8bit" if cuda else "adamw"
+    targets = tuple(LINEAR_NAMES) if cfg.lora.target_modules == ["all-linear"] else tuple(cfg.lora.target_modules)
+    return Setting(micro_batch=cfg.train.micro_batch_size, seq_len=cfg.data.max_length, lora_r=cfg.lora.r,
+                   lora_dropout=cfg.lora.dropout > 0, lora_targets=targets, quantize=cfg.model.quantize,
+                   double_quant=cfg.model.double_quant, compute_bytes=compute, residual_bytes=residual,
+                   autocast=cuda and compute == 2 and cfg.train.mixed_precision != "no",
+                   # paged 8-bit AdamW: two 8-bit moments per parameter; torch AdamW: two fp32 moments.
+                   optimizer_state_bytes=2 if optimizer == "paged_adamw_8bit" else 8, optimizer=optimizer,
+                   gradient_checkpointing=cfg.model.gradient_checkpointing,
+                   eager_attention=cfg.model.attn_implementation == "eager",
+                   chunk_tokens=cfg.simpo.logp_chunk_tokens, cuda=cuda)
+
+
+def linear_shapes(arch: Arch) -> dict[str, tuple[int, int]]:
+    """(in, out) of each linear layer of one decoder layer."""
+    q_out, kv_out = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
+    return {"q_proj": (arch.hidden, q_out), "k_proj": (arch.hidden, kv_out), "v_proj": (arch.hidden, kv_out),
+            "o_proj": (q_out, arch.hidden), "gate_proj": (arch.hidden, arch.intermediate),
+            "up_proj": (arch.hidden, arch.intermediate), "down_proj": (arch.intermediate, arch.hidden)}
+
+
+def lora_params(arch: Arch, s: Setting) -> int:
+    shapes = linear_shapes(arch)
+    unknown = [t for t in s.lora_targets if t not in shapes]
+    if unknown:
+        raise UserError(f"plan: lora.target_modules {list(unknown)} are not linear layers plan knows "
+                        f"({', '.join(shapes)}); use those names or ['all-linear']")
+    return arch.layers * sum(s.lora_r * (shapes[t][0] + shapes[t][1]) for t in s.lora_targets)
+
+
+def weight_bytes(arch: Arch, s: Setting) -> tuple[float, float]:
+    """(decoder linear weights, unquantized weights: embeddings, head, norms)."""
+    linear = arch.layers * sum(i * o for i, o in linear_shapes(arch).values())
+    if s.quantize:
+        # One absmax per 64-weight block: fp32, or with double quantization 8-bit plus an fp32 scale
+        # per 256 blocks.
+        constants = (1 / QUANT_BLOCK + 4 / (QUANT_BLOCK * DOUBLE_QUANT_BLOCK)) if s.double_quant else 4 / QUANT_BLOCK
+        quantized = linear * (NF4_BYTES + constants)
+    else:
+        quantized = linear * s.compute_bytes
+    embeddings = arch.vocab * arch.hidden * (1 if arch.tied_embeddings else 2)
+    norms = arch.hidden * (arch.norms_per_layer * arch.layers + 1)
+    return quantized, (embeddings + norms) * s.residual_bytes
+
+
+def layer_activation_bytes_per_token(arch: Arch, s: Setting) -> float:
+    """Bytes per token that one decoder layer's forward keeps for its backward.
+
+    Counted from what autograd saves in a Llama-style layer whose linears are 4-bit with LoRA:
+    - each RMSNorm keeps its input in fp32; the two norm outputs feeding attention and MLP are kept;
+    - a 4-bit matmul keeps its input, as a cast copy when that is not in the compute dtype;
+    - a LoRA branch keeps its dropout mask (1 byte) and its own copy of the input (fp32, or the compute
+      dtype under autocast), and its rank-r intermediate;
+    - attention keeps q, k, v (k and v repeated to every head: the padded batch carries a mask, so
+      sdpa cannot use grouped-query kernels), its output and the softmax log-sum-exp;
+    - the gated MLP keeps gate, up, the activation and their product.
+    """
+    R, C = s.residual_bytes, s.compute_bytes
+    attn = C if s.autocast else R            # sdpa runs in the compute dtype under autocast
+    lora_in = C if s.autocast else 4         # adapter weights are fp32; autocast casts their input
+    q_out, H, I = arch.heads * arch.head_dim, arch.hidden, arch.intermediate
+    inputs = {"q_proj": R, "k_proj": R, "v_proj": R, "o_proj": attn, "gate_proj": R, "up_proj": R, "down_proj": R}
+    total = arch.norms_per_layer * 4 * H + 2 * R * H + attn * q_out + R * I  # norms; linear inputs
+    for name, (d_in, _) in linear_shapes(arch).items():
+        if inputs[name] != C:
+            total += C * d_in
+        if name in s.lora_targets:
+            total += (d_in if s.lora_dropout else 0) + s.lora_r * lora_in
+            if s.lora_dropout or lora_in != inputs[name]:
+                total += lora_in * d_in
+    total += 4 * q_out * attn + 4 * arch.heads  # q, k, v, output; log-sum-exp
+    total += 3 * R * I  # gate, up, activation(gate)
+    return total
+
+
+def attention_score_bytes(arch: Arch, s: Setting) -> float:
+    """Eager attention's [rows, heads, L, L] tensors for one layer (zero for sdpa/flash kernels)."""
+    if not s.eager_attention:
+        return 0.0
+    C = s.compute_bytes
+    # fp32 softmax output, its cast to the compute dtype, the raw scores; the soft cap keeps one more.
+    per_score = 4 + 2 * C + (C if arch.attn_softcap else 0)
+    return s.rows * arch.heads * s.seq_len * s.seq_len * per_score
+
+
+@dataclass
+class Estimate:
+    """Bytes by component for one micro-batch size, and the peak they add up to.
+
+    Alive all the time: weights, LoRA weights and optimizer state. On top, the larger of
+    - the forward pass's end: every checkpoint, the decoder's outputs and one log-prob chunk, and
+    - the backward pass: one recomputed layer, plus the checkpoints not yet consumed and the LoRA
+      gradients made so far; the first shrink as the second grow, so the larger of the two counts.
+    """
+
+    setting: Setting
+    base_weights: float
+    unquantized_weights: float
+    lora_params: int
+    lora_weights_and_states: float
+    lora_grads: float
+    checkpoints: float
+    decoder_io: float
+    layer_recompute: float
+    logp_chunk: float
+    full_logits: float
+    cuda_context: float
+
+    def persistent(self) -> float:
+        return self.base_weights + self.unquantized_weights + self.lora_weights_and_states
+
+    def forward_phase(self, full_logits: bool = False) -> float:
+        return self.checkpoints + self.decoder_io + (self.full_logits if full_logits else self.logp_chunk)
+
+    def backward_phase(self) -> float:
+        return self.decoder_io + self.layer_recompute + max(self.checkpoints, self.lora_grads)
+
+    def tensors(self, full_logits: bool = False) -> float:
+        """Peak bytes of live tensors (what torch.cuda.max_memory_allocated reports)."""
+        return self.persistent() + max(self.forward_phase(full_logits), self.backward_phase())
+
+    def overhead(self, full_logits: bool = False) -> float:
+        if not self.setting.cuda:
+            return 0.0
+        return self.cuda_context + ALLOCATOR_SLACK * self.tensors(full_logits)
+
+    def peak(self, full_logits: bool = False) -> float:
+        """Peak device memory including the CUDA context and allocator slack (what nvidia-smi shows)."""
+        return self.tensors(full_logits) + self.overhead(full_logits)
+
+
+def logp_chunk_bytes(arch: Arch, s: Setting) -> float:
+    """simpo_lite.logprobs' working set for one chunk of response tokens.
+
+    One [chunk, vocab] float32 buffer holds the logits, then exp(logits - max), then the gradient, all
+    in place. Beside it, briefly: the head's compute-dtype output before its fp32 copy (or, under
+    autocast, the gradient's cast for the matmul back to hidden size), and with a logit soft cap a
+    second fp32 buffer (tanh is kept for its derivative). Under autocast an fp32 head weight is also
+    cast to the compute dtype for each matmul: frozen weights are not in autocast's cast cache.
+    """
+    chunk = min(s.chunk_tokens, s.tokens)
+    per_logit = 4 + (s.compute_bytes if s.compute_bytes != 4 else 0) + (4 if arch.logit_softcap else 0)
+    head_cast = arch.vocab * arch.hidden * s.compute_bytes if (s.autocast and s.residual_bytes != s.compute_bytes) else 0
+    return chunk * arch.vocab * per_logit + head_cast
+
+
+def estimate(arch: Arch, s: Setting) -> Estimate:
+    T, H, R = s.tokens, arch.hidden, s.residual_bytes
+    base, unquantized = weight_bytes(arch, s)
+    n_lora = lora_params(arch, s)
+    per_layer = layer_activation_bytes_per_token(arch, s) * T + attention_score_bytes(arch, s)
+    # Backward through a layer also holds the gradients of its widest activations (MLP-wide, two at a
+    # time), and 4-bit matmuls dequantize one weight matrix to the compute dtype at a time.
+    working = 2 * T * arch.intermediate * R + max(i * o for i, o in linear_shapes(arch).values()) * s.compute_bytes
+    if s.gradient_checkpointing:
+        checkpoints = arch.layers * T * H * R
+        recompute = per_layer + working
+    else:
+        checkpoints = arch.layers * per_layer
+        recompute = working
+    # After the decoder: the final norm's fp32 input and its output, and the log-prob code's gathered
+    # response hidden states plus their gradient ([response tokens, H] each; response tokens <= T).
+    decoder_io = T * H * (4 + R) + 2 * T * H * R
+    # A trainer that keeps [2B, L, vocab] logits in float32 and their float32 log-softmax for backward.
+    full_logits = T * arch.vocab * (4 + 4)
+    return Estimate(setting=s, base_weights=base, unquantized_weights=unquantized, lora_params=n_lora,
+                    lora_weights_and_states=n_lora * (4 + s.optimizer_state_bytes), lora_grads=n_lora * 4,
+                    checkpoints=checkpoints, decoder_io=decoder_io, layer_recompute=recompute,
+                    logp_chunk=logp_chunk_bytes(arch, s), full_logits=full_logits,
+                    cuda_context=CUDA_CONTEXT_BYTES if s.cuda else 0.0)
+
+
+def largest_micro_batch(arch: Arch, s: Setting, budget: float, full_logits: bool = False, limit: int = 4096) -> int:
+    """The most pairs per micro-batch whose estimated peak fits `budget` bytes (0 if not even one)."""
+    fits = lambda b: estimate(arch, replace(s, micro_batch=b)).peak(full_logits) <= budget  # noqa: E731
+    if not fits(1):
+        return 0
+    low, high = 1, 2
+    while high <= limit and fits(high):
+        low, high = high, high * 2
+    high = min(high, limit + 1)
+    while high - low > 1:  # the peak grows with the batch, so bisect
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low
+
+
+def batch_suggestion(effective: int, fit: int) -> tuple[int, int]:
+    """(micro_batch, accumulation): the largest micro-batch <= fit that divides the effective batch."""
+    micro = max(b for b in range(1, min(fit, effective) + 1) if effective % b == 0)
+    return micro, effective // micro
+
+
+def default_budget() -> tuple[float, str]:
+    import torch
+
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return float(props.total_memory), f"{props.name}, {props.total_memory / GIB:.1f} GiB"
+    return 24.0 * GIB, "no GPU here: planning for a 24 GiB consumer GPU (set --gpu-memory)"
+
+
+# ---- the command ---------------------------------------------------------------------------------
+
+def _gib(x: float) -> str:
+    return f"{x / GIB:.2f} GiB"
+
+
+def _describe(cfg: Config, s: Setting) -> str:
+    dtype = {2: cfg.model.compute_dtype if cfg.model.compute_dtype in ("bf16", "fp16") else "bf16", 4: "fp32"}[s.compute_bytes]
+    optim = "paged 8-bit AdamW" if s.optimizer == "paged_adamw_8bit" else "fp32 AdamW"
+    return (f"{s.micro_batch} pairs x {s.seq_len} tokens per micro-batch ({s.rows} rows), "
+            f"{'4-bit NF4' if s.quantize else dtype} base, LoRA r={s.lora_r} on {len(s.lora_targets)} linears/layer, "
+            f"{optim}, {dtype} compute, gradient checkpointing {'on' if s.gradient_checkpointing else 'off'}, "
+            f"log-prob chunk {s.chunk_tokens} tokens")
+
+
+def breakdown_rows(arch: Arch, est: Estimate) -> list[tuple[str, float, float]]:
+    """(component, simpo-lite bytes, full-logits trainer bytes)."""
+    s = est.setting
+    frozen = "fp32: prepare_model_for_kbit_training upcasts them" if s.quantize and s.residual_bytes == 4 else "compute dtype"
+    head = "embeddings" if arch.tied_embeddings else "embeddings + output head"
+    quant = "NF4 + double-quant constants" if s.double_quant else "NF4 + fp32 absmax"
+    ckpt = "checkpointed hidden states (1 per layer per token)" if s.gradient_checkpointing else "all layers' activations"
+    rows = [
+        (f"base linear weights ({quant if s.quantize else 'unquantized'})", est.base_weights, est.base_weights),
+        (f"{head}, norms ({frozen})", est.unquantized_weights, est.unquantized_weights),
+        (f"LoRA: {est.lora_params / 1e6:.1f}M params, fp32 weights + {s.optimizer_state_bytes} B/param optimizer state",
+         est.lora_weights_and_states, est.lora_weights_and_states),
+        ("LoRA gradients (fp32)", est.lora_grads, est.lora_grads),
+        (ckpt, est.checkpoints, est.checkpoints),
+        ("final hidden states + response gathers", est.decoder_io, est.decoder_io),
+        ("one layer recomputed in backward" if s.gradient_checkpointing else "backward working set",
+         est.layer_recompute, est.layer_recompute),
+        (f"log-probs: [{min(s.chunk_tokens, s.tokens)}, {arch.vocab}] chunk | [{s.rows}, {s.seq_len}, {arch.vocab}] "
+         f"fp32 logits + log-softmax", est.logp_chunk, est.full_logits),
+    ]
+    if s.cuda:
+        rows.append((f"CUDA context + {ALLOCATOR_SLACK:.0%} allocator slack", est.overhead(), est.overhead(True)))
+    return rows
+
+
+def plan_command(cfg: Config, gpu_memory: float | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    if gpu_memory is not None and gpu_memory <= 0:
+        raise UserError(f"--gpu-memory {gpu_memory:g}: must be a positive number of GB, e.g. --gpu-memory 24")
+    arch = architecture(cfg.model)
+    setting = setting_from_config(cfg, "cuda")
+    est = estimate(arch, setting)
+    budget, budget_note = (gpu_memory * GIB, f"{gpu_memory:g} GiB (--gpu-memory)") if gpu_memory else default_budget()
+    console = Console(soft_wrap=True, highlight=False)
+    console.print(f"[bold]model[/] {cfg.model.name_or_path}: {arch.layers} layers, hidden {arch.hidden}, "
+                  f"vocab {arch.vocab} (architecture from {arch.source})")
+    console.print(f"[bold]run[/] {_describe(cfg, setting)}")
+    table = Table("component", "simpo-lite", "full-logits trainer", title="estimated peak GPU memory")
+    for name, ours, theirs in breakdown_rows(arch, est):
+        table.add_row(name, _gib(ours), _gib(theirs))
+    table.add_row("[bold]peak (tensors)[/]", _gib(est.tensors()), _gib(est.tensors(True)))
+    table.add_row("[bold]peak (device)[/]", f"[bold]{_gib(est.peak())}[/]", f"[bold]{_gib(est.peak(True))}[/]")
+    console.print(table)
+    console.print("Not every row is alive at once: the peak is the weights and optimizer state plus the larger of "
+                  "the forward pass's end (checkpoints + log-probs) and the backward pass (one recomputed layer + "
+                  "the larger of checkpoints and gradients).")
+    _print_fit(console, arch, setting, est, budget, budget_note, cfg)
+
+
+def _print_fit(console, arch: Arch, s: Setting, est: Estimate, budget: float, note: str, cfg: Config) -> None:
+    effective = s.micro_batch * cfg.train.gradient_accumulation_steps
+    console.print(f"[bold]budget[/] {note}: the configured micro-batch "
+                  + ("fits" if est.peak() <= budget else "[red]does not fit[/]")
+                  + f" ({_gib(est.peak())} of {_gib(budget)}).")
+    for label, full in (("simpo-lite", False), ("full-logits trainer", True)):
+        fit = largest_micro_batch(arch, s, budget, full_logits=full)
+        if fit == 0:
+            hint = "" if full else "; lower data.max_length or simpo.logp_chunk_tokens"
+            console.print(f"  {label}: not even 1 pair x {s.seq_len} tokens fits{hint}")
+            continue
+        micro, accumulation = batch_suggestion(effective, fit)
+        console.print(f"  {label}: up to {fit} pairs per micro-batch fit; for the effective batch of {effective}: "
+                      f"micro_batch_size={micro}, gradient_accumulation_steps={accumulation}")
+    fit = largest_micro_batch(arch, s, budget)
+    if fit:
+        micro, accumulation = batch_suggestion(effective, fit)
+        if (micro, accumulation) != (s.micro_batch, cfg.train.gradient_accumulation_steps):
+            console.print(f"Use it with: --set train.micro_batch_size={micro} "
+                          f"--set train.gradient_accumulation_steps={accumulation}")
+
+
+def plan_summary(cfg: Config, device: str = "cuda") -> dict:
+    """The estimate as plain numbers (bytes), for tests and scripts."""
+    arch = architecture(cfg.model)
+    est = estimate(arch, setting_from_config(cfg, device))
+    return {"tensors": est.tensors(), "peak": est.peak(), "full_logits_peak": est.peak(True),
+            "persistent": est.persistent(), "step": est.tensors() - est.persistent(),
+            "forward_phase": est.forward_phase(), "backward_phase": est.backward_phase(),
+            "components": {name: ours for name, ours, _ in breakdown_rows(arch, est)}}
+
+
+__all__ = ["Arch", "KNOWN_ARCHS", "Setting", "Estimate", "architecture", "setting_from_config", "estimate",
+           "largest_micro_batch", "batch_suggestion", "plan_command", "plan_summary"]

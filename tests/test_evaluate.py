@@ -1,0 +1,218 @@
+"""`simpo-lite eval` on a model folder and on a run.
+
+simpo_lite.data, simpo_lite.logprobs and simpo_lite.loss are written in parallel; until they are on
+this branch, plain reference versions with the same interfaces stand in for them (fixture `pipeline`).
+Expected values are computed here pair by pair from full logits, independently of either.
+"""
+
+import json
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from simpo_lite.errors import UserError
+from tiny_models import tiny_model_folder, tiny_run_folder
+
+PAIRS = [
+    {"prompt": "What is the capital of France?", "chosen": "Paris.", "rejected": "I think it might be Berlin, or Rome."},
+    {"prompt": "Add 2 and 3.", "chosen": "2 + 3 = 5.", "rejected": "23"},
+    {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "A car."},
+    {"prompt": "Say hello politely in French, please.", "chosen": "Bonjour !", "rejected": "Go away."},
+    {"prompt": "Is the sun a star?", "chosen": "Yes, the Sun is a star.", "rejected": "No."},
+    {"prompt": "Spell cat.", "chosen": "C-A-T.", "rejected": "K-A-T."},
+]
+
+
+# ---- stand-ins, used only while the real modules are missing -----------------------------------
+
+def _standin_logprobs():
+    def concatenated_logps(model, batch, chunk_tokens=1024):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        mask = labels != -100
+        logps = logits.log_softmax(-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        average = (logps * mask).sum(-1) / mask.sum(-1)
+        half = average.shape[0] // 2
+        return average[:half], average[half:]
+
+    return types.SimpleNamespace(concatenated_logps=concatenated_logps)
+
+
+def _standin_loss():
+    def simpo_loss(chosen, rejected, beta, gamma_beta_ratio, loss_type="sigmoid", label_smoothing=0.0):
+        logits = chosen - rejected - gamma_beta_ratio
+        return -F.logsigmoid(beta * logits), beta * chosen.detach(), beta * rejected.detach()
+
+    def preference_metrics(chosen, rejected, chosen_rewards, rejected_rewards):
+        return {"rewards/chosen": chosen_rewards.mean().item()}
+
+    return types.SimpleNamespace(simpo_loss=simpo_loss, preference_metrics=preference_metrics)
+
+
+def _standin_build_datasets(data_cfg, tokenizer, seed):
+    rows = [json.loads(line) for line in open(data_cfg.source) if line.strip()]
+    features = []
+    for row in rows:
+        prompt = tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}], tokenize=False,
+                                                         add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+        feature = {}
+        for side in ("chosen", "rejected"):
+            response = tokenizer(row[side], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            feature[f"{side}_input_ids"] = prompt + response
+            feature[f"{side}_labels"] = [-100] * len(prompt) + response
+        features.append(feature)
+    held = round(len(features) * data_cfg.eval_fraction)
+    return types.SimpleNamespace(train=features[held:], eval=features[:held] or None)
+
+
+class _StandinCollator:
+    def __init__(self, pad_token_id):
+        self.pad = pad_token_id
+
+    def __call__(self, features):
+        ids = [f["chosen_input_ids"] for f in features] + [f["rejected_input_ids"] for f in features]
+        labels = [f["chosen_labels"] for f in features] + [f["rejected_labels"] for f in features]
+        width = max(map(len, ids))
+        pad = lambda rows, value: torch.tensor([r + [value] * (width - len(r)) for r in rows])  # noqa: E731
+        return {"input_ids": pad(ids, self.pad), "labels": pad(labels, -100),
+                "attention_mask": pad([[1] * len(r) for r in ids], 0)}
+
+
+@pytest.fixture
+def pipeline(monkeypatch):
+    import simpo_lite.data
+
+    for name, make in (("simpo_lite.logprobs", _standin_logprobs), ("simpo_lite.loss", _standin_loss)):
+        try:
+            __import__(name)
+        except ImportError:
+            monkeypatch.setitem(sys.modules, name, make())
+    if not hasattr(simpo_lite.data, "build_datasets"):
+        monkeypatch.setattr(simpo_lite.data, "build_datasets", _standin_build_datasets, raising=False)
+        monkeypatch.setattr(simpo_lite.data, "PairCollator", _StandinCollator, raising=False)
+    return simpo_lite.data
+
+
+# ---- fixtures and the independent reference -----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_folder(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture
+def pairs_file(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
+    return path
+
+
+def _average_logp(model, ids, labels) -> float:
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].double()
+    targets = torch.tensor(labels[1:])
+    keep = targets != -100
+    return logits.log_softmax(-1)[keep].gather(-1, targets[keep].unsqueeze(-1)).mean().item()
+
+
+def expected_metrics(model, dataset, beta: float, gamma_beta_ratio: float) -> dict:
+    """Pair by pair, from full logits, with no padding anywhere."""
+    rows = []
+    for pair in dataset:
+        chosen = _average_logp(model, pair["chosen_input_ids"], pair["chosen_labels"])
+        rejected = _average_logp(model, pair["rejected_input_ids"], pair["rejected_labels"])
+        margin = beta * (chosen - rejected)
+        rows.append({"eval_loss": -F.logsigmoid(torch.tensor(margin - beta * gamma_beta_ratio)).item(),
+                     "eval_rewards/chosen": beta * chosen, "eval_rewards/rejected": beta * rejected,
+                     "eval_rewards/accuracies": float(chosen > rejected), "eval_rewards/margins": margin,
+                     "eval_logps/chosen": chosen, "eval_logps/rejected": rejected})
+    return {key: sum(r[key] for r in rows) / len(rows) for key in rows[0]}
+
+
+def _check(result: dict, target_name: str, sets: list[str], pipeline) -> None:
+    from simpo_lite.target import load_target_model, load_target_tokenizer, resolve_target
+
+    target = resolve_target(target_name, sets=sets)
+    tokenizer = load_target_tokenizer(target)
+    prepared = pipeline.build_datasets(target.cfg.data, tokenizer, target.cfg.train.seed)
+    expected = expected_metrics(load_target_model(target), prepared.eval, target.cfg.simpo.beta,
+                                target.cfg.simpo.gamma_beta_ratio)
+    assert result["eval_pairs"] == len(prepared.eval)
+    for key, value in expected.items():
+        assert result[key] == pytest.approx(value, abs=2e-4), key
+
+
+# ---- tests ----------------------------------------------------------------------------------------
+
+def test_eval_of_a_model_folder_matches_full_logits(tmp_path, model_dir, pairs_file, pipeline, capsys):
+    from simpo_lite.evaluate import evaluate_command
+
+    sets = ["data.eval_fraction=0.5", "train.eval_batch_size=2", "simpo.beta=2.0", "simpo.gamma_beta_ratio=0.3"]
+    out = tmp_path / "metrics.json"
+    result = evaluate_command(str(model_dir), data=str(pairs_file), sets=sets, out=out)
+    assert json.loads(out.read_text()) == result
+    _check(result, str(model_dir), [f"data.source={pairs_file}", *sets], pipeline)
+    printed = capsys.readouterr().out
+    assert "eval_rewards/accuracies" in printed and "unquantized" in printed
+
+
+def test_eval_of_a_run_uses_its_config_and_adapter(tmp_path, model_dir, pairs_file, pipeline):
+    from simpo_lite.evaluate import evaluate_command
+
+    run = tiny_run_folder(tmp_path / "run", model_dir,
+                          sets=[f"data.source={pairs_file}", "data.eval_fraction=0.5", "simpo.beta=3.0"])
+    result = evaluate_command(str(run))
+    assert result["beta"] == 3.0 and "4-bit NF4" in result["model"] and "adapter" in result["model"]
+    _check(result, str(run), [], pipeline)
+    base = evaluate_command(str(model_dir), data=str(pairs_file),
+                            sets=["data.eval_fraction=0.5", "simpo.beta=3.0", "model.quantize=true"])
+    assert base["eval_logps/chosen"] != pytest.approx(result["eval_logps/chosen"], abs=1e-3)
+
+
+def test_eval_of_a_checkpoint_folder(tmp_path, model_dir, pairs_file, pipeline):
+    from simpo_lite.evaluate import evaluate_command
+
+    run = tiny_run_folder(tmp_path / "run", model_dir, sets=[f"data.source={pairs_file}", "data.eval_fraction=0.5"])
+    checkpoint = run / "checkpoint-5"
+    checkpoint.mkdir()
+    for item in (run / "adapter").iterdir():
+        if item.name.startswith("adapter_"):
+            (checkpoint / item.name).write_bytes(item.read_bytes())
+    (checkpoint / "config.yaml").write_text((run / "config.yaml").read_text())
+    from_checkpoint, from_run = evaluate_command(str(checkpoint)), evaluate_command(str(run))
+    assert from_checkpoint["model"].startswith("checkpoint")
+    for key in from_run:
+        if key.startswith("eval_"):
+            assert from_checkpoint[key] == pytest.approx(from_run[key], abs=1e-6), key
+
+
+def test_no_eval_pairs_is_a_user_error(model_dir, pairs_file, pipeline):
+    from simpo_lite.evaluate import evaluate_command
+
+    with pytest.raises(UserError, match="no eval pairs.*data.eval_split"):
+        evaluate_command(str(model_dir), data=str(pairs_file), sets=["data.eval_fraction=0"])
+
+
+def test_unfinished_run_and_odd_folders_are_user_errors(tmp_path, pipeline):
+    from simpo_lite.evaluate import evaluate_command
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("{}\n")
+    with pytest.raises(UserError, match="no adapter/.*--resume"):
+        evaluate_command(str(tmp_path / "run"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="neither a run folder"):
+        evaluate_command(str(tmp_path / "empty"))
+    with pytest.raises(UserError, match="must end in .json"):
+        evaluate_command(str(tmp_path / "empty"), out=tmp_path / "m.txt")
+
+
+def test_cli_eval_of_a_missing_path_exits_2(tmp_path):
+    pytest.importorskip("simpo_lite.logprobs")  # the CLI process gets no stand-ins
+    out = subprocess.run([sys.executable, "-m", "simpo_lite", "eval", str(tmp_path / "missing")],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "not found" in out.stderr and "Traceback" not in out.stderr

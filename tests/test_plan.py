@@ -1,0 +1,165 @@
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+
+from simpo_lite.config import resolve
+from simpo_lite.errors import UserError
+from simpo_lite.plan import (GIB, KNOWN_ARCHS, Arch, architecture, arch_from_hf_config, batch_suggestion, estimate,
+                             largest_micro_batch, linear_shapes, plan_summary, setting_from_config)
+
+LLAMA3 = "meta-llama/Meta-Llama-3-8B-Instruct"
+
+
+def _params(arch: Arch) -> int:
+    linear = arch.layers * sum(i * o for i, o in linear_shapes(arch).values())
+    return linear + arch.vocab * arch.hidden * (1 if arch.tied_embeddings else 2) + \
+        arch.hidden * (arch.norms_per_layer * arch.layers + 1)
+
+
+@pytest.mark.parametrize("name, published", [
+    # Parameter counts published on each model card / safetensors index.
+    (LLAMA3, 8_030_261_248),
+    ("mistralai/Mistral-7B-Instruct-v0.2", 7_241_732_096),
+    ("google/gemma-2-9b-it", 9_241_705_984),
+    ("Qwen/Qwen2.5-7B-Instruct", 7_615_616_512 - 28 * (3584 + 2 * 512)),  # minus its q/k/v biases
+    ("HuggingFaceTB/SmolLM2-135M-Instruct", 134_515_008),
+])
+def test_architecture_table_reproduces_published_parameter_counts(name, published):
+    assert _params(KNOWN_ARCHS[name]) == published
+
+
+def test_every_preset_plans_offline():
+    from simpo_lite.config import preset_names
+
+    for name in preset_names():
+        cfg = resolve(name)
+        summary = plan_summary(cfg)
+        assert 0 < summary["tensors"] < summary["peak"] < summary["full_logits_peak"] * 1.001
+
+
+def test_unknown_model_is_a_user_error():
+    cfg = resolve("smollm2-demo", sets=["model.name_or_path=someone/unknown-model-7b"])
+    with pytest.raises(UserError, match="no architecture for model 'someone/unknown-model-7b'.*hf download"):
+        architecture(cfg.model)
+
+
+def test_a_local_config_wins_over_the_table(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=96, intermediate_size=200, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=False).save_pretrained(tmp_path)
+    arch = architecture(resolve("smollm2-demo", sets=[f"model.name_or_path={tmp_path}"]).model)
+    assert (arch.hidden, arch.layers, arch.heads, arch.kv_heads, arch.head_dim, arch.intermediate, arch.vocab,
+            arch.tied_embeddings) == (96, 3, 4, 2, 24, 200, 1000, False)
+    assert "config.json" in arch.source
+
+
+def test_gemma2_config_is_read_with_its_extra_norms_and_soft_caps():
+    from transformers import Gemma2Config
+
+    # gemma-2-9b-it's config.json figures; the soft caps and tied embeddings are Gemma2Config's defaults.
+    nine_b = Gemma2Config(hidden_size=3584, num_hidden_layers=42, num_attention_heads=16, num_key_value_heads=8,
+                          head_dim=256, intermediate_size=14336, vocab_size=256000)
+    arch = arch_from_hf_config(nine_b, "test")
+    assert arch.norms_per_layer == 4 and arch.attn_softcap and arch.logit_softcap
+    assert replace(arch, source="") == replace(KNOWN_ARCHS["google/gemma-2-9b-it"], source="")
+
+
+def test_llama3_numbers():
+    """Llama-3-8B, 2 pairs x 2048 tokens, r=16 all-linear, paged 8-bit AdamW, bf16, chunk 1024 (README)."""
+    cfg = resolve("llama3-8b-lora")
+    est = estimate(architecture(cfg.model), setting_from_config(cfg))
+    # The reference's figure: one float32 copy of [4, 2048, 128256] logits is 4.2 GB.
+    assert est.full_logits / 2 == 4 * 2048 * 128256 * 4 == pytest.approx(4.2e9, rel=0.01)
+    # 6.98e9 decoder linear weights at 0.5 B + 1/64 B (+ 1/16384 B) of double-quant constants.
+    assert est.base_weights / GIB == pytest.approx(6.98e9 * (0.5 + 1 / 64 + 1 / 16384) / GIB, rel=0.01)
+    assert est.lora_params == 41_943_040  # 32 layers x 16 x (sum of in + out of the 7 linears)
+    assert est.logp_chunk < est.full_logits / 4
+    assert 14 * GIB < est.tensors() < 20 * GIB
+    assert est.tensors(full_logits=True) - est.tensors() > 2 * GIB
+
+
+def test_the_peak_grows_with_the_micro_batch_and_the_chunk():
+    cfg = resolve("llama3-8b-lora")
+    arch, s = architecture(cfg.model), setting_from_config(cfg)
+    peaks = [estimate(arch, replace(s, micro_batch=b)).peak() for b in (1, 2, 4, 8)]
+    assert peaks == sorted(peaks) and len(set(peaks)) == 4
+    small = estimate(arch, replace(s, chunk_tokens=128)).logp_chunk
+    assert small < estimate(arch, s).logp_chunk
+
+
+@pytest.mark.parametrize("budget_gib", [8, 12, 24, 48, 80])
+def test_largest_micro_batch_is_the_boundary(budget_gib):
+    cfg = resolve("llama3-8b-lora")
+    arch, s = architecture(cfg.model), setting_from_config(cfg)
+    budget = budget_gib * GIB
+    for full in (False, True):
+        fit = largest_micro_batch(arch, s, budget, full_logits=full)
+        if fit:
+            assert estimate(arch, replace(s, micro_batch=fit)).peak(full) <= budget
+        assert estimate(arch, replace(s, micro_batch=fit + 1)).peak(full) > budget
+    assert largest_micro_batch(arch, s, budget) >= largest_micro_batch(arch, s, budget, full_logits=True)
+
+
+@pytest.mark.parametrize("effective, fit, expected", [(128, 2, (2, 64)), (128, 3, (2, 64)), (128, 200, (128, 1)),
+                                                      (96, 5, (4, 24)), (7, 3, (1, 7))])
+def test_batch_suggestion_keeps_the_effective_batch(effective, fit, expected):
+    micro, accumulation = batch_suggestion(effective, fit)
+    assert (micro, accumulation) == expected and micro * accumulation == effective
+
+
+def test_plan_follows_how_model_py_loads_a_4bit_model(tmp_path):
+    """The plan takes embeddings and the residual stream as fp32 for a 4-bit model, because
+    model.load_model's prepare_model_for_kbit_training upcasts them; if that changes, so must plan."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from simpo_lite.model import load_model
+
+    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=256)).save_pretrained(tmp_path)
+    for quantize in (True, False):
+        cfg = resolve("smollm2-demo", sets=[f"model.name_or_path={tmp_path}", "model.compute_dtype=bf16",
+                                            f"model.quantize={str(quantize).lower()}"])
+        model = load_model(cfg)
+        embedding = model.get_base_model().get_input_embeddings().weight
+        hidden = model.get_base_model().model(input_ids=torch.tensor([[1, 2, 3]])).last_hidden_state
+        expected = setting_from_config(cfg, "cuda").residual_bytes
+        assert embedding.element_size() == hidden.element_size() == expected
+
+
+def test_cli_plan_prints_the_breakdown_and_the_fit():
+    out = subprocess.run([sys.executable, "-m", "simpo_lite", "plan", "--preset", "llama3-8b-lora",
+                          "--gpu-memory", "16"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    for fragment in ("checkpointed hidden states", "log-probs", "full-logits trainer", "peak (device)",
+                     "16 GiB (--gpu-memory)", "does not fit", "gradient_accumulation_steps="):
+        assert fragment in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "simpo_lite", "plan", "--gpu-memory", "-3"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--gpu-memory" in bad.stderr
+
+
+@pytest.mark.e2e
+def test_estimate_matches_a_measured_cpu_training_step():
+    """One real SimPO step of the 4-bit LoRA SmolLM2-135M on the CPU, 1 pair x 128 tokens, measured
+    (tests/plan_measure.py) against the plan for the same run on the CPU (fp32, torch AdamW).
+
+    Measured when written: weights + adapters + optimizer state 216.5 MiB (plan 216.3, -0.1%); the
+    step's rise 73.7 MiB with a 1024-token log-prob chunk (plan 67.1, -9%) and 35.7 MiB with a
+    32-token chunk (plan 44.5, +25%); peaks 290.2 / 252.1 MiB (plan -2% / +3%).
+    Bounds: weights within 2%, the step's rise within -25% / +40%, the peak within -10% / +15%.
+    """
+    pytest.importorskip("simpo_lite.logprobs")
+    from plan_measure import run_in_subprocess
+
+    results = run_in_subprocess([(1, 128, 8, 1024), (1, 128, 8, 32)])
+    for r in results:
+        assert r["persistent"] / r["static_tensor_bytes"] == pytest.approx(1.0, abs=0.02)
+        assert 0.75 <= r["step"] / r["step_rise_bytes"] <= 1.40, r
+        assert 0.90 <= r["tensors"] / r["measured_peak_bytes"] <= 1.15, r
+    chunked, small = results
+    # The smaller chunk moves the peak from the forward pass's log-prob chunk to the backward pass.
+    assert chunked["forward_phase"] > chunked["backward_phase"] and small["backward_phase"] > small["forward_phase"]
+    assert small["step_rise_bytes"] < chunked["step_rise_bytes"]
