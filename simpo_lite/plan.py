@@ -171,7 +171,11 @@ LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 def setting_from_config(cfg: Config, device: str = "cuda") -> Setting:
     """How a run of `cfg` would use memory on `device` ('cuda' = the GPU it is planned for, 'cpu')."""
     cuda = device == "cuda"
-    compute = {"bf16": 2, "fp16": 2, "fp32": 4}.get(cfg.model.compute_dtype, 2 if cuda else 4)
+    compute = {"bf16": 2, "fp16": 2, "fp32": 4}.get(cfg.model.compute_dtype)
+    if compute is None:  # auto, as simpo_lite.model.compute_dtype resolves it
+        from simpo_lite.model import cpu_has_native_bf16
+
+        compute = 2 if cuda or cpu_has_native_bf16() else 4
     # model.load_model calls peft's prepare_model_for_kbit_training on a 4-bit model, which upcasts
     # every parameter that is not 4-bit (embeddings, head, norms) to fp32; the embedding output, and so
     # the residual stream, is then fp32 too (bitsandbytes' Linear4bit casts its output back to its input's dtype).
