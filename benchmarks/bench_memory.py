@@ -3,20 +3,20 @@
 Both sides get the same model (SmolLM2-135M-Instruct, 4-bit NF4 with double quantization, LoRA r=16 on
 every linear layer, non-reentrant gradient checkpointing), the same two preference pairs tokenized the
 same way (checked by a fingerprint of the token batch and by the first step's loss), AdamW, gradient
-clipping at 1.0, and one concatenated [chosen; rejected] forward per step. Each run is its own
-subprocess. simpo-lite: sequence log-probs + simpo_objective + backward + AdamW step. TRL: its
-documented path, CPOConfig + CPOTrainer(...).train(), measured by a callback around each step. A third,
-timing-only run ("decoder-only") replaces the output head and loss with a dot product: the time both
-systems need whatever they do with the logits.
+clipping at 1.0, and one concatenated [chosen; rejected] forward per step. simpo-lite: sequence
+log-probs + simpo_objective + backward + AdamW step. TRL: its documented path, CPOConfig +
+CPOTrainer(...).train(), measured by a callback around each step. A third, timing-only system
+("decoder-only") replaces the output head and loss with a dot product: the time both systems need
+whatever they do with the logits. Each system runs in its own single-threaded process (--threads), and
+the systems of one measurement run side by side, so they share whatever else loads the machine.
 
 Memory, on the CPU, is peak RSS (VmHWM, reset at every step start through /proc/self/clear_refs) under
 MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0 so that freed blocks go back to the OS; on a GPU,
 torch.cuda.max_memory_allocated. Two figures: a step's peak above the memory just before it (after a
 warm-up step), and the peak above the memory after model load. Time runs leave malloc alone and report
-CPU seconds (process time) and wall seconds per step; with one thread (the default) CPU seconds do not
-depend on whatever else the machine runs, wall seconds do. The first step of every run is a warm-up.
+CPU seconds (process time) and wall seconds per step. The first step of every run is a warm-up.
 
-    python benchmarks/bench_memory.py                                # about 11 min of CPU time
+    python benchmarks/bench_memory.py                                # about 10 min on 2 idle cores
     python benchmarks/bench_memory.py --lengths 128 256 512 1024     # the README table
     python benchmarks/bench_memory.py --report /tmp/bench_memory.json   # reprint saved results
 """
@@ -361,24 +361,33 @@ def worker(args) -> None:
 
 # ---- driver -----------------------------------------------------------------------------------
 
-def run_one(system: str, length: int, steps: int, memory: bool, chunk_tokens: int, threads: int) -> dict:
-    env = os.environ | ({**MALLOC_ENV} if memory else {})
-    if not memory:
-        for key in MALLOC_ENV:
-            env.pop(key, None)
-    cmd = [sys.executable, __file__, "--worker", system, "--length", str(length), "--steps", str(steps),
-           "--chunk-tokens", str(chunk_tokens), "--threads", str(threads)]
+def run_side_by_side(systems: tuple[str, ...], length: int, steps: int, memory: bool, chunk_tokens: int,
+                     threads: int) -> dict:
+    """Every system's run at once, each its own process: they share whatever else loads the machine,
+    so their times stay comparable; peak RSS is per process, so memory is unaffected."""
+    env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV} | (MALLOC_ENV if memory else {})
     started = time.perf_counter()
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    if out.returncode or not lines:
-        sys.exit(f"{system} at length {length} failed:\n{out.stderr[-4000:]}")
-    result = json.loads(lines[-1][len("RESULT "):]) | {"run_seconds": time.perf_counter() - started,
-                                                         "loadavg": os.getloadavg()[0]}
-    kind = "memory" if memory else "time"
-    print(f"  {system:10s} L={length:5d} {kind:6s}: peak {result['peak_bytes'] / 2**20:7.1f} MiB, "
-          f"{statistics.median(result['seconds']):6.1f} s/step, {statistics.median(result['cpu_seconds']):6.1f} "
-          f"CPU s/step, first loss {result['first_loss']}", file=sys.stderr, flush=True)
+    procs = {}
+    for system in systems:
+        cmd = [sys.executable, __file__, "--worker", system, "--length", str(length), "--steps", str(steps),
+               "--chunk-tokens", str(chunk_tokens), "--threads", str(threads)]
+        procs[system] = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    runs = {system: _collect(system, length, proc, memory) for system, proc in procs.items()}
+    for result in runs.values():
+        result["run_seconds"] = time.perf_counter() - started
+    return runs
+
+
+def _collect(system: str, length: int, proc: subprocess.Popen, memory: bool) -> dict:
+    stdout, stderr = proc.communicate()
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        sys.exit(f"{system} at length {length} failed:\n{stderr[-4000:]}")
+    result = json.loads(lines[-1][len("RESULT "):]) | {"loadavg": os.getloadavg()[0]}
+    print(f"  {system:12s} L={length:5d} {'memory' if memory else 'time':6s}: peak "
+          f"{result['peak_bytes'] / 2**20:7.1f} MiB, {statistics.median(result['seconds']):6.1f} s/step, "
+          f"{statistics.median(result['cpu_seconds']):6.1f} CPU s/step, first loss {result['first_loss']}",
+          file=sys.stderr, flush=True)
     return result
 
 
@@ -392,13 +401,11 @@ def same_inputs(a: dict, b: dict, where: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--length", type=int, default=400, help="tokens per sequence for the main comparison")
-    parser.add_argument("--steps", type=int, default=3, help="steps per timing run, the first one a warm-up")
+    parser.add_argument("--steps", type=int, default=4, help="steps per timing run, the first one a warm-up")
     parser.add_argument("--memory-steps", type=int, default=2, help="steps per memory run, the first a warm-up")
     parser.add_argument("--lengths", type=int, nargs="*", default=[128, 256, 512], help="memory sweep")
     parser.add_argument("--chunk-tokens", type=int, default=1024, help="simpo-lite logp_chunk_tokens")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads per run (0 = torch's default); with 1, CPU seconds are immune "
-                             "to other load on the machine")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (0 = torch's default)")
     parser.add_argument("--json", type=Path, default=Path(tempfile.gettempdir()) / "bench_memory.json",
                         help="every measurement, written as the runs finish")
     parser.add_argument("--report", type=Path, help="only print the tables of a saved --json file")
@@ -419,7 +426,7 @@ def main() -> None:
     plan += [("memory", n, args.memory_steps) for n in [args.length] + sorted(set(args.lengths) - {args.length})]
     for kind, length, steps in plan:
         systems = SYSTEMS + ((FLOOR,) if kind == "time" else ())
-        runs = {s: run_one(s, length, steps, kind == "memory", args.chunk_tokens, args.threads) for s in systems}
+        runs = run_side_by_side(systems, length, steps, kind == "memory", args.chunk_tokens, args.threads)
         same_inputs(runs["simpo-lite"], runs["trl"], f"{kind} at length {length}")
         results[kind][str(length)] = runs
         args.json.write_text(json.dumps(results, indent=1))  # partial results survive an interruption
