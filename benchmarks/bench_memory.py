@@ -3,18 +3,22 @@
 Both sides get the same model (SmolLM2-135M-Instruct, 4-bit NF4 with double quantization, LoRA r=16 on
 every linear layer, non-reentrant gradient checkpointing), the same two preference pairs tokenized the
 same way (checked by a fingerprint of the token batch and by the first step's loss), AdamW, gradient
-clipping at 1.0, and one concatenated [chosen; rejected] forward per step. Each system runs in its own
-subprocess. simpo-lite: sequence log-probs + simpo_objective + backward + AdamW step. TRL: its
-documented path, CPOConfig + CPOTrainer(...).train(), measured by a callback.
+clipping at 1.0, and one concatenated [chosen; rejected] forward per step. simpo-lite: sequence
+log-probs + simpo_objective + backward + AdamW step. TRL: its documented path, CPOConfig +
+CPOTrainer(...).train(), measured by a callback around each step. A third, timing-only system
+("decoder-only") replaces the output head and loss with a dot product: the time both systems need
+whatever they do with the logits. Each system runs in its own single-threaded process (--threads), and
+the systems of one measurement run side by side, so they share whatever else loads the machine.
 
-Memory on the CPU is the process's peak RSS during a step (VmHWM, reset at every step start through
-/proc/self/clear_refs) minus the RSS before the first step. glibc keeps freed memory, so the memory
-runs set MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0 (large blocks go straight back to the
-OS); the timing runs leave malloc alone. On a GPU: torch.cuda.max_memory_allocated over the same window.
-The first (warm-up) step is never counted.
+Memory, on the CPU, is peak RSS (VmHWM, reset at every step start through /proc/self/clear_refs) under
+MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0 so that freed blocks go back to the OS; on a GPU,
+torch.cuda.max_memory_allocated. Two figures: a step's peak above the memory just before it (after a
+warm-up step), and the peak above the memory after model load. Time runs leave malloc alone and report
+CPU seconds (process time) and wall seconds per step. The first step of every run is a warm-up.
 
-    python benchmarks/bench_memory.py                      # the README table (about 10 min on 2 cores)
-    python benchmarks/bench_memory.py --lengths 128 256    # a shorter length sweep
+    python benchmarks/bench_memory.py                                # about 10 min on 2 idle cores
+    python benchmarks/bench_memory.py --lengths 128 256 512 1024     # the README table
+    python benchmarks/bench_memory.py --report /tmp/bench_memory.json   # reprint saved results
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ sys.path.insert(0, str(REPO))
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 SYSTEMS = ("simpo-lite", "trl")
+FLOOR = "decoder-only"
 BETA, GAMMA_BETA_RATIO = 2.0, 0.5
 WORDS = ("the model learns which answer people prefer from pairs of responses to the same prompt and "
          "a reward that is the average log probability of the response tokens scaled by beta with a "
@@ -229,35 +234,66 @@ class StepMeter:
 
 # ---- the two systems ------------------------------------------------------------------------
 
-def run_simpo_lite(folder: Path, data: dict, steps: int, device: str, chunk_tokens: int) -> dict:
+def _lora_model(folder: Path, data: dict, device: str):
+    """simpo-lite's side: the 4-bit model made trainable the way TRL does it, LoRA, AdamW, the batch."""
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoTokenizer
 
-    from simpo_lite.config import SimpoConfig
-    from simpo_lite.logprobs import concatenated_logps
-    from simpo_lite.loss import simpo_objective
-
-    tokenizer = AutoTokenizer.from_pretrained(folder)
     model = prepare_model_for_kbit_training(load_4bit(folder, device), use_gradient_checkpointing=True,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, lora_config())
+    model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
-    cfg = SimpoConfig(beta=BETA, gamma_beta_ratio=GAMMA_BETA_RATIO, logp_chunk_tokens=chunk_tokens)
-    batch = simpo_lite_batch(tokenizer, data, device)
+    return model, params, optimizer, simpo_lite_batch(AutoTokenizer.from_pretrained(folder), data, device)
+
+
+def _train(model_params_optimizer_batch, steps: int, device: str, loss_of) -> dict:
+    import torch
+
+    model, params, optimizer, batch = model_params_optimizer_batch
     meter = StepMeter(device)
-    model.train()
     for _ in range(steps):
         meter.begin()
-        chosen, rejected = concatenated_logps(model, batch, chunk_tokens=cfg.logp_chunk_tokens)
-        loss, _ = simpo_objective(chosen, rejected, cfg)
+        loss = loss_of(model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         meter.end(loss.item())
     return meter.result() | {"fingerprint": fingerprint(**{k: batch[k].cpu() for k in batch})}
+
+
+def run_simpo_lite(folder: Path, data: dict, steps: int, device: str, chunk_tokens: int) -> dict:
+    from simpo_lite.config import SimpoConfig
+    from simpo_lite.logprobs import concatenated_logps
+    from simpo_lite.loss import simpo_objective
+
+    cfg = SimpoConfig(beta=BETA, gamma_beta_ratio=GAMMA_BETA_RATIO, logp_chunk_tokens=chunk_tokens)
+
+    def loss_of(model, batch):
+        chosen, rejected = concatenated_logps(model, batch, chunk_tokens=cfg.logp_chunk_tokens)
+        return simpo_objective(chosen, rejected, cfg)[0]
+
+    return _train(_lora_model(folder, data, device), steps, device, loss_of)
+
+
+def run_decoder_only(folder: Path, data: dict, steps: int, device: str) -> dict:
+    """The floor under both systems' time: the same step with the output head and loss replaced by a
+    dot product of the response positions' hidden states with a fixed vector."""
+    import torch
+
+    from simpo_lite.logprobs import causal_lm, final_hidden_states
+
+    def loss_of(model, batch):
+        lm = causal_lm(model)
+        hidden = final_hidden_states(lm, batch["input_ids"][:, :-1], batch["attention_mask"][:, :-1])
+        probe = torch.ones(hidden.shape[-1], dtype=hidden.dtype, device=hidden.device) / hidden.shape[-1]
+        return (hidden[batch["labels"][:, 1:] != -100] @ probe).float().mean()
+
+    result = _train(_lora_model(folder, data, device), steps, device, loss_of)
+    return result | {"first_loss": None}
 
 
 def run_trl(folder: Path, data: dict, steps: int, device: str) -> dict:
@@ -316,6 +352,8 @@ def worker(args) -> None:
     data = make_pairs(AutoTokenizer.from_pretrained(folder), args.length)
     if args.system == "simpo-lite":
         result = run_simpo_lite(folder, data, args.steps, device, args.chunk_tokens)
+    elif args.system == FLOOR:
+        result = run_decoder_only(folder, data, args.steps, device)
     else:
         result = run_trl(folder, data, args.steps, device)
     print("RESULT " + json.dumps(result | {"device": device}), flush=True)
@@ -323,23 +361,33 @@ def worker(args) -> None:
 
 # ---- driver -----------------------------------------------------------------------------------
 
-def run_one(system: str, length: int, steps: int, memory: bool, chunk_tokens: int, threads: int) -> dict:
-    env = os.environ | ({**MALLOC_ENV} if memory else {})
-    if not memory:
-        for key in MALLOC_ENV:
-            env.pop(key, None)
-    cmd = [sys.executable, __file__, "--worker", system, "--length", str(length), "--steps", str(steps),
-           "--chunk-tokens", str(chunk_tokens), "--threads", str(threads)]
+def run_side_by_side(systems: tuple[str, ...], length: int, steps: int, memory: bool, chunk_tokens: int,
+                     threads: int) -> dict:
+    """Every system's run at once, each its own process: they share whatever else loads the machine,
+    so their times stay comparable; peak RSS is per process, so memory is unaffected."""
+    env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV} | (MALLOC_ENV if memory else {})
     started = time.perf_counter()
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    if out.returncode or not lines:
-        sys.exit(f"{system} at length {length} failed:\n{out.stderr[-4000:]}")
-    result = json.loads(lines[-1][len("RESULT "):]) | {"run_seconds": time.perf_counter() - started}
-    kind = "memory" if memory else "time"
-    print(f"  {system:10s} L={length:5d} {kind:6s}: peak {result['peak_bytes'] / 2**20:7.1f} MiB, "
-          f"{statistics.median(result['seconds']):6.1f} s/step, {statistics.median(result['cpu_seconds']):6.1f} "
-          f"CPU s/step, first loss {result['first_loss']:.5f}", file=sys.stderr, flush=True)
+    procs = {}
+    for system in systems:
+        cmd = [sys.executable, __file__, "--worker", system, "--length", str(length), "--steps", str(steps),
+               "--chunk-tokens", str(chunk_tokens), "--threads", str(threads)]
+        procs[system] = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    runs = {system: _collect(system, length, proc, memory) for system, proc in procs.items()}
+    for result in runs.values():
+        result["run_seconds"] = time.perf_counter() - started
+    return runs
+
+
+def _collect(system: str, length: int, proc: subprocess.Popen, memory: bool) -> dict:
+    stdout, stderr = proc.communicate()
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        sys.exit(f"{system} at length {length} failed:\n{stderr[-4000:]}")
+    result = json.loads(lines[-1][len("RESULT "):]) | {"loadavg": os.getloadavg()[0]}
+    print(f"  {system:12s} L={length:5d} {'memory' if memory else 'time':6s}: peak "
+          f"{result['peak_bytes'] / 2**20:7.1f} MiB, {statistics.median(result['seconds']):6.1f} s/step, "
+          f"{statistics.median(result['cpu_seconds']):6.1f} CPU s/step, first loss {result['first_loss']}",
+          file=sys.stderr, flush=True)
     return result
 
 
@@ -353,19 +401,20 @@ def same_inputs(a: dict, b: dict, where: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--length", type=int, default=400, help="tokens per sequence for the main comparison")
-    parser.add_argument("--steps", type=int, default=3, help="steps per timing run, the first one a warm-up")
+    parser.add_argument("--steps", type=int, default=4, help="steps per timing run, the first one a warm-up")
     parser.add_argument("--memory-steps", type=int, default=2, help="steps per memory run, the first a warm-up")
-    parser.add_argument("--lengths", type=int, nargs="*", default=[128, 256, 512, 1024], help="memory sweep")
+    parser.add_argument("--lengths", type=int, nargs="*", default=[128, 256, 512], help="memory sweep")
     parser.add_argument("--chunk-tokens", type=int, default=1024, help="simpo-lite logp_chunk_tokens")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads per run (0 = torch's default); with 1, CPU seconds are immune "
-                             "to other load on the machine")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (0 = torch's default)")
     parser.add_argument("--json", type=Path, default=Path(tempfile.gettempdir()) / "bench_memory.json",
                         help="every measurement, written as the runs finish")
-    parser.add_argument("--worker", choices=SYSTEMS, dest="system", help=argparse.SUPPRESS)
+    parser.add_argument("--report", type=Path, help="only print the tables of a saved --json file")
+    parser.add_argument("--worker", choices=SYSTEMS + (FLOOR,), dest="system", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.system:
         return worker(args)
+    if args.report:
+        return print(report(json.loads(args.report.read_text())))
 
     import torch
 
@@ -376,7 +425,8 @@ def main() -> None:
     plan = [("time", args.length, args.steps)]
     plan += [("memory", n, args.memory_steps) for n in [args.length] + sorted(set(args.lengths) - {args.length})]
     for kind, length, steps in plan:
-        runs = {s: run_one(s, length, steps, kind == "memory", args.chunk_tokens, args.threads) for s in SYSTEMS}
+        systems = SYSTEMS + ((FLOOR,) if kind == "time" else ())
+        runs = run_side_by_side(systems, length, steps, kind == "memory", args.chunk_tokens, args.threads)
         same_inputs(runs["simpo-lite"], runs["trl"], f"{kind} at length {length}")
         results[kind][str(length)] = runs
         args.json.write_text(json.dumps(results, indent=1))  # partial results survive an interruption
@@ -392,54 +442,53 @@ def report(results: dict) -> str:
     vocab = AutoConfig.from_pretrained(model_folder()).vocab_size
     mib, main = 2**20, str(args["length"])
     timed = results["time"][main]
-    wall = {s: statistics.median(timed[s]["seconds"]) for s in SYSTEMS}
-    cpu = {s: statistics.median(timed[s]["cpu_seconds"]) for s in SYSTEMS}
-    peak = {s: results["memory"][main][s]["peak_bytes"] / mib for s in SYSTEMS}
-    since_load = {s: results["memory"][main][s]["peak_since_load_bytes"] / mib for s in SYSTEMS}
     rows, cols = timed["trl"]["fingerprint"][0]
-    device = timed["trl"]["device"]
     measured = f"median of {args['steps'] - 1} steps after a warm-up"
     lines = [
-        f"SmolLM2-135M-Instruct, 4-bit NF4 + LoRA r=16 all-linear, gradient checkpointing, {device}; "
-        f"[chosen; rejected] batch of {rows} x {cols} tokens, vocab {vocab}; simpo-lite chunk {args['chunk_tokens']} "
-        f"tokens; whole run {results.get('wall_minutes', float('nan')):.1f} min",
+        f"SmolLM2-135M-Instruct, 4-bit NF4 + LoRA r=16 all-linear, gradient checkpointing, {timed['trl']['device']}, "
+        f"{args['threads'] or 'default'} thread(s); [chosen; rejected] batch of {rows} x {cols} tokens, vocab "
+        f"{vocab}; simpo-lite chunk {args['chunk_tokens']} tokens; whole run {results.get('wall_minutes', 0):.0f} min, "
+        f"load average {min(r['loadavg'] for r in timed.values()):.1f}-{max(r['loadavg'] for r in timed.values()):.1f} "
+        "at the end of the timing runs",
         "",
         "| per training step | simpo-lite | TRL CPOTrainer | simpo-lite / TRL |",
         "|---|---|---|---|",
-        f"| peak memory of a step above the memory before it (MiB) | {peak['simpo-lite']:.0f} | {peak['trl']:.0f} | "
-        f"{peak['simpo-lite'] / peak['trl']:.2f} |",
-        f"| peak memory above the memory after model load (MiB) | {since_load['simpo-lite']:.0f} | "
-        f"{since_load['trl']:.0f} | {since_load['simpo-lite'] / since_load['trl']:.2f} |",
-        f"| wall seconds ({measured}) | {wall['simpo-lite']:.1f} | {wall['trl']:.1f} | "
-        f"{wall['simpo-lite'] / wall['trl']:.2f} |",
-        f"| CPU seconds, {args['threads']} thread(s) ({measured}) | {cpu['simpo-lite']:.1f} | {cpu['trl']:.1f} | "
-        f"{cpu['simpo-lite'] / cpu['trl']:.2f} |",
-        "",
-        "| tokens per sequence | simpo-lite step peak (MiB) | TRL step peak (MiB) | ratio "
-        "| simpo-lite largest logits buffer (MiB) | TRL fp32 [2B, L, vocab] logits (MiB) |",
-        "|---|---|---|---|---|---|",
     ]
-    sweep = sorted(results["memory"].items(), key=lambda kv: int(kv[0]))
-    for _, runs in sweep:
+
+    def row(label, value, fmt):
+        ours, theirs = value("simpo-lite"), value("trl")
+        lines.append(f"| {label} | {ours:{fmt}} | {theirs:{fmt}} | {ours / theirs:.2f} |")
+
+    memory = results["memory"][main]
+    row("peak memory of a step above the memory before it (MiB)", lambda s: memory[s]["peak_bytes"] / mib, ".0f")
+    row("peak memory above the memory after model load (MiB)",
+        lambda s: memory[s]["peak_since_load_bytes"] / mib, ".0f")
+    cpu = {s: statistics.median(r["cpu_seconds"]) for s, r in timed.items()}
+    row(f"CPU seconds ({measured})", cpu.get, ".1f")
+    if FLOOR in cpu:
+        row(f"CPU seconds above the decoder-only step ({cpu[FLOOR]:.1f} s): output head, log-probs, loss",
+            lambda s: cpu[s] - cpu[FLOOR], ".1f")
+    row(f"wall seconds ({measured})", lambda s: statistics.median(timed[s]["seconds"]), ".1f")
+    lines += ["", "| tokens per sequence | simpo-lite step peak (MiB) | TRL step peak (MiB) | ratio "
+              "| simpo-lite largest logits buffer (MiB) | TRL fp32 [2B, L, vocab] logits (MiB) |",
+              "|---|---|---|---|---|---|"]
+    sweep = sorted(results["memory"].values(), key=lambda runs: runs["trl"]["fingerprint"][0][1])
+    for runs in sweep:
         ours, theirs = runs["simpo-lite"]["peak_bytes"] / mib, runs["trl"]["peak_bytes"] / mib
         shape, chosen, rejected = runs["trl"]["fingerprint"]
-        labelled = sum(n for _, n, _ in chosen + rejected)  # response tokens, i.e. positions projected
-        chunk = min(args["chunk_tokens"], labelled) * vocab * 4 / mib
+        projected = sum(n for _, n, _ in chosen + rejected)  # response tokens: the positions simpo-lite projects
+        chunk = min(args["chunk_tokens"], projected) * vocab * 4 / mib
         lines.append(f"| {shape[1]} | {ours:.0f} | {theirs:.0f} | {ours / theirs:.2f} | {chunk:.0f} | "
                      f"{shape[0] * shape[1] * vocab * 4 / mib:.0f} |")
     if len(sweep) >= 2:
-        lines += ["", f"Peak memory growth per token of the batch (least-squares slope over the lengths above); "
-                  f"one fp32 row of logits is {vocab * 4 / 1024:.0f} KiB:"]
+        a, b = sweep[-2], sweep[-1]
+        tokens = [r["trl"]["fingerprint"][0][0] * r["trl"]["fingerprint"][0][1] for r in (a, b)]
+        lines += ["", f"Step peak growth per batch token between the two longest lengths (one fp32 row of logits "
+                  f"is {vocab * 4 / 1024:.0f} KiB):"]
         for s in SYSTEMS:
-            xs = [runs[s]["fingerprint"][0][0] * runs[s]["fingerprint"][0][1] for _, runs in sweep]
-            ys = [runs[s]["peak_bytes"] for _, runs in sweep]
-            lines.append(f"- {s}: {_slope(xs, ys) / 1024:.0f} KiB per token")
+            growth = (b[s]["peak_bytes"] - a[s]["peak_bytes"]) / (tokens[1] - tokens[0]) / 1024
+            lines.append(f"- {s}: {growth:.0f} KiB per token")
     return "\n".join(lines)
-
-
-def _slope(xs: list[float], ys: list[float]) -> float:
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
 
 
 if __name__ == "__main__":

@@ -155,36 +155,19 @@ class _FrozenHeadLogps(torch.autograd.Function):
 
     Per chunk: z = hidden @ W^T + b, logits = transform(z), logp = logits[t] - logsumexp(logits), and
     d logp / d z = (onehot(t) - softmax(logits)) * transform'(z), turned into d logp / d hidden by one
-    matmul with W. The [chunk, vocab] buffers are reused in place and freed before the next chunk.
+    matmul with W. backward only scales that by the incoming gradient, so nothing is recomputed.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, scale, cap, chunk_tokens):
-        acc = _acc_dtype(hidden)
         need_grad = ctx.needs_input_grad[0]
-        out = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
+        out = torch.empty(hidden.shape[0], dtype=_acc_dtype(hidden), device=hidden.device)
         grad = torch.empty_like(hidden) if need_grad else None
         for start in range(0, hidden.shape[0], chunk_tokens):
             sl = slice(start, start + chunk_tokens)
-            t = targets[sl].unsqueeze(-1)
-            logits = F.linear(hidden[sl], weight, bias).to(acc)
-            if scale != 1.0:
-                logits.mul_(scale)
-            squashed = None
-            if cap is not None:
-                squashed = logits.div_(cap).tanh_()  # kept: the soft cap's derivative is 1 - tanh^2
-                logits = squashed * cap
-            lse = logits.logsumexp(-1, keepdim=True)
-            out[sl] = (logits.gather(-1, t) - lse).squeeze(-1)
+            out[sl], chunk_grad = _logps_and_grad(hidden[sl], weight, bias, targets[sl], scale, cap, need_grad)
             if need_grad:
-                g = logits.sub_(lse).exp_().neg_()  # -softmax, in the logits' own buffer
-                g.scatter_add_(-1, t, torch.ones_like(t, dtype=acc))
-                if squashed is not None:
-                    g.mul_(squashed.mul_(squashed).neg_().add_(1))
-                if scale != 1.0:
-                    g.mul_(scale)
-                grad[sl] = (g.to(weight.dtype) @ weight).to(grad.dtype)
-            del logits, squashed
+                grad[sl] = chunk_grad
         ctx.save_for_backward(grad)
         return out
 
@@ -192,3 +175,30 @@ class _FrozenHeadLogps(torch.autograd.Function):
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
         return grad * grad_out.unsqueeze(-1).to(grad.dtype), None, None, None, None, None, None
+
+
+def _logps_and_grad(hidden, weight, bias, targets, scale, cap, need_grad):
+    """One chunk's log-probs and, if asked, d logp / d hidden, in a single [chunk, vocab] buffer
+    (two with a soft cap, whose derivative needs tanh kept): the log-sum-exp is done in place
+    instead of by torch.logsumexp, which would allocate a second one."""
+    t = targets.unsqueeze(-1)
+    logits = F.linear(hidden, weight, bias).to(_acc_dtype(hidden))
+    if scale != 1.0:
+        logits.mul_(scale)
+    squashed = None
+    if cap is not None:
+        squashed = logits.div_(cap).tanh_()
+        logits = squashed * cap
+    target_logits = logits.gather(-1, t)
+    peak = logits.amax(-1, keepdim=True)
+    total = logits.sub_(peak).exp_().sum(-1, keepdim=True)  # logits now holds exp(logits - peak)
+    logps = (target_logits - peak - total.log()).squeeze(-1)
+    if not need_grad:
+        return logps, None
+    g = logits.div_(total).neg_()  # -softmax
+    g.scatter_add_(-1, t, torch.ones_like(t, dtype=g.dtype))
+    if squashed is not None:
+        g.mul_(squashed.mul_(squashed).neg_().add_(1))
+    if scale != 1.0:
+        g.mul_(scale)
+    return logps, (g.to(weight.dtype) @ weight).to(hidden.dtype)
