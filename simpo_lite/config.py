@@ -80,7 +80,7 @@ class SimpoConfig:
     loss_type: Literal["sigmoid", "hinge"] = _f("sigmoid", "Bradley-Terry sigmoid loss or hinge loss.")
     label_smoothing: float = _f(0.0, "Conservative BT label smoothing (sigmoid loss only).", ge=0.0, le=0.5)
     sft_weight: float = _f(0.0, "Weight of an NLL term on the chosen response (0 = pure SimPO).", ge=0.0)
-    logp_chunk_tokens: int = _f(1024, "Response tokens projected through the output head at a time.", ge=1)
+    logp_chunk_tokens: int = _f(256, "Response tokens projected through the output head at a time (256: 0.19x TRL's step peak at the same speed as 1024, see README).", ge=1)
 
 
 @dataclass
