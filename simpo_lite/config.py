@@ -322,15 +322,10 @@ def build_config(layers: list[tuple[str, Any]]) -> Config:
 # ---- presets ---------------------------------------------------------------------------------
 
 def presets_dir() -> Path:
-    """The presets shipped in the wheel (package simpo_lite.presets), or the checkout's presets/."""
-    try:
-        from importlib.resources import files
-        shipped = Path(str(files("simpo_lite.presets")))
-        if shipped.is_dir():
-            return shipped
-    except (ModuleNotFoundError, TypeError):
-        pass
-    return Path(__file__).resolve().parent.parent / "presets"
+    """The presets shipped in the wheel (simpo_lite/presets), or the checkout's top-level presets/."""
+    package = Path(__file__).resolve().parent
+    shipped = package / "presets"
+    return shipped if shipped.is_dir() else package.parent / "presets"
 
 
 def preset_names() -> list[str]:

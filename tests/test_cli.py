@@ -66,3 +66,27 @@ def test_every_problem_of_a_config_is_reported(tmp_path):
 def test_debug_shows_traceback():
     result = run_cli("train", "--preset", "nope", "--debug")
     assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_presets_ship_inside_the_wheel(tmp_path):
+    """A plain, non-editable install run from another directory still finds every preset."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(root), "-w", str(tmp_path / "w")],
+                           capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    wheel = next((tmp_path / "w").glob("*.whl"))
+    target = tmp_path / "site"
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+                              str(wheel)], capture_output=True, text=True)
+    assert install.returncode == 0, install.stderr
+    env = {**__import__("os").environ, "PYTHONPATH": str(target)}
+    listing = subprocess.run([sys.executable, "-m", "simpo_lite", "presets", "list"], capture_output=True, text=True,
+                             cwd=tmp_path, env=env)
+    assert listing.returncode == 0, listing.stderr
+    for name in ("gemma2-9b-lora", "qwen2.5-7b-lora", "smollm2-demo"):
+        assert name[:10] in listing.stdout
+    shown = subprocess.run([sys.executable, "-m", "simpo_lite", "presets", "show", "qwen2.5-7b-lora"],
+                           capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert shown.returncode == 0 and "Qwen/Qwen2.5-7B-Instruct" in shown.stdout
