@@ -25,6 +25,7 @@ class RunParts:
     policy: Any
     optimizer: Any
     scheduler: Any
+    total_steps: int
     trainable_params: list
     state: ckpt.TrainerState
     resumed_from: Path | None
@@ -134,7 +135,7 @@ def build_run_parts(cfg: Config, resume_path: Path | None, quiet: bool) -> RunPa
             raise UserError(f"--resume: {resume_path} was written by fewer processes than this run has "
                             f"({acc.num_processes}); resume with the same number of processes")
     return RunParts(acc, tokenizer, train, prepared.eval, PairCollator(pad_token_id=tokenizer.pad_token_id),
-                    batches_for_epoch, policy, optimizer, scheduler, trainable, state, resume_path, resume_rng)
+                    batches_for_epoch, policy, optimizer, scheduler, total, trainable, state, resume_path, resume_rng)
 
 
 def _load_adapter_weights(model, path: Path) -> None:

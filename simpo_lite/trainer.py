@@ -70,11 +70,6 @@ class Trainer:
     def steps_per_epoch(self) -> int:
         return len(self.epoch_batches(0)) // self.per_step
 
-    def total_steps(self) -> int:
-        from simpo_lite.optim import total_steps
-
-        return total_steps(self.cfg.train, self.steps_per_epoch())
-
     def my_micro_batches(self) -> list[dict]:
         """This process's micro-batches for the next optimizer step."""
         batches = self.epoch_batches(self.state.epoch)
@@ -200,7 +195,7 @@ class Trainer:
 
     # ---- the run ------------------------------------------------------------------------
     def fit(self) -> dict:
-        total = self.total_steps()
+        total = self.parts.total_steps  # the length the learning-rate schedule was built for
         train_cfg = self.cfg.train
         resumed = self.parts.resumed_from is not None
         self.metrics = MetricsLog(self.output_dir / "metrics.jsonl", self.state.step if resumed else None)
