@@ -74,15 +74,21 @@ def model_folder() -> Path:
     return target
 
 
-def quantized_folder(device: str) -> Path:
+def source_folder(model: str | None) -> Path:
+    """--model (a Hugging Face folder), else the bundled SmolLM2."""
+    return Path(model).resolve() if model else model_folder()
+
+
+def quantized_folder(device: str, model: str | None = None) -> Path:
     """The model in 4-bit NF4 (double quantization), quantized once and saved: loading it then takes
     a second instead of half a minute, and both systems load the very same 4-bit weights."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    source = model_folder()
-    target = source.parent.parent / "bench" / f"{source.name}-nf4-{str(dtype).split('.')[-1]}"
+    source = source_folder(model)
+    cache = Path(os.environ.get("SIMPO_LITE_CACHE", Path.home() / ".cache" / "simpo-lite"))
+    target = cache / "bench" / f"{source.name}-nf4-{str(dtype).split('.')[-1]}"
     if (target / "config.json").is_file():
         return target
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -249,6 +255,15 @@ def _lora_model(folder: Path, data: dict, device: str):
     return model, params, optimizer, simpo_lite_batch(AutoTokenizer.from_pretrained(folder), data, device)
 
 
+def autocast(device: str):
+    """bf16 autocast on a GPU, as simpo-lite's trainer (accelerate mixed_precision) and TRL (bf16=True) run."""
+    import contextlib
+
+    import torch
+
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
+
+
 def _train(model_params_optimizer_batch, steps: int, device: str, loss_of) -> dict:
     import torch
 
@@ -273,7 +288,8 @@ def run_simpo_lite(folder: Path, data: dict, steps: int, device: str, chunk_toke
     cfg = SimpoConfig(beta=BETA, gamma_beta_ratio=GAMMA_BETA_RATIO, logp_chunk_tokens=chunk_tokens)
 
     def loss_of(model, batch):
-        chosen, rejected = concatenated_logps(model, batch, chunk_tokens=cfg.logp_chunk_tokens)
+        with autocast(device):
+            chosen, rejected = concatenated_logps(model, batch, chunk_tokens=cfg.logp_chunk_tokens)
         return simpo_objective(chosen, rejected, cfg)[0]
 
     return _train(_lora_model(folder, data, device), steps, device, loss_of)
@@ -288,7 +304,8 @@ def run_decoder_only(folder: Path, data: dict, steps: int, device: str) -> dict:
 
     def loss_of(model, batch):
         lm = causal_lm(model)
-        hidden = final_hidden_states(lm, batch["input_ids"][:, :-1], batch["attention_mask"][:, :-1])
+        with autocast(device):
+            hidden = final_hidden_states(lm, batch["input_ids"][:, :-1], batch["attention_mask"][:, :-1])
         probe = torch.ones(hidden.shape[-1], dtype=hidden.dtype, device=hidden.device) / hidden.shape[-1]
         return (hidden[batch["labels"][:, 1:] != -100] @ probe).float().mean()
 
@@ -346,7 +363,7 @@ def worker(args) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and args.threads > 0:
         torch.set_num_threads(args.threads)
-    folder = quantized_folder(device)
+    folder = quantized_folder(device, args.model)
     from transformers import AutoTokenizer
 
     data = make_pairs(AutoTokenizer.from_pretrained(folder), args.length)
@@ -361,18 +378,22 @@ def worker(args) -> None:
 
 # ---- driver -----------------------------------------------------------------------------------
 
-def run_side_by_side(systems: tuple[str, ...], length: int, steps: int, memory: bool, chunk_tokens: int,
-                     threads: int) -> dict:
+def run_side_by_side(systems: tuple[str, ...], length: int, steps: int, memory: bool, args,
+                     one_by_one: bool = False) -> dict:
     """Every system's run at once, each its own process: they share whatever else loads the machine,
-    so their times stay comparable; peak RSS is per process, so memory is unaffected."""
+    so their times stay comparable; peak RSS is per process, so memory is unaffected. On a GPU they
+    run one after another instead: they would share the one device."""
     env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV} | (MALLOC_ENV if memory else {})
     started = time.perf_counter()
-    procs = {}
+    procs, runs = {}, {}
     for system in systems:
         cmd = [sys.executable, __file__, "--worker", system, "--length", str(length), "--steps", str(steps),
-               "--chunk-tokens", str(chunk_tokens), "--threads", str(threads)]
+               "--chunk-tokens", str(args.chunk_tokens), "--threads", str(args.threads)]
+        cmd += ["--model", str(args.model)] if args.model else []
         procs[system] = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    runs = {system: _collect(system, length, proc, memory) for system, proc in procs.items()}
+        if one_by_one:
+            runs[system] = _collect(system, length, procs.pop(system), memory)
+    runs |= {system: _collect(system, length, proc, memory) for system, proc in procs.items()}
     for result in runs.values():
         result["run_seconds"] = time.perf_counter() - started
     return runs
@@ -394,7 +415,9 @@ def _collect(system: str, length: int, proc: subprocess.Popen, memory: bool) -> 
 def same_inputs(a: dict, b: dict, where: str) -> None:
     if a["fingerprint"] != b["fingerprint"]:
         sys.exit(f"{where}: the two systems saw different token batches:\n{a['fingerprint']}\n{b['fingerprint']}")
-    if abs(a["first_loss"] - b["first_loss"]) > 1e-3:
+    # fp32 on the CPU agrees to 1e-3; bf16 autocast on a GPU rounds differently in each system.
+    tolerance = 1e-3 if a.get("device") == "cpu" else 3e-2
+    if abs(a["first_loss"] - b["first_loss"]) > tolerance:
         sys.exit(f"{where}: first-step losses differ: {a['first_loss']} vs {b['first_loss']}")
 
 
@@ -406,6 +429,7 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="*", default=[128, 256, 512], help="memory sweep")
     parser.add_argument("--chunk-tokens", type=int, default=1024, help="simpo-lite logp_chunk_tokens")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (0 = torch's default)")
+    parser.add_argument("--model", help="a Hugging Face model folder (default: the bundled SmolLM2-135M-Instruct)")
     parser.add_argument("--json", type=Path, default=Path(tempfile.gettempdir()) / "bench_memory.json",
                         help="every measurement, written as the runs finish")
     parser.add_argument("--report", type=Path, help="only print the tables of a saved --json file")
@@ -419,14 +443,18 @@ def main() -> None:
     import torch
 
     started = time.perf_counter()
-    quantized_folder("cuda" if torch.cuda.is_available() else "cpu")  # once, outside the measured runs
+    gpu = torch.cuda.is_available()
+    quantized_folder("cuda" if gpu else "cpu", args.model)  # once, outside the measured runs
     results = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                "time": {}, "memory": {}}
     plan = [("time", args.length, args.steps)]
     plan += [("memory", n, args.memory_steps) for n in [args.length] + sorted(set(args.lengths) - {args.length})]
     for kind, length, steps in plan:
+        if gpu and kind == "memory" and str(length) in results["time"]:
+            results[kind][str(length)] = results["time"][str(length)]  # a GPU run measures both at once
+            continue
         systems = SYSTEMS + ((FLOOR,) if kind == "time" else ())
-        runs = run_side_by_side(systems, length, steps, kind == "memory", args.chunk_tokens, args.threads)
+        runs = run_side_by_side(systems, length, steps, kind == "memory", args, one_by_one=gpu)
         same_inputs(runs["simpo-lite"], runs["trl"], f"{kind} at length {length}")
         results[kind][str(length)] = runs
         args.json.write_text(json.dumps(results, indent=1))  # partial results survive an interruption
@@ -439,13 +467,14 @@ def report(results: dict) -> str:
     from transformers import AutoConfig
 
     args = results["args"]
-    vocab = AutoConfig.from_pretrained(model_folder()).vocab_size
+    source = source_folder(args.get("model"))
+    vocab = AutoConfig.from_pretrained(source).vocab_size
     mib, main = 2**20, str(args["length"])
     timed = results["time"][main]
     rows, cols = timed["trl"]["fingerprint"][0]
     measured = f"median of {args['steps'] - 1} steps after a warm-up"
     lines = [
-        f"SmolLM2-135M-Instruct, 4-bit NF4 + LoRA r=16 all-linear, gradient checkpointing, {timed['trl']['device']}, "
+        f"{source.name}, 4-bit NF4 + LoRA r=16 all-linear, gradient checkpointing, {timed['trl']['device']}, "
         f"{args['threads'] or 'default'} thread(s); [chosen; rejected] batch of {rows} x {cols} tokens, vocab "
         f"{vocab}; simpo-lite chunk {args['chunk_tokens']} tokens; whole run {results.get('wall_minutes', 0):.0f} min, "
         f"load average {min(r['loadavg'] for r in timed.values()):.1f}-{max(r['loadavg'] for r in timed.values()):.1f} "
