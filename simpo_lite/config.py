@@ -42,6 +42,12 @@ class ModelConfig:
         "other GPUs, bf16 on CPUs with AVX512-BF16/AMX, else fp32.")
     attn_implementation: Optional[str] = _f(None, "Attention kernel (e.g. 'eager' for Gemma-2, 'sdpa'); null = model default.")
     gradient_checkpointing: bool = _f(True, "Recompute activations in backward (non-reentrant) to save memory.")
+    checkpoint_every: int = _f(1, "With gradient checkpointing, recompute only every n-th decoder layer (1 = all); "
+                                  "the others keep their activations: less recomputation for more memory.", ge=1)
+    frozen_dtype: Literal["auto", "fp32", "compute"] = _f(
+        "auto", "Dtype of a 4-bit model's embeddings, output head and norms: fp32 (peft's prepare_model_for_kbit_"
+        "training upcast) or the compute dtype; auto = compute on bf16 GPUs (~6 GiB less for Llama-3-8B at "
+        "2 x 2048), fp32 on fp16 GPUs and CPUs.")
     trust_remote_code: bool = _f(False, "Allow the model repository to run its own Python code.")
 
 

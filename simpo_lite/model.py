@@ -90,6 +90,20 @@ def cpu_has_native_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
+def keeps_fp32_frozen_weights(model_cfg: ModelConfig, cuda: bool, compute: torch.dtype) -> bool:
+    """Whether a 4-bit model keeps peft's fp32 copies of its embeddings, output head and norms.
+
+    With them the residual stream is fp32 too (bitsandbytes' 4-bit layers return their input's dtype).
+    bf16 has fp32's range, so on a bf16 GPU they only cost memory; fp16 can overflow in the norms
+    without them, and on the CPU memory rarely limits a run.
+    """
+    if not model_cfg.quantize:
+        return False
+    if model_cfg.frozen_dtype != "auto":
+        return model_cfg.frozen_dtype == "fp32"
+    return not (cuda and compute == torch.bfloat16)
+
+
 def load_tokenizer(model_cfg: ModelConfig):
     """The model's tokenizer, right-padded, with EOS as pad when it has no pad token."""
     from transformers import AutoTokenizer
@@ -185,13 +199,35 @@ def load_model(cfg: Config):
     if cfg.model.quantize:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
                                                 gradient_checkpointing_kwargs=ckpt_kwargs)
+        dtype = compute_dtype(cfg.model)
+        if not keeps_fp32_frozen_weights(cfg.model, torch.cuda.is_available(), dtype):
+            _cast_frozen_weights(model, dtype)
     elif checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+    if checkpointing and cfg.model.checkpoint_every > 1:
+        _checkpoint_every(model, cfg.model.checkpoint_every)
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
     try:
         return get_peft_model(model, lora_config(cfg.lora))
     except ValueError as err:  # e.g. target modules that the model does not have
         raise UserError(f"lora.target_modules {cfg.lora.target_modules}: {err}") from None
+
+
+def _cast_frozen_weights(model, dtype: torch.dtype) -> None:
+    """Undo prepare_model_for_kbit_training's fp32 upcast of the parameters that are not 4-bit."""
+    for param in model.parameters():
+        if param.dtype == torch.float32 and type(param).__name__ != "Params4bit":
+            param.data = param.data.to(dtype)
+
+
+def _checkpoint_every(model, every: int) -> None:
+    """Keep checkpointing on every `every`-th decoder layer only: the others store their activations,
+    so backward recomputes fewer layers (transformers checkpoints per GradientCheckpointingLayer)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for index, layer in enumerate(layers):
+        layer.gradient_checkpointing = index % every == 0
 
 
 def load_adapter_model(cfg: Config, adapter_dir: Path, trainable: bool = False):

@@ -152,6 +152,7 @@ class Setting:
     optimizer_state_bytes: int
     optimizer: str
     gradient_checkpointing: bool
+    checkpoint_every: int   # with checkpointing, every n-th layer is recomputed; the others keep activations
     eager_attention: bool   # the eager kernel builds [rows, heads, L, L] score tensors
     chunk_tokens: int
     cuda: bool
@@ -176,10 +177,12 @@ def setting_from_config(cfg: Config, device: str = "cuda") -> Setting:
         from simpo_lite.model import cpu_has_native_bf16
 
         compute = 2 if cuda or cpu_has_native_bf16() else 4
-    # model.load_model calls peft's prepare_model_for_kbit_training on a 4-bit model, which upcasts
-    # every parameter that is not 4-bit (embeddings, head, norms) to fp32; the embedding output, and so
-    # the residual stream, is then fp32 too (bitsandbytes' Linear4bit casts its output back to its input's dtype).
-    residual = 4 if cfg.model.quantize else compute
+    # With fp32 embeddings, head and norms (model.frozen_dtype) the residual stream is fp32 too.
+    from simpo_lite.model import keeps_fp32_frozen_weights
+
+    import torch
+
+    residual = 4 if keeps_fp32_frozen_weights(cfg.model, cuda, torch.bfloat16 if compute == 2 else torch.float32) else compute
     optimizer = cfg.train.optimizer
     if optimizer == "auto":
         optimizer = "paged_adamw_8bit" if cuda else "adamw"
@@ -191,6 +194,7 @@ def setting_from_config(cfg: Config, device: str = "cuda") -> Setting:
                    # paged 8-bit AdamW: two 8-bit moments per parameter; torch AdamW: two fp32 moments.
                    optimizer_state_bytes=2 if optimizer == "paged_adamw_8bit" else 8, optimizer=optimizer,
                    gradient_checkpointing=cfg.model.gradient_checkpointing,
+                   checkpoint_every=cfg.model.checkpoint_every,
                    eager_attention=cfg.model.attn_implementation == "eager",
                    chunk_tokens=cfg.simpo.logp_chunk_tokens, cuda=cuda)
 
@@ -337,7 +341,8 @@ def estimate(arch: Arch, s: Setting) -> Estimate:
     # time), and 4-bit matmuls dequantize one weight matrix to the compute dtype at a time.
     working = 2 * T * arch.intermediate * R + max(i * o for i, o in linear_shapes(arch).values()) * s.compute_bytes
     if s.gradient_checkpointing:
-        checkpoints = arch.layers * T * H * R
+        recomputed = -(-arch.layers // s.checkpoint_every)  # layers 0, n, 2n, ...
+        checkpoints = recomputed * T * H * R + (arch.layers - recomputed) * per_layer
         recompute = per_layer + working
     else:
         checkpoints = arch.layers * per_layer
@@ -395,8 +400,15 @@ def _describe(cfg: Config, s: Setting) -> str:
     optim = "paged 8-bit AdamW" if s.optimizer == "paged_adamw_8bit" else "fp32 AdamW"
     return (f"{s.micro_batch} pairs x {s.seq_len} tokens per micro-batch ({s.rows} rows), "
             f"{'4-bit NF4' if s.quantize else dtype} base, LoRA r={s.lora_r} on {len(s.lora_targets)} linears/layer, "
-            f"{optim}, {dtype} compute, gradient checkpointing {'on' if s.gradient_checkpointing else 'off'}, "
+            f"{optim}, {dtype} compute, {'fp32' if s.residual_bytes == 4 else dtype} residual stream, "
+            f"gradient checkpointing {_checkpointing(s)}, "
             f"log-prob chunk {s.chunk_tokens} tokens")
+
+
+def _checkpointing(s: Setting) -> str:
+    if not s.gradient_checkpointing:
+        return "off"
+    return "on" if s.checkpoint_every == 1 else f"on every {s.checkpoint_every}th layer"
 
 
 def breakdown_rows(arch: Arch, est: Estimate) -> list[tuple[str, float, float]]:
@@ -406,6 +418,8 @@ def breakdown_rows(arch: Arch, est: Estimate) -> list[tuple[str, float, float]]:
     head = "embeddings" if arch.tied_embeddings else "embeddings + output head"
     quant = "NF4 + double-quant constants" if s.double_quant else "NF4 + fp32 absmax"
     ckpt = "checkpointed hidden states (1 per layer per token)" if s.gradient_checkpointing else "all layers' activations"
+    if s.gradient_checkpointing and s.checkpoint_every > 1:
+        ckpt = f"hidden states of every {s.checkpoint_every}th layer, activations of the others"
     rows = [
         (f"base linear weights ({quant if s.quantize else 'unquantized'})", est.base_weights, est.base_weights),
         (f"{head}, norms ({frozen})", est.unquantized_weights, est.unquantized_weights),

@@ -77,7 +77,7 @@ def test_llama3_numbers():
     assert est.base_weights / GIB == pytest.approx(6.98e9 * (0.5 + 1 / 64 + 1 / 16384) / GIB, rel=0.01)
     assert est.lora_params == 41_943_040  # 32 layers x 16 x (sum of in + out of the 7 linears)
     assert est.logp_chunk < est.full_logits / 4
-    assert 14 * GIB < est.tensors() < 20 * GIB
+    assert 9 * GIB < est.tensors() < 13 * GIB  # bf16 residual stream on a bf16 GPU (model.frozen_dtype auto)
     assert est.tensors(full_logits=True) - est.tensors() > 2 * GIB
 
 
@@ -111,8 +111,8 @@ def test_batch_suggestion_keeps_the_effective_batch(effective, fit, expected):
 
 
 def test_plan_follows_how_model_py_loads_a_4bit_model(tmp_path):
-    """The plan takes embeddings and the residual stream as fp32 for a 4-bit model, because
-    model.load_model's prepare_model_for_kbit_training upcasts them; if that changes, so must plan."""
+    """The plan's dtype for embeddings and the residual stream is the one model.load_model gives them
+    (fp32 when peft's prepare_model_for_kbit_training upcast is kept); if loading changes, so must plan."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -120,22 +120,58 @@ def test_plan_follows_how_model_py_loads_a_4bit_model(tmp_path):
 
     LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                                  num_key_value_heads=2, vocab_size=256)).save_pretrained(tmp_path)
-    for quantize in (True, False):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for quantize, frozen in ((True, "fp32"), (True, "compute"), (True, "auto"), (False, "auto")):
         cfg = resolve("smollm2-demo", sets=[f"model.name_or_path={tmp_path}", "model.compute_dtype=bf16",
-                                            f"model.quantize={str(quantize).lower()}"])
+                                            f"model.quantize={str(quantize).lower()}", f"model.frozen_dtype={frozen}"])
         model = load_model(cfg)
         embedding = model.get_base_model().get_input_embeddings().weight
         hidden = model.get_base_model().model(input_ids=torch.tensor([[1, 2, 3]])).last_hidden_state
-        expected = setting_from_config(cfg, "cuda").residual_bytes
-        assert embedding.element_size() == hidden.element_size() == expected
+        expected = setting_from_config(cfg, device).residual_bytes
+        assert embedding.element_size() == hidden.element_size() == expected, (quantize, frozen)
+
+
+def test_frozen_weights_stay_fp32_only_where_they_are_needed():
+    import torch
+
+    from simpo_lite.config import ModelConfig
+    from simpo_lite.model import keeps_fp32_frozen_weights as keeps
+
+    auto = ModelConfig()
+    assert not keeps(auto, cuda=True, compute=torch.bfloat16)  # bf16 has fp32's range: ~6 GiB saved at 8B
+    assert keeps(auto, cuda=True, compute=torch.float16)  # fp16 norms can overflow
+    assert keeps(auto, cuda=False, compute=torch.bfloat16)
+    assert keeps(ModelConfig(frozen_dtype="fp32"), cuda=True, compute=torch.bfloat16)
+    assert not keeps(ModelConfig(frozen_dtype="compute"), cuda=False, compute=torch.float16)
+    assert not keeps(ModelConfig(quantize=False, frozen_dtype="fp32"), cuda=True, compute=torch.bfloat16)
+
+
+def test_plan_for_llama3_8b_keeps_the_residual_stream_in_bf16_on_a_gpu():
+    """Measured on an H200 (benchmarks/results/h200-2026-11-28): 15.47 GiB peak with fp32 frozen weights."""
+    arch = architecture(resolve("llama3-8b-lora").model)
+    bf16 = estimate(arch, setting_from_config(resolve("llama3-8b-lora"), "cuda"))
+    fp32 = estimate(arch, setting_from_config(resolve("llama3-8b-lora", sets=["model.frozen_dtype=fp32"]), "cuda"))
+    assert bf16.setting.residual_bytes == 2 and fp32.setting.residual_bytes == 4
+    assert fp32.tensors() - bf16.tensors() > 5 * 2**30
+
+
+def test_checkpointing_fewer_layers_trades_memory_for_recomputation():
+    cfg = resolve("llama3-8b-lora")
+    arch = architecture(cfg.model)
+    every = {n: estimate(arch, setting_from_config(resolve("llama3-8b-lora", sets=[f"model.checkpoint_every={n}"]), "cuda"))
+             for n in (1, 2, 32)}
+    assert every[1].checkpoints < every[2].checkpoints < every[32].checkpoints
+    # Only layer 0 is recomputed with n = 32: 31 layers keep all their activations.
+    per_layer = every[32].checkpoints - every[1].checkpoints
+    assert per_layer > 0 and every[2].checkpoints - every[1].checkpoints < per_layer
 
 
 def test_cli_plan_prints_the_breakdown_and_the_fit():
     out = subprocess.run([sys.executable, "-m", "simpo_lite", "plan", "--preset", "llama3-8b-lora",
-                          "--gpu-memory", "16"], capture_output=True, text=True)
+                          "--gpu-memory", "12"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     for fragment in ("checkpointed hidden states", "log-probs", "full-logits trainer", "peak (device)",
-                     "16 GiB (--gpu-memory)", "does not fit", "gradient_accumulation_steps="):
+                     "12 GiB (--gpu-memory)", "does not fit", "gradient_accumulation_steps="):
         assert fragment in out.stdout
     bad = subprocess.run([sys.executable, "-m", "simpo_lite", "plan", "--gpu-memory", "-3"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--gpu-memory" in bad.stderr

@@ -1,0 +1,57 @@
+"""model.load_model options that change how training runs but not what it computes."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from simpo_lite.config import resolve
+from simpo_lite.logprobs import concatenated_logps
+from simpo_lite.model import load_model
+
+
+@pytest.fixture(scope="module")
+def four_layer_llama(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=256)).save_pretrained(folder)
+    return folder
+
+
+def _gradients(folder, every: int, frozen: str = "auto") -> tuple[list[bool], torch.Tensor, dict]:
+    cfg = resolve("smollm2-demo", sets=[f"model.name_or_path={folder}", "model.compute_dtype=fp32",
+                                        f"model.checkpoint_every={every}", f"model.frozen_dtype={frozen}",
+                                        "lora.dropout=0", "model.gradient_checkpointing=true"])
+    torch.manual_seed(0)
+    model = load_model(cfg)
+    model.train()
+    flags = [layer.gradient_checkpointing for layer in model.get_base_model().model.layers]
+    ids = torch.randint(3, 256, (4, 12), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    chosen, rejected = concatenated_logps(model, batch, chunk_tokens=7)
+    (chosen - rejected).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return flags, torch.cat([chosen, rejected]).detach(), grads
+
+
+def test_checkpoint_every_recomputes_fewer_layers_with_the_same_gradients(four_layer_llama):
+    flags_all, logps_all, grads_all = _gradients(four_layer_llama, every=1)
+    flags_half, logps_half, grads_half = _gradients(four_layer_llama, every=2)
+    assert flags_all == [True, True, True, True]
+    assert flags_half == [True, False, True, False]
+    torch.testing.assert_close(logps_half, logps_all)
+    assert grads_half.keys() == grads_all.keys() and len(grads_all) > 0
+    for name in grads_all:
+        torch.testing.assert_close(grads_half[name], grads_all[name], msg=name)
+
+
+def test_frozen_weights_in_the_compute_dtype_leave_4bit_blocks_and_adapters_alone(four_layer_llama):
+    cfg = resolve("smollm2-demo", sets=[f"model.name_or_path={four_layer_llama}", "model.compute_dtype=bf16",
+                                        "model.frozen_dtype=compute"])
+    model = load_model(cfg)
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    assert all(d == torch.float32 for n, d in dtypes.items() if "lora_" in n)  # trainable: fp32 master weights
+    frozen = {n: d for n, d in dtypes.items() if "lora_" not in n}
+    assert frozen and all(d == torch.bfloat16 for d in frozen.values()), frozen
