@@ -19,6 +19,11 @@ CPU seconds (process time) and wall seconds per step. The first step of every ru
     python benchmarks/bench_memory.py                                # about 10 min on 2 idle cores
     python benchmarks/bench_memory.py --lengths 128 256 512 1024     # the README table
     python benchmarks/bench_memory.py --report /tmp/bench_memory.json   # reprint saved results
+    python benchmarks/bench_memory.py --pack-prompt                  # simpo-lite with simpo.pack_prompt
+
+With --pack-prompt the simpo-lite side runs one [prompt | chosen | rejected] row per pair; the
+fingerprint is still that of the unpacked batch built from the same token lists, and its first loss
+must still equal TRL's. The decoder-only floor stays unpacked.
 """
 
 from __future__ import annotations
@@ -161,6 +166,21 @@ def simpo_lite_batch(tokenizer, data: dict, device: str) -> dict:
     return {k: v.to(device) for k, v in {"input_ids": ids, "attention_mask": mask, "labels": labels}.items()}
 
 
+def simpo_lite_packed_batch(tokenizer, data: dict, device: str) -> dict:
+    """The same token lists as simpo_lite_batch, one packed row per pair (simpo.pack_prompt)."""
+    from simpo_lite.data.packing import PackedPairCollator
+
+    features = []
+    for prompt, chosen, rejected in zip(data["prompt"], data["chosen"], data["rejected"]):
+        (p_c, a_c), (p_r, a_r) = tokenize_pair(tokenizer, prompt, chosen), tokenize_pair(tokenizer, prompt, rejected)
+        if p_c != p_r:  # TRL cut the prompt differently for the two answers: there is no shared prompt
+            sys.exit("--pack-prompt: a pair's chosen and rejected prompt tokens differ after tokenization")
+        features.append({"chosen_input_ids": p_c + a_c, "chosen_labels": [-100] * len(p_c) + a_c,
+                         "rejected_input_ids": p_r + a_r, "rejected_labels": [-100] * len(p_r) + a_r})
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return {k: v.to(device) for k, v in PackedPairCollator(pad)(features).items()}
+
+
 def fingerprint(input_ids, attention_mask, labels) -> list:
     """Order-free summary of a [chosen; rejected] batch: per side, sorted (tokens, labels, id checksum)."""
     half = input_ids.shape[0] // 2
@@ -234,8 +254,9 @@ class StepMeter:
 
 # ---- the two systems ------------------------------------------------------------------------
 
-def _lora_model(folder: Path, data: dict, device: str):
-    """simpo-lite's side: the 4-bit model made trainable the way TRL does it, LoRA, AdamW, the batch."""
+def _lora_model(folder: Path, data: dict, device: str, pack_prompt: bool = False):
+    """simpo-lite's side: the 4-bit model made trainable the way TRL does it, LoRA, AdamW, the batch
+    it trains on and the unpacked batch of the same tokens (for the fingerprint)."""
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoTokenizer
@@ -246,13 +267,16 @@ def _lora_model(folder: Path, data: dict, device: str):
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
-    return model, params, optimizer, simpo_lite_batch(AutoTokenizer.from_pretrained(folder), data, device)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    unpacked = simpo_lite_batch(tokenizer, data, device)
+    batch = simpo_lite_packed_batch(tokenizer, data, device) if pack_prompt else unpacked
+    return model, params, optimizer, batch, unpacked
 
 
 def _train(model_params_optimizer_batch, steps: int, device: str, loss_of) -> dict:
     import torch
 
-    model, params, optimizer, batch = model_params_optimizer_batch
+    model, params, optimizer, batch, unpacked = model_params_optimizer_batch
     meter = StepMeter(device)
     for _ in range(steps):
         meter.begin()
@@ -262,21 +286,28 @@ def _train(model_params_optimizer_batch, steps: int, device: str, loss_of) -> di
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         meter.end(loss.item())
-    return meter.result() | {"fingerprint": fingerprint(**{k: batch[k].cpu() for k in batch})}
+    return meter.result() | {"fingerprint": fingerprint(**{k: unpacked[k].cpu() for k in unpacked})}
 
 
-def run_simpo_lite(folder: Path, data: dict, steps: int, device: str, chunk_tokens: int) -> dict:
+def run_simpo_lite(folder: Path, data: dict, steps: int, device: str, chunk_tokens: int,
+                   pack_prompt: bool = False) -> dict:
     from simpo_lite.config import SimpoConfig
     from simpo_lite.logprobs import concatenated_logps
     from simpo_lite.loss import simpo_objective
+    from simpo_lite.packed import check_packable, packed_logps
 
-    cfg = SimpoConfig(beta=BETA, gamma_beta_ratio=GAMMA_BETA_RATIO, logp_chunk_tokens=chunk_tokens)
+    cfg = SimpoConfig(beta=BETA, gamma_beta_ratio=GAMMA_BETA_RATIO, logp_chunk_tokens=chunk_tokens,
+                      pack_prompt=pack_prompt)
+    logps = packed_logps if pack_prompt else concatenated_logps
 
     def loss_of(model, batch):
-        chosen, rejected = concatenated_logps(model, batch, chunk_tokens=cfg.logp_chunk_tokens)
+        chosen, rejected = logps(model, batch, chunk_tokens=cfg.logp_chunk_tokens)
         return simpo_objective(chosen, rejected, cfg)[0]
 
-    return _train(_lora_model(folder, data, device), steps, device, loss_of)
+    parts = _lora_model(folder, data, device, pack_prompt)
+    if pack_prompt:
+        check_packable(parts[0])
+    return _train(parts, steps, device, loss_of)
 
 
 def run_decoder_only(folder: Path, data: dict, steps: int, device: str) -> dict:
@@ -351,7 +382,7 @@ def worker(args) -> None:
 
     data = make_pairs(AutoTokenizer.from_pretrained(folder), args.length)
     if args.system == "simpo-lite":
-        result = run_simpo_lite(folder, data, args.steps, device, args.chunk_tokens)
+        result = run_simpo_lite(folder, data, args.steps, device, args.chunk_tokens, args.pack_prompt)
     elif args.system == FLOOR:
         result = run_decoder_only(folder, data, args.steps, device)
     else:
@@ -362,7 +393,7 @@ def worker(args) -> None:
 # ---- driver -----------------------------------------------------------------------------------
 
 def run_side_by_side(systems: tuple[str, ...], length: int, steps: int, memory: bool, chunk_tokens: int,
-                     threads: int) -> dict:
+                     threads: int, pack_prompt: bool = False) -> dict:
     """Every system's run at once, each its own process: they share whatever else loads the machine,
     so their times stay comparable; peak RSS is per process, so memory is unaffected."""
     env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV} | (MALLOC_ENV if memory else {})
@@ -370,7 +401,7 @@ def run_side_by_side(systems: tuple[str, ...], length: int, steps: int, memory: 
     procs = {}
     for system in systems:
         cmd = [sys.executable, __file__, "--worker", system, "--length", str(length), "--steps", str(steps),
-               "--chunk-tokens", str(chunk_tokens), "--threads", str(threads)]
+               "--chunk-tokens", str(chunk_tokens), "--threads", str(threads)] + (["--pack-prompt"] if pack_prompt else [])
         procs[system] = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     runs = {system: _collect(system, length, proc, memory) for system, proc in procs.items()}
     for result in runs.values():
@@ -405,6 +436,8 @@ def main() -> None:
     parser.add_argument("--memory-steps", type=int, default=2, help="steps per memory run, the first a warm-up")
     parser.add_argument("--lengths", type=int, nargs="*", default=[128, 256, 512], help="memory sweep")
     parser.add_argument("--chunk-tokens", type=int, default=1024, help="simpo-lite logp_chunk_tokens")
+    parser.add_argument("--pack-prompt", action="store_true",
+                        help="simpo-lite runs one [prompt | chosen | rejected] row per pair (simpo.pack_prompt)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (0 = torch's default)")
     parser.add_argument("--json", type=Path, default=Path(tempfile.gettempdir()) / "bench_memory.json",
                         help="every measurement, written as the runs finish")
@@ -426,7 +459,8 @@ def main() -> None:
     plan += [("memory", n, args.memory_steps) for n in [args.length] + sorted(set(args.lengths) - {args.length})]
     for kind, length, steps in plan:
         systems = SYSTEMS + ((FLOOR,) if kind == "time" else ())
-        runs = run_side_by_side(systems, length, steps, kind == "memory", args.chunk_tokens, args.threads)
+        runs = run_side_by_side(systems, length, steps, kind == "memory", args.chunk_tokens, args.threads,
+                                args.pack_prompt)
         same_inputs(runs["simpo-lite"], runs["trl"], f"{kind} at length {length}")
         results[kind][str(length)] = runs
         args.json.write_text(json.dumps(results, indent=1))  # partial results survive an interruption
@@ -444,10 +478,12 @@ def report(results: dict) -> str:
     timed = results["time"][main]
     rows, cols = timed["trl"]["fingerprint"][0]
     measured = f"median of {args['steps'] - 1} steps after a warm-up"
+    packed = ", packed [prompt | chosen | rejected] rows" if args.get("pack_prompt") else ""
     lines = [
         f"SmolLM2-135M-Instruct, 4-bit NF4 + LoRA r=16 all-linear, gradient checkpointing, {timed['trl']['device']}, "
         f"{args['threads'] or 'default'} thread(s); [chosen; rejected] batch of {rows} x {cols} tokens, vocab "
-        f"{vocab}; simpo-lite chunk {args['chunk_tokens']} tokens; whole run {results.get('wall_minutes', 0):.0f} min, "
+        f"{vocab}; simpo-lite chunk {args['chunk_tokens']} tokens{packed}; "
+        f"whole run {results.get('wall_minutes', 0):.0f} min, "
         f"load average {min(r['loadavg'] for r in timed.values()):.1f}-{max(r['loadavg'] for r in timed.values()):.1f} "
         "at the end of the timing runs",
         "",
