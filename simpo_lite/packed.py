@@ -67,11 +67,13 @@ def check_packable(model) -> None:
         raise UserError(f"simpo.pack_prompt=true needs an attention kernel that applies a custom mask "
                         f"('sdpa' or 'eager'), but this {kind} model uses '{kernel}': set "
                         f"model.attn_implementation=sdpa {fix}")
-    layer_types = set(getattr(cfg, "layer_types", None) or ["full_attention"])
-    if getattr(cfg, "sliding_window", None) or layer_types != {"full_attention"}:
-        raise UserError(f"simpo.pack_prompt=true cannot pack {kind}: its layers restrict attention "
-                        f"(sliding window or {sorted(layer_types)}), and a custom mask replaces that "
-                        f"restriction instead of adding to it; set simpo.pack_prompt=false")
+    window = getattr(cfg, "sliding_window", None)
+    limited = sorted(set(getattr(cfg, "layer_types", None) or []) - {"full_attention"})
+    if window or limited:
+        what = f"sliding_window={window}" if window else f"layer types {limited}"
+        raise UserError(f"simpo.pack_prompt=true cannot pack {kind}: its attention is restricted ({what}), "
+                        f"and a custom mask replaces that restriction instead of adding to it; "
+                        f"set simpo.pack_prompt=false")
     takes_positions = "position_ids" in inspect.signature(lm.get_decoder().forward).parameters
     if not takes_positions or getattr(cfg, "alibi", False):
         raise UserError(f"simpo.pack_prompt=true needs rotary/learned positions given by position_ids, which "
