@@ -19,6 +19,11 @@ CPU seconds (process time) and wall seconds per step. The first step of every ru
     python benchmarks/bench_memory.py                                # about 10 min on 2 idle cores
     python benchmarks/bench_memory.py --lengths 128 256 512 1024     # the README table
     python benchmarks/bench_memory.py --report /tmp/bench_memory.json   # reprint saved results
+    python benchmarks/bench_memory.py --pack-prompt                  # simpo-lite with simpo.pack_prompt
+
+With --pack-prompt the simpo-lite side runs one [prompt | chosen | rejected] row per pair; the
+fingerprint is still that of the unpacked batch built from the same token lists, and its first loss
+must still equal TRL's. The decoder-only floor stays unpacked.
 """
 
 from __future__ import annotations
@@ -167,6 +172,21 @@ def simpo_lite_batch(tokenizer, data: dict, device: str) -> dict:
     return {k: v.to(device) for k, v in {"input_ids": ids, "attention_mask": mask, "labels": labels}.items()}
 
 
+def simpo_lite_packed_batch(tokenizer, data: dict, device: str) -> dict:
+    """The same token lists as simpo_lite_batch, one packed row per pair (simpo.pack_prompt)."""
+    from simpo_lite.data.packing import PackedPairCollator
+
+    features = []
+    for prompt, chosen, rejected in zip(data["prompt"], data["chosen"], data["rejected"]):
+        (p_c, a_c), (p_r, a_r) = tokenize_pair(tokenizer, prompt, chosen), tokenize_pair(tokenizer, prompt, rejected)
+        if p_c != p_r:  # TRL cut the prompt differently for the two answers: there is no shared prompt
+            sys.exit("--pack-prompt: a pair's chosen and rejected prompt tokens differ after tokenization")
+        features.append({"chosen_input_ids": p_c + a_c, "chosen_labels": [-100] * len(p_c) + a_c,
+                         "rejected_input_ids": p_r + a_r, "rejected_labels": [-100] * len(p_r) + a_r})
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return {k: v.to(device) for k, v in PackedPairCollator(pad)(features).items()}
+
+
 def fingerprint(input_ids, attention_mask, labels) -> list:
     """Order-free summary of a [chosen; rejected] batch: per side, sorted (tokens, labels, id checksum)."""
     half = input_ids.shape[0] // 2
@@ -240,19 +260,30 @@ class StepMeter:
 
 # ---- the two systems ------------------------------------------------------------------------
 
-def _lora_model(folder: Path, data: dict, device: str):
-    """simpo-lite's side: the 4-bit model made trainable the way TRL does it, LoRA, AdamW, the batch."""
+def _lora_model(folder: Path, data: dict, device: str, options, pack_prompt: bool = False):
+    """simpo-lite's side: the 4-bit model made trainable the way TRL does it (unless --frozen-compute
+    or --checkpoint-every say otherwise), LoRA, AdamW, the batch it trains on and the unpacked batch of
+    the same tokens (for the fingerprint)."""
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoTokenizer
 
+    from simpo_lite.model import cast_frozen_weights, checkpoint_every_nth_layer
+
     model = prepare_model_for_kbit_training(load_4bit(folder, device), use_gradient_checkpointing=True,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
+    if options.frozen_compute:
+        cast_frozen_weights(model, torch.bfloat16 if device == "cuda" else torch.float32)
+    if options.checkpoint_every > 1:
+        checkpoint_every_nth_layer(model, options.checkpoint_every)
     model = get_peft_model(model, lora_config())
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
-    return model, params, optimizer, simpo_lite_batch(AutoTokenizer.from_pretrained(folder), data, device)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    unpacked = simpo_lite_batch(tokenizer, data, device)
+    batch = simpo_lite_packed_batch(tokenizer, data, device) if pack_prompt else unpacked
+    return model, params, optimizer, batch, unpacked
 
 
 def autocast(device: str):
@@ -267,7 +298,7 @@ def autocast(device: str):
 def _train(model_params_optimizer_batch, steps: int, device: str, loss_of) -> dict:
     import torch
 
-    model, params, optimizer, batch = model_params_optimizer_batch
+    model, params, optimizer, batch, unpacked = model_params_optimizer_batch
     meter = StepMeter(device)
     for _ in range(steps):
         meter.begin()
@@ -277,27 +308,35 @@ def _train(model_params_optimizer_batch, steps: int, device: str, loss_of) -> di
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         meter.end(loss.item())
-    return meter.result() | {"fingerprint": fingerprint(**{k: batch[k].cpu() for k in batch})}
+    return meter.result() | {"fingerprint": fingerprint(**{k: unpacked[k].cpu() for k in unpacked})}
 
 
-def run_simpo_lite(folder: Path, data: dict, steps: int, device: str, chunk_tokens: int) -> dict:
+def run_simpo_lite(folder: Path, data: dict, steps: int, device: str, options) -> dict:
     from simpo_lite.config import SimpoConfig
     from simpo_lite.logprobs import concatenated_logps
     from simpo_lite.loss import simpo_objective
+    from simpo_lite.packed import check_packable, packed_logps
 
-    cfg = SimpoConfig(beta=BETA, gamma_beta_ratio=GAMMA_BETA_RATIO, logp_chunk_tokens=chunk_tokens)
+    pack_prompt = options.pack_prompt
+    cfg = SimpoConfig(beta=BETA, gamma_beta_ratio=GAMMA_BETA_RATIO, logp_chunk_tokens=options.chunk_tokens,
+                      pack_prompt=pack_prompt)
+    logps = packed_logps if pack_prompt else concatenated_logps
 
     def loss_of(model, batch):
         with autocast(device):
-            chosen, rejected = concatenated_logps(model, batch, chunk_tokens=cfg.logp_chunk_tokens)
+            chosen, rejected = logps(model, batch, chunk_tokens=cfg.logp_chunk_tokens)
         return simpo_objective(chosen, rejected, cfg)[0]
 
-    return _train(_lora_model(folder, data, device), steps, device, loss_of)
+    parts = _lora_model(folder, data, device, options, pack_prompt)
+    if pack_prompt:
+        check_packable(parts[0])
+    return _train(parts, steps, device, loss_of)
 
 
-def run_decoder_only(folder: Path, data: dict, steps: int, device: str) -> dict:
+def run_decoder_only(folder: Path, data: dict, steps: int, device: str, options) -> dict:
     """The floor under both systems' time: the same step with the output head and loss replaced by a
-    dot product of the response positions' hidden states with a fixed vector."""
+    dot product of the response positions' hidden states with a fixed vector (unpacked rows, the model
+    prepared as simpo-lite's side is)."""
     import torch
 
     from simpo_lite.logprobs import causal_lm, final_hidden_states
@@ -309,7 +348,7 @@ def run_decoder_only(folder: Path, data: dict, steps: int, device: str) -> dict:
         probe = torch.ones(hidden.shape[-1], dtype=hidden.dtype, device=hidden.device) / hidden.shape[-1]
         return (hidden[batch["labels"][:, 1:] != -100] @ probe).float().mean()
 
-    result = _train(_lora_model(folder, data, device), steps, device, loss_of)
+    result = _train(_lora_model(folder, data, device, options), steps, device, loss_of)
     return result | {"first_loss": None}
 
 
@@ -368,9 +407,9 @@ def worker(args) -> None:
 
     data = make_pairs(AutoTokenizer.from_pretrained(folder), args.length)
     if args.system == "simpo-lite":
-        result = run_simpo_lite(folder, data, args.steps, device, args.chunk_tokens)
+        result = run_simpo_lite(folder, data, args.steps, device, args)
     elif args.system == FLOOR:
-        result = run_decoder_only(folder, data, args.steps, device)
+        result = run_decoder_only(folder, data, args.steps, device, args)
     else:
         result = run_trl(folder, data, args.steps, device)
     print("RESULT " + json.dumps(result | {"device": device}), flush=True)
@@ -390,6 +429,9 @@ def run_side_by_side(systems: tuple[str, ...], length: int, steps: int, memory: 
         cmd = [sys.executable, __file__, "--worker", system, "--length", str(length), "--steps", str(steps),
                "--chunk-tokens", str(args.chunk_tokens), "--threads", str(args.threads)]
         cmd += ["--model", str(args.model)] if args.model else []
+        cmd += ["--pack-prompt"] if args.pack_prompt else []
+        cmd += ["--frozen-compute"] if args.frozen_compute else []
+        cmd += ["--checkpoint-every", str(args.checkpoint_every)]
         procs[system] = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if one_by_one:
             runs[system] = _collect(system, length, procs.pop(system), memory)
@@ -428,6 +470,12 @@ def main() -> None:
     parser.add_argument("--memory-steps", type=int, default=2, help="steps per memory run, the first a warm-up")
     parser.add_argument("--lengths", type=int, nargs="*", default=[128, 256, 512], help="memory sweep")
     parser.add_argument("--chunk-tokens", type=int, default=1024, help="simpo-lite logp_chunk_tokens")
+    parser.add_argument("--checkpoint-every", type=int, default=1,
+                        help="simpo-lite checkpoints every n-th decoder layer only (model.checkpoint_every)")
+    parser.add_argument("--frozen-compute", action="store_true",
+                        help="simpo-lite keeps embeddings, head and norms in the compute dtype (model.frozen_dtype)")
+    parser.add_argument("--pack-prompt", action="store_true",
+                        help="simpo-lite runs one [prompt | chosen | rejected] row per pair (simpo.pack_prompt)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (0 = torch's default)")
     parser.add_argument("--model", help="a Hugging Face model folder (default: the bundled SmolLM2-135M-Instruct)")
     parser.add_argument("--json", type=Path, default=Path(tempfile.gettempdir()) / "bench_memory.json",
@@ -473,10 +521,16 @@ def report(results: dict) -> str:
     timed = results["time"][main]
     rows, cols = timed["trl"]["fingerprint"][0]
     measured = f"median of {args['steps'] - 1} steps after a warm-up"
+    packed = ", packed [prompt | chosen | rejected] rows" if args.get("pack_prompt") else ""
+    if args.get("checkpoint_every", 1) > 1:
+        packed += f", checkpointing every {args['checkpoint_every']}th layer"
+    if args.get("frozen_compute"):
+        packed += ", embeddings/head/norms in the compute dtype"
     lines = [
         f"{source.name}, 4-bit NF4 + LoRA r=16 all-linear, gradient checkpointing, {timed['trl']['device']}, "
         f"{args['threads'] or 'default'} thread(s); [chosen; rejected] batch of {rows} x {cols} tokens, vocab "
-        f"{vocab}; simpo-lite chunk {args['chunk_tokens']} tokens; whole run {results.get('wall_minutes', 0):.0f} min, "
+        f"{vocab}; simpo-lite chunk {args['chunk_tokens']} tokens{packed}; "
+        f"whole run {results.get('wall_minutes', 0):.0f} min, "
         f"load average {min(r['loadavg'] for r in timed.values()):.1f}-{max(r['loadavg'] for r in timed.values()):.1f} "
         "at the end of the timing runs",
         "",

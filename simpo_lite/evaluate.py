@@ -25,7 +25,7 @@ def evaluate_dataset(policy, dataset, collate, simpo_cfg: SimpoConfig, batch_siz
     for start in range(0, len(indices), batch_size):
         batch = collate([dataset[i] for i in indices[start:start + batch_size]])
         batch = {k: v.to(device) if device is not None else v for k, v in batch.items()}
-        chosen, rejected = policy(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        chosen, rejected = policy(**batch)
         losses, chosen_rewards, rejected_rewards = pair_losses(chosen, rejected, simpo_cfg)
         columns = [losses, chosen_rewards, rejected_rewards, (chosen_rewards > rejected_rewards).float(),
                    chosen_rewards - rejected_rewards, chosen, rejected]
@@ -43,7 +43,7 @@ def evaluate_command(model_or_run: str, preset: str | None = None, config=None, 
     """`simpo-lite eval`: metrics of a base model, a run's adapter or an exported model on an eval split."""
     from pathlib import Path
 
-    from simpo_lite.data import PairCollator, build_datasets
+    from simpo_lite.data import build_datasets, make_collator
     from simpo_lite.errors import UserError
     from simpo_lite.objective import ConcatenatedPolicy
     from simpo_lite.target import load_target_model, load_target_tokenizer, model_device, resolve_target
@@ -59,9 +59,10 @@ def evaluate_command(model_or_run: str, preset: str | None = None, config=None, 
         raise UserError(f"data '{cfg.data.source}' has no eval pairs: give --set data.eval_split=NAME, "
                         f"--set data.eval_source=FILE or --set data.eval_fraction=0.1")
     model = load_target_model(target)
-    policy = ConcatenatedPolicy(model, cfg.simpo.logp_chunk_tokens)
-    metrics = evaluate_dataset(policy, prepared.eval, PairCollator(pad_token_id=tokenizer.pad_token_id), cfg.simpo,
-                               cfg.train.eval_batch_size, device=model_device(model))
+    policy = ConcatenatedPolicy(model, cfg.simpo.logp_chunk_tokens, cfg.simpo.pack_prompt)
+    collate = make_collator(tokenizer.pad_token_id, cfg.simpo.pack_prompt)
+    metrics = evaluate_dataset(policy, prepared.eval, collate, cfg.simpo, cfg.train.eval_batch_size,
+                               device=model_device(model))
     result = {"model_or_run": model_or_run, "model": target.describe(), "data": cfg.data.source,
               "eval_pairs": len(prepared.eval), "beta": cfg.simpo.beta, "gamma_beta_ratio": cfg.simpo.gamma_beta_ratio,
               **metrics}

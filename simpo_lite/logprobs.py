@@ -37,17 +37,27 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     lm = causal_lm(model)
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
-    counts = keep.sum(-1)
-    if bool((counts == 0).any()):
-        empty = (counts == 0).nonzero().flatten().tolist()
-        raise ValueError(f"rows {empty} have no response tokens (every label is {IGNORE_INDEX})")
+    check_labelled(keep)
     # The last position predicts nothing, so the decoder never needs to see it (causal attention).
     mask = attention_mask[:, :-1] if attention_mask is not None else None
     hidden = final_hidden_states(lm, input_ids[:, :-1], mask)
     token_logps = head_logps(lm, hidden[keep], targets[keep], chunk_tokens)
-    rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(keep)[keep]
-    sums = token_logps.new_zeros(labels.shape[0]).index_add(0, rows, token_logps)
-    return sums / counts.to(sums.dtype) if average else sums
+    return per_row(token_logps, keep, average)
+
+
+def check_labelled(keep: torch.Tensor) -> None:
+    """A row without any label has no average, and would turn the whole loss into NaN."""
+    counts = keep.sum(-1)
+    if bool((counts == 0).any()):
+        empty = (counts == 0).nonzero().flatten().tolist()
+        raise ValueError(f"rows {empty} have no response tokens (every label is {IGNORE_INDEX})")
+
+
+def per_row(token_logps: torch.Tensor, keep: torch.Tensor, average: bool) -> torch.Tensor:
+    """Sum (or mean) per row of ``token_logps``, given in the row-major order of ``keep``'s True slots."""
+    rows = torch.arange(keep.shape[0], device=keep.device).unsqueeze(1).expand_as(keep)[keep]
+    sums = token_logps.new_zeros(keep.shape[0]).index_add(0, rows, token_logps)
+    return sums / keep.sum(-1).to(sums.dtype) if average else sums
 
 
 def concatenated_logps(model, batch: dict, chunk_tokens: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,9 +76,12 @@ def causal_lm(model):
     return get_base() if callable(get_base) else model
 
 
-def final_hidden_states(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+def final_hidden_states(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                        position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """[rows, length, hidden] after the final norm, without ever calling the output head."""
-    out = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    # position_ids only when given: the unpacked path keeps the model's own default positions.
+    extra = {"position_ids": position_ids} if position_ids is not None else {}
+    out = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 

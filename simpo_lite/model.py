@@ -201,11 +201,11 @@ def load_model(cfg: Config):
                                                 gradient_checkpointing_kwargs=ckpt_kwargs)
         dtype = compute_dtype(cfg.model)
         if not keeps_fp32_frozen_weights(cfg.model, torch.cuda.is_available(), dtype):
-            _cast_frozen_weights(model, dtype)
+            cast_frozen_weights(model, dtype)
     elif checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
     if checkpointing and cfg.model.checkpoint_every > 1:
-        _checkpoint_every(model, cfg.model.checkpoint_every)
+        checkpoint_every_nth_layer(model, cfg.model.checkpoint_every)
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
     try:
         return get_peft_model(model, lora_config(cfg.lora))
@@ -213,14 +213,14 @@ def load_model(cfg: Config):
         raise UserError(f"lora.target_modules {cfg.lora.target_modules}: {err}") from None
 
 
-def _cast_frozen_weights(model, dtype: torch.dtype) -> None:
+def cast_frozen_weights(model, dtype: torch.dtype) -> None:
     """Undo prepare_model_for_kbit_training's fp32 upcast of the parameters that are not 4-bit."""
     for param in model.parameters():
         if param.dtype == torch.float32 and type(param).__name__ != "Params4bit":
             param.data = param.data.to(dtype)
 
 
-def _checkpoint_every(model, every: int) -> None:
+def checkpoint_every_nth_layer(model, every: int) -> None:
     """Keep checkpointing on every `every`-th decoder layer only: the others store their activations,
     so backward recomputes fewer layers (transformers checkpoints per GradientCheckpointingLayer)."""
     from transformers.modeling_layers import GradientCheckpointingLayer

@@ -8,6 +8,7 @@ from torch import nn
 from simpo_lite.config import SimpoConfig
 from simpo_lite.logprobs import concatenated_logps
 from simpo_lite.loss import preference_metrics, simpo_loss
+from simpo_lite.packed import check_packable, packed_logps
 
 
 class ConcatenatedPolicy(nn.Module):
@@ -17,13 +18,18 @@ class ConcatenatedPolicy(nn.Module):
     forward, and the chunked log-probs call the decoder and the output head separately.
     """
 
-    def __init__(self, model: nn.Module, chunk_tokens: int):
+    def __init__(self, model: nn.Module, chunk_tokens: int, pack_prompt: bool = False):
         super().__init__()
         self.model = model
         self.chunk_tokens = chunk_tokens
+        self.pack_prompt = pack_prompt
+        if pack_prompt:
+            check_packable(model)  # before the first step, not in the middle of a run
 
-    def forward(self, input_ids, attention_mask, labels):
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    def forward(self, **batch):
+        """(chosen, rejected) average log-probs of an unpacked or, with pack_prompt, a packed batch."""
+        if self.pack_prompt:
+            return packed_logps(self.model, batch, chunk_tokens=self.chunk_tokens)
         return concatenated_logps(self.model, batch, chunk_tokens=self.chunk_tokens)
 
 
@@ -40,7 +46,7 @@ def pair_losses(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, simpo_
 
 def batch_metrics(policy, batch: dict, simpo_cfg: SimpoConfig):
     """(mean loss to backpropagate, metrics dict of floats) for one micro-batch."""
-    chosen, rejected = policy(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    chosen, rejected = policy(**batch)
     losses, chosen_rewards, rejected_rewards = pair_losses(chosen, rejected, simpo_cfg)
     metrics = preference_metrics(chosen.detach(), rejected.detach(), chosen_rewards.detach(),
                                  rejected_rewards.detach())

@@ -84,10 +84,20 @@ def load_data(cfg: Config, tokenizer, accelerator):
     return prepared
 
 
+def row_lengths(train, pack_prompt: bool) -> list[int]:
+    """Each pair's row length in its batch, which length-grouping evens out: the longer side's row,
+    or with packing the one row that holds the prompt once and both responses."""
+    chosen = [len(ids) for ids in train["chosen_input_ids"]]
+    rejected = [len(ids) for ids in train["rejected_input_ids"]]
+    if pack_prompt:
+        return [c + r - p for c, r, p in zip(chosen, rejected, train["prompt_length"])]
+    return [max(c, r) for c, r in zip(chosen, rejected)]
+
+
 def build_run_parts(cfg: Config, resume_path: Path | None, quiet: bool) -> RunParts:
     from accelerate.utils import set_seed
 
-    from simpo_lite.data import PairCollator, batch_indices
+    from simpo_lite.data import batch_indices, make_collator
     from simpo_lite.model import load_model, load_tokenizer
     from simpo_lite.objective import ConcatenatedPolicy
     from simpo_lite.optim import build_optimizer, build_scheduler, total_steps
@@ -101,7 +111,7 @@ def build_run_parts(cfg: Config, resume_path: Path | None, quiet: bool) -> RunPa
     if acc.is_main_process and not quiet:
         print(prepared.report.summary(), flush=True)
     train = prepared.train
-    lengths = [max(len(c), len(r)) for c, r in zip(train["chosen_input_ids"], train["rejected_input_ids"])]
+    lengths = row_lengths(train, cfg.simpo.pack_prompt)
 
     def batches_for_epoch(epoch: int) -> list:
         return batch_indices(lengths, cfg.train.micro_batch_size, seed=cfg.train.seed, epoch=epoch,
@@ -116,7 +126,7 @@ def build_run_parts(cfg: Config, resume_path: Path | None, quiet: bool) -> RunPa
     model = load_model(cfg)
     if resume_path:
         _load_adapter_weights(model, resume_path)
-    policy = ConcatenatedPolicy(model, cfg.simpo.logp_chunk_tokens)
+    policy = ConcatenatedPolicy(model, cfg.simpo.logp_chunk_tokens, cfg.simpo.pack_prompt)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(trainable, cfg.train)
     # load_model already placed the (possibly 4-bit) weights; accelerate must not move them again.
@@ -134,8 +144,8 @@ def build_run_parts(cfg: Config, resume_path: Path | None, quiet: bool) -> RunPa
         if resume_rng is None:
             raise UserError(f"--resume: {resume_path} was written by fewer processes than this run has "
                             f"({acc.num_processes}); resume with the same number of processes")
-    return RunParts(acc, tokenizer, train, prepared.eval, PairCollator(pad_token_id=tokenizer.pad_token_id),
-                    batches_for_epoch, policy, optimizer, scheduler, total, trainable, state, resume_path, resume_rng)
+    collate = make_collator(tokenizer.pad_token_id, cfg.simpo.pack_prompt)
+    return RunParts(acc, tokenizer, train, prepared.eval, collate, batches_for_epoch, policy, optimizer, scheduler, total, trainable, state, resume_path, resume_rng)
 
 
 def _load_adapter_weights(model, path: Path) -> None:

@@ -95,6 +95,8 @@ class Trainer:
         records, tokens = [], 0
         for i, batch in enumerate(micro):
             batch = {k: v.to(acc.device) for k, v in batch.items()}
+            # Real tokens the decoder runs over: both collators give a 2D mask that is 0 on padding
+            # (a packed row holds its prompt once, so it counts it once).
             tokens += int(batch["attention_mask"].sum())
             # Gradients are all-reduced once per optimizer step, on the last micro-batch.
             sync = acc.no_sync(policy) if i < len(micro) - 1 else contextlib.nullcontext()

@@ -36,12 +36,13 @@ def setup(tmp_path_factory):
     return make_tiny_model(root / "model"), write_pairs(root / "pairs.jsonl", 40), root
 
 
-def config_for(setup, name, accumulation):
+def config_for(setup, name, accumulation, pack_prompt=False):
     model, data, root = setup
     path = write_config(root / f"{name}.yaml", model, data, root / name, max_steps=4, save_steps=2, eval_steps=2,
                         gradient_accumulation_steps=accumulation)
     cfg = yaml.safe_load(path.read_text())
     cfg["lora"]["dropout"] = 0.0  # each process draws its own dropout masks; without dropout the runs must agree
+    cfg["simpo"]["pack_prompt"] = pack_prompt
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -74,3 +75,13 @@ def test_distributed_run_resumes(setup):
     shutil.rmtree(resumed / "adapter")
     launch(config_for(setup, "ddp", accumulation=1), 2, "--output-dir", str(resumed), "--resume")
     assert train_losses(resumed) == pytest.approx(train_losses(root / "ddp"), rel=1e-4, abs=1e-5)
+
+
+def test_packed_rows_under_ddp(setup):
+    """simpo.pack_prompt keeps decoder and head inside the wrapped forward: DDP still syncs gradients."""
+    _, _, root = setup
+    launch(config_for(setup, "packed_single", accumulation=2, pack_prompt=True), nproc=1)
+    launch(config_for(setup, "packed_ddp", accumulation=1, pack_prompt=True), nproc=2)
+    single, ddp = train_losses(root / "packed_single"), train_losses(root / "packed_ddp")
+    assert sorted(ddp) == [1, 2, 3, 4]
+    assert ddp == pytest.approx(single, rel=1e-4, abs=1e-5)

@@ -1,15 +1,17 @@
 """Preference data: every common format in, masked [chosen; rejected] token pairs out.
 
     prepared = build_datasets(cfg.data, tokenizer, seed)      # .train, .eval, .report
-    collate = PairCollator(pad_token_id=tokenizer.pad_token_id)
+    collate = PairCollator(pad_token_id=tokenizer.pad_token_id)   # or make_collator(pad_id, pack_prompt)
     batches = batch_indices(prepared.train["length"], batch_size, seed=seed, epoch=epoch)
     batch = collate([prepared.train[i] for i in batches[0]])
 """
 
 from simpo_lite.data.batching import PairCollator, batch_indices, padding_fraction
+from simpo_lite.data.packing import PackedPairCollator, make_collator
 from simpo_lite.data.pipeline import PreparedData, build_datasets
 from simpo_lite.data.report import DataReport, SourceReport
 from simpo_lite.data.tokenize import IGNORE, PairTokenizer, ensure_pad_token
 
-__all__ = ["build_datasets", "PreparedData", "DataReport", "SourceReport", "PairCollator", "batch_indices",
+__all__ = ["build_datasets", "PreparedData", "DataReport", "SourceReport", "PairCollator", "PackedPairCollator",
+           "make_collator", "batch_indices",
            "padding_fraction", "PairTokenizer", "ensure_pad_token", "IGNORE"]

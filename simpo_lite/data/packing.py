@@ -1,0 +1,92 @@
+"""Batches with one row per pair, [prompt | chosen | rejected], so the decoder runs the prompt once.
+
+The unpacked batch (PairCollator) repeats the prompt in the chosen and in the rejected row. Here the
+rejected response follows the chosen one in the same row, and three things keep every token's view
+exactly what it is in its own unpacked row:
+
+- position ids restart after the prompt for the rejected response (rejected token j sits at p + j);
+- segment ids (PROMPT, CHOSEN, REJECTED, PAD) from which the model side builds an attention mask in
+  which rejected tokens see the prompt and earlier rejected tokens, never the chosen ones;
+- targets aligned to the position that predicts them: the first rejected token is predicted from the
+  last prompt position, the same one that predicts the first chosen token, so one position can carry
+  a chosen and a rejected target; hence two tensors, chosen_targets and rejected_targets.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from simpo_lite.data.batching import PairCollator
+from simpo_lite.data.tokenize import IGNORE
+
+PAD, PROMPT, CHOSEN, REJECTED = -1, 0, 1, 2
+
+
+def make_collator(pad_token_id: Optional[int], pack_prompt: bool):
+    """The collator simpo.pack_prompt asks for."""
+    return PackedPairCollator(pad_token_id) if pack_prompt else PairCollator(pad_token_id)
+
+
+def prompt_length(feature: dict) -> int:
+    """Tokens before the first label, which must be the same tokens on both sides."""
+    lengths = []
+    for side in ("chosen", "rejected"):
+        labels = feature[f"{side}_labels"]
+        lengths.append(next((i for i, t in enumerate(labels) if t != IGNORE), len(labels)))
+    p = lengths[0]
+    if lengths[1] != p or feature["chosen_input_ids"][:p] != feature["rejected_input_ids"][:p] or p == 0:
+        raise ValueError("simpo.pack_prompt needs chosen and rejected to start with the same, non-empty, "
+                         f"unlabelled prompt; got prompt lengths {lengths} or different prompt tokens")
+    return p
+
+
+def pack_pair(feature: dict) -> dict[str, list[int]]:
+    """One packed row as lists: input_ids, position_ids, segment_ids, chosen_targets, rejected_targets."""
+    p = prompt_length(feature)
+    chosen_ids, chosen_labels = feature["chosen_input_ids"], feature["chosen_labels"]
+    rejected_ids, rejected_labels = feature["rejected_input_ids"], feature["rejected_labels"]
+    c, r = len(chosen_ids) - p, len(rejected_ids) - p
+    n = p + c + r
+    # Chosen keeps its unpacked indices, so its shifted labels line up as they are.
+    chosen_targets = chosen_labels[1:] + [IGNORE] * (n - len(chosen_labels) + 1)
+    # Rejected index s of its unpacked row sits at s (prompt) or s + c (response) in the packed row.
+    rejected_targets = [IGNORE] * n
+    for s, target in enumerate(rejected_labels[1:]):
+        rejected_targets[s if s < p else s + c] = target
+    return {"input_ids": chosen_ids + rejected_ids[p:],
+            "position_ids": list(range(p + c)) + list(range(p, p + r)),
+            "segment_ids": [PROMPT] * p + [CHOSEN] * c + [REJECTED] * r,
+            "chosen_targets": chosen_targets,
+            "rejected_targets": rejected_targets}
+
+
+class PackedPairCollator:
+    """Pack each pair into one row and right-pad the rows to one length.
+
+    Returns LongTensors of shape [B, T]: input_ids, attention_mask (1 on real tokens, for counting and
+    for readers; the model side masks from segment_ids), position_ids, segment_ids (PAD on padding),
+    chosen_targets and rejected_targets (IGNORE where a position predicts nothing for that side).
+    """
+
+    FILL = {"input_ids": None, "attention_mask": 0, "position_ids": 0, "segment_ids": PAD,
+            "chosen_targets": IGNORE, "rejected_targets": IGNORE}
+
+    def __init__(self, pad_token_id: Optional[int], pad_to_multiple_of: Optional[int] = None):
+        self.pad_token_id = 0 if pad_token_id is None else int(pad_token_id)
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, features: Sequence[dict]) -> dict[str, torch.Tensor]:
+        rows = [pack_pair(f) for f in features]
+        for row in rows:
+            row["attention_mask"] = [1] * len(row["input_ids"])
+        length = max(len(row["input_ids"]) for row in rows)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = {}
+        for key, fill in self.FILL.items():
+            fill = self.pad_token_id if fill is None else fill
+            batch[key] = torch.tensor([row[key] + [fill] * (length - len(row[key])) for row in rows],
+                                      dtype=torch.long)
+        return batch
