@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from helpers import make_tiny_model, train_losses, write_config, write_pairs
+from tiny_models import tiny_model_folder, train_losses, write_config, write_pairs
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    return make_tiny_model(root / "model"), write_pairs(root / "pairs.jsonl", 40)
+    return tiny_model_folder(root / "model", tie=True), write_pairs(root / "pairs.jsonl", 40)
 
 
 def cli(*args, **kwargs):
