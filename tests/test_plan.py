@@ -114,12 +114,11 @@ def test_plan_follows_how_model_py_loads_a_4bit_model(tmp_path):
     """The plan takes embeddings and the residual stream as fp32 for a 4-bit model, because
     model.load_model's prepare_model_for_kbit_training upcasts them; if that changes, so must plan."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from simpo_lite.model import load_model
+    from tiny_models import random_llama, tiny_llama_config
 
-    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                                 num_key_value_heads=2, vocab_size=256)).save_pretrained(tmp_path)
+    random_llama(tiny_llama_config(num_hidden_layers=1, vocab_size=256)).save_pretrained(tmp_path)
     for quantize in (True, False):
         cfg = resolve("smollm2-demo", sets=[f"model.name_or_path={tmp_path}", "model.compute_dtype=bf16",
                                             f"model.quantize={str(quantize).lower()}"])
