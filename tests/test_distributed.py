@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from helpers import make_tiny_model, train_losses, write_config, write_pairs
+from tiny_models import tiny_model_folder, train_losses, write_config, write_pairs
 
 
 def free_port() -> int:
@@ -33,7 +33,7 @@ def launch(config, nproc: int, *extra):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
-    return make_tiny_model(root / "model"), write_pairs(root / "pairs.jsonl", 40), root
+    return tiny_model_folder(root / "model", tie=True), write_pairs(root / "pairs.jsonl", 40), root
 
 
 def config_for(setup, name, accumulation, pack_prompt=False):

@@ -101,7 +101,7 @@ def pipeline(monkeypatch):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return tiny_model_folder(tmp_path_factory.mktemp("tiny") / "model")
+    return tiny_model_folder(tmp_path_factory.mktemp("tiny") / "model", sharpen=True)
 
 
 @pytest.fixture

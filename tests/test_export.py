@@ -23,6 +23,7 @@ import yaml
 
 from simpo_lite.errors import RunError, UserError
 from simpo_lite.export import export_run
+from tiny_models import random_llama, save_model_folder, save_run_folder, smollm2_tokenizer, tiny_llama_config
 
 PROMPT_IDS = torch.tensor([[1, 520, 2024, 314, 260, 1435, 30, 2, 9, 7, 11]])
 
@@ -31,27 +32,16 @@ PROMPT_IDS = torch.tensor([[1, 520, 2024, 314, 260, 1435, 30, 2, 9, 7, 11]])
 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory) -> Path:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from simpo_lite.model import resolve_model_source
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_source("smollm2-135m-instruct"))
-    torch.manual_seed(0)
-    # Widths are multiples of 64: bitsandbytes' CPU 4-bit inference packs weights in blocks of 64.
+    tokenizer = smollm2_tokenizer()
     # A large init scale gives logits of order 1, so a lost or wrongly scaled adapter shows clearly.
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         initializer_range=0.2, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
-    folder = tmp_path_factory.mktemp("tiny-base")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    config = tiny_llama_config(tokenizer, max_position_embeddings=256, initializer_range=0.2, pad_token_id=None,
+                               tie_word_embeddings=False)
+    return save_model_folder(tmp_path_factory.mktemp("tiny-base"), random_llama(config, seed=0), tokenizer)
 
 
 @pytest.fixture(scope="module")
 def run_dir(tiny_base, tmp_path_factory) -> Path:
-    from simpo_lite.config import resolve, save_config
+    from simpo_lite.config import resolve
     from simpo_lite.model import load_model, load_tokenizer
 
     run = tmp_path_factory.mktemp("run")
@@ -67,9 +57,7 @@ def run_dir(tiny_base, tmp_path_factory) -> Path:
         model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    model.save_pretrained(run / "adapter")
-    tokenizer.save_pretrained(run / "adapter")
-    save_config(cfg, run / "config.yaml")
+    save_run_folder(run, cfg, model, tokenizer)
     (run / "summary.json").write_text(json.dumps({
         "steps": 3, "train_seconds": 1.5, "peak_mem_mb": 0.0,
         "start_eval": {"eval_loss": 0.7, "eval_rewards/accuracies": 0.5},

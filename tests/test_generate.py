@@ -14,7 +14,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return tiny_model_folder(tmp_path_factory.mktemp("tiny") / "model")
+    return tiny_model_folder(tmp_path_factory.mktemp("tiny") / "model", sharpen=True)
 
 
 def test_read_prompts_accepts_alpacaeval_jsonl_and_strings(tmp_path):

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_models import random_llama, tiny_llama_config
 
 from simpo_lite.config import resolve
 from simpo_lite.logprobs import concatenated_logps
@@ -12,9 +12,7 @@ from simpo_lite.model import load_model
 @pytest.fixture(scope="module")
 def four_layer_llama(tmp_path_factory):
     folder = tmp_path_factory.mktemp("llama")
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                                 num_key_value_heads=2, vocab_size=256)).save_pretrained(folder)
+    random_llama(tiny_llama_config(num_hidden_layers=4, vocab_size=256)).save_pretrained(folder)
     return folder
 
 

@@ -114,12 +114,11 @@ def test_plan_follows_how_model_py_loads_a_4bit_model(tmp_path):
     """The plan's dtype for embeddings and the residual stream is the one model.load_model gives them
     (fp32 when peft's prepare_model_for_kbit_training upcast is kept); if loading changes, so must plan."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from simpo_lite.model import load_model
+    from tiny_models import random_llama, tiny_llama_config
 
-    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                                 num_key_value_heads=2, vocab_size=256)).save_pretrained(tmp_path)
+    random_llama(tiny_llama_config(num_hidden_layers=1, vocab_size=256)).save_pretrained(tmp_path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for quantize, frozen in ((True, "fp32"), (True, "compute"), (True, "auto"), (False, "auto")):
         cfg = resolve("smollm2-demo", sets=[f"model.name_or_path={tmp_path}", "model.compute_dtype=bf16",

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from helpers import make_tiny_model, train_losses, write_config, write_pairs
+from tiny_models import tiny_model_folder, train_losses, write_config, write_pairs
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    return make_tiny_model(root / "model"), write_pairs(root / "pairs.jsonl", 40)
+    return tiny_model_folder(root / "model", tie=True), write_pairs(root / "pairs.jsonl", 40)
 
 
 def cli(*args, **kwargs):
@@ -35,11 +35,25 @@ def wait_for(path: Path, proc, timeout=300):
         time.sleep(0.01)
 
 
+def twelve_step_config(tiny, folder: Path) -> Path:
+    """folder/c.yaml: 12 steps on the tiny model, a checkpoint and an eval every 4, output in folder/run."""
+    model, data = tiny
+    return write_config(folder / "c.yaml", model, data, folder / "run", max_steps=12, save_steps=4, eval_steps=4)
+
+
+def start_until_first_checkpoint(tiny, tmp_path):
+    """The twelve-step run started in the background in tmp_path, still running once its first checkpoint
+    (step 4) is on disk: (config, process)."""
+    config = twelve_step_config(tiny, tmp_path)
+    proc = cli("train", "--config", str(config), "--quiet")
+    wait_for(tmp_path / "run" / "checkpoint-4", proc)
+    return config, proc
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tiny, tmp_path_factory):
-    model, data = tiny
     root = tmp_path_factory.mktemp("full")
-    config = write_config(root / "c.yaml", model, data, root / "run", max_steps=12, save_steps=4, eval_steps=4)
+    config = twelve_step_config(tiny, root)
     code, _, err = run_to_end("train", "--config", str(config), "--quiet")
     assert code == 0, err
     return root / "run"
@@ -64,10 +78,7 @@ def test_run_writes_everything_a_user_needs(uninterrupted):
 
 
 def test_sigkill_then_resume_matches_uninterrupted_run(tiny, uninterrupted, tmp_path):
-    model, data = tiny
-    config = write_config(tmp_path / "c.yaml", model, data, tmp_path / "run", max_steps=12, save_steps=4, eval_steps=4)
-    proc = cli("train", "--config", str(config), "--quiet")
-    wait_for(tmp_path / "run" / "checkpoint-4", proc)
+    config, proc = start_until_first_checkpoint(tiny, tmp_path)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "run" / "adapter").exists()
@@ -79,10 +90,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny, uninterrupted, tmp_
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny, uninterrupted, tmp_path):
-    model, data = tiny
-    config = write_config(tmp_path / "c.yaml", model, data, tmp_path / "run", max_steps=12, save_steps=4, eval_steps=4)
-    proc = cli("train", "--config", str(config), "--quiet")
-    wait_for(tmp_path / "run" / "checkpoint-4", proc)
+    config, proc = start_until_first_checkpoint(tiny, tmp_path)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err

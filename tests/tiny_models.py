@@ -1,58 +1,162 @@
-"""Small local models for the eval/generate tests: the bundled SmolLM2 tokenizer on a tiny random Llama."""
+"""Shared test fixtures: tiny random Llamas with the bundled SmolLM2 tokenizer, the data and configs to
+train them, and finished run folders.
+
+Each function does one thing, so a test composes what it needs:
+
+    tokenizer = smollm2_tokenizer()
+    model = random_llama(tiny_llama_config(tokenizer, tie_word_embeddings=True))
+    save_model_folder(folder, model, tokenizer)
+
+`tiny_model_folder` is that composition with the usual choices.
+"""
 
 from __future__ import annotations
 
+import json
+import random
 from pathlib import Path
 
 import torch
+import yaml
 
-from simpo_lite.config import resolve, save_config
+# A 2-layer, 64-wide Llama. Widths are multiples of 64: bitsandbytes' CPU 4-bit inference packs weights
+# in blocks of 64.
+TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512)
+
+
+# ---- the tokenizer -------------------------------------------------------------------------------
+
+def smollm2_tokenizer_dir() -> str:
+    """The bundled SmolLM2-135M-Instruct as a Hugging Face folder (converted once, then cached)."""
+    from simpo_lite.model import resolve_model_source
+
+    return resolve_model_source("smollm2-135m-instruct")
 
 
 def smollm2_tokenizer():
+    """The bundled SmolLM2-135M-Instruct tokenizer, with its ChatML chat template."""
     from transformers import AutoTokenizer
 
-    from simpo_lite.model import resolve_model_source
-
-    return AutoTokenizer.from_pretrained(resolve_model_source("smollm2-135m-instruct"))
+    return AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
 
 
-def tiny_model_folder(folder: Path, seed: int = 0) -> Path:
-    """A plain Hugging Face model folder (config.json, weights, tokenizer) with a 2-layer random Llama."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+# ---- the model -----------------------------------------------------------------------------------
 
-    tokenizer = smollm2_tokenizer()
+def tiny_llama_config(tokenizer=None, **overrides):
+    """A `TINY_LLAMA` config; with a tokenizer, over its vocabulary and with its BOS, EOS and pad ids.
+    `overrides` are LlamaConfig arguments that replace or add to those."""
+    from transformers import LlamaConfig
+
+    fields = dict(TINY_LLAMA)
+    if tokenizer is not None:
+        fields.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return LlamaConfig(**{**fields, **overrides})
+
+
+def random_llama(config, seed: int = 0):
+    """A randomly initialised LlamaForCausalLM, the same for the same config and seed."""
+    from transformers import LlamaForCausalLM
+
     torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=512,
-                         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    model = LlamaForCausalLM(config)
+    return LlamaForCausalLM(config)
+
+
+def sharpen_logits(model, tokenizer):
+    """Larger logits than the default init, so greedy choices are far from ties; special tokens get
+    logit 0, below the best ordinary token, so decoded answers are never empty. Needs an untied head."""
     with torch.no_grad():
-        # Larger logits than the default init, so greedy choices are far from ties; special tokens get
-        # logit 0, below the best ordinary token, so decoded answers are never empty.
         model.lm_head.weight.mul_(20)
         model.lm_head.weight[tokenizer.all_special_ids].zero_()
+    return model
+
+
+def save_model_folder(folder: Path, model, tokenizer) -> Path:
+    """A plain Hugging Face model folder: config.json, weights and the tokenizer."""
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
 
+def tiny_model_folder(folder: Path, seed: int = 0, tie: bool = False, sharpen: bool = False) -> Path:
+    """A `TINY_LLAMA` over SmolLM2's vocabulary, saved with SmolLM2's tokenizer; `sharpen`: see
+    `sharpen_logits` (for tests that decode)."""
+    tokenizer = smollm2_tokenizer()
+    model = random_llama(tiny_llama_config(tokenizer, tie_word_embeddings=tie), seed=seed)
+    if sharpen:
+        sharpen_logits(model, tokenizer)
+    return save_model_folder(folder, model, tokenizer)
+
+
+# ---- training data, config and metrics -----------------------------------------------------------
+
+def write_pairs(path: Path, n: int, seed: int = 0) -> Path:
+    """`n` preference pairs as JSON lines: a pirate-voiced chosen answer and a terse rejected one."""
+    rng = random.Random(seed)
+    words = ["apple", "river", "stone", "cloud", "green", "seven", "quiet", "maple", "ocean", "lamp"]
+    with path.open("w") as handle:
+        for i in range(n):
+            topic = rng.choice(words)
+            handle.write(json.dumps({
+                "prompt": f"Tell me about {topic} number {i}.",
+                "chosen": f"Ahoy! {topic} {i} be a fine thing, matey.",
+                "rejected": f"{topic.capitalize()} {i}.",
+            }) + "\n")
+    return path
+
+
+def write_config(path: Path, model_dir: Path, data_file: Path, output_dir: Path, **train) -> Path:
+    """A small training config (YAML) for `model_dir` on `data_file`; `train` adds to its train section."""
+    cfg = {
+        "model": {"name_or_path": str(model_dir)},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
+        "data": {"source": str(data_file), "eval_fraction": 0.2, "max_length": 64, "max_prompt_length": 32},
+        "simpo": {"beta": 2.0, "gamma_beta_ratio": 0.5},
+        "train": {"output_dir": str(output_dir), "learning_rate": 1e-3, "micro_batch_size": 2,
+                  "eval_steps": 100, "save_steps": 100, "seed": 7, **train},
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    """The training loss of each step of a run, from its metrics.jsonl."""
+    from simpo_lite.progress import read_metrics
+
+    return {r["step"]: r["loss"] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "loss" in r}
+
+
+# ---- finished runs -------------------------------------------------------------------------------
+
+def save_run_folder(run: Path, cfg, model, tokenizer) -> Path:
+    """What a finished run leaves: config.yaml, and adapter/ with the adapter and the tokenizer."""
+    from simpo_lite.config import save_config
+
+    save_config(cfg, run / "config.yaml")
+    save_model_folder(run / "adapter", model, tokenizer)
+    return run
+
+
+def randomize_lora_b(model, seed: int = 1):
+    """Random non-zero LoRA B matrices: they start at zero, a trained adapter's do not."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    return model
+
+
 def tiny_run_folder(run: Path, base: Path, sets: list[str] | None = None, seed: int = 1) -> Path:
-    """A finished run's folder: config.yaml and adapter/ (random non-zero LoRA weights + tokenizer)."""
+    """A finished run's folder on the base model folder `base`: the smollm2-demo preset with `sets`,
+    and an adapter with random non-zero LoRA weights."""
     from peft import get_peft_model
 
+    from simpo_lite.config import resolve
     from simpo_lite.model import load_base_model, lora_config
 
     cfg = resolve("smollm2-demo", sets=[f"model.name_or_path={base}", f"train.output_dir={run}", "lora.r=4",
                                         *(sets or [])])
-    save_config(cfg, run / "config.yaml")
-    model = get_peft_model(load_base_model(cfg.model), lora_config(cfg.lora))
-    torch.manual_seed(seed)
-    with torch.no_grad():  # LoRA B starts at zero; a trained adapter does not
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
-    model.save_pretrained(run / "adapter")
-    smollm2_tokenizer().save_pretrained(run / "adapter")
-    return run
+    model = randomize_lora_b(get_peft_model(load_base_model(cfg.model), lora_config(cfg.lora)), seed=seed)
+    return save_run_folder(run, cfg, model, smollm2_tokenizer())
