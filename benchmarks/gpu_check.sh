@@ -3,19 +3,25 @@
 # has torch but cannot reach a package index or a model hub (see gpu_inputs.py for why random weights).
 #
 #   OUT=/tmp/gpu-out TOKENIZER=path/to/tokenizer bash benchmarks/gpu_check.sh
+#   STAGES="train train-packed fsdp" OUT=... TOKENIZER=... bash benchmarks/gpu_check.sh
 #
-# Stages, each under its own time limit, each failure logged and the rest still run:
-#   1. simpo-lite plan + train --preset llama3-8b-lora (2 pairs x 2048 tokens, 4 steps) on a
-#      Llama-3-8B-shaped model: the peak GPU memory and step time a user of that preset gets;
-#   2. benchmarks/bench_memory.py on that model: simpo-lite against TRL's CPOTrainer, same batch;
-#   3. the same comparison on SmolLM2-135M's shapes at 2 x 400 tokens (issue 8's setting);
-#   4. one FSDP-QLoRA process through presets/accelerate/fsdp-qlora.yaml (the multi-GPU launch path).
-# TINY=1 swaps in a tiny model and skips FSDP, to check the script on a CPU.
+# Stages (STAGES picks some, in the order given; inputs are made when a stage needs them), each under
+# its own time limit, each failure logged and the rest still run:
+#   plan, train     simpo-lite plan / train --preset llama3-8b-lora (2 pairs x 2048 tokens, 4 steps) on a
+#                   Llama-3-8B-shaped model: the peak GPU memory and step time a user of that preset gets;
+#   train-fp32      the same with model.frozen_dtype=fp32 (peft's upcast kept, as TRL loads the model);
+#   train-packed    the same with simpo.pack_prompt=true;
+#   train-every2    the same with model.checkpoint_every=2;
+#   bench           benchmarks/bench_memory.py on that model: simpo-lite against TRL's CPOTrainer;
+#   bench-small     the same comparison on SmolLM2-135M's shapes at 2 x 400 tokens (issue 8's setting);
+#   fsdp            3 steps of one FSDP-QLoRA process through presets/accelerate/fsdp-qlora.yaml.
+# TINY=1 swaps in a tiny model, to check the script on a CPU.
 set -u
 OUT=${OUT:?set OUT to a folder for the results}
 TOKENIZER=${TOKENIZER:?set TOKENIZER to a tokenizer folder with a chat template}
 WORK=${WORK:-/tmp/simpo-gpu}
 PY=${PYTHON:-python3}
+STAGES=${STAGES:-plan train bench bench-small fsdp}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 SIMPO_LITE_CACHE="$WORK/cache"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT" "$WORK"
@@ -23,7 +29,7 @@ BIG=llama3-8b SMALL=smollm2-135m STEPS=4 BENCH_STEPS=3
 [ "${TINY:-0}" = 1 ] && BIG=tiny SMALL=tiny STEPS=2 BENCH_STEPS=2
 LOG="$OUT/gpu.log"
 
-stage() {  # stage NAME SECONDS COMMAND...: run with a limit, log everything, never stop the script
+run() {  # run NAME SECONDS COMMAND...: with a limit, everything logged, never stopping the script
   local name=$1 limit=$2; shift 2
   echo "=== $name ($(date +%T), limit ${limit}s): $*" | tee -a "$LOG"
   local start=$SECONDS
@@ -31,27 +37,52 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a limit, log everything, ne
   echo "=== $name: exit $? after $((SECONDS - start)) s" | tee -a "$LOG"
 }
 
-train_args=(--preset llama3-8b-lora --set "model.name_or_path=$WORK/models/$BIG"
-            --set "data.source=$WORK/pairs2048.jsonl" --set data.eval_split=null --set data.eval_max_pairs=2
-            --set "train.max_steps=$STEPS" --set train.gradient_accumulation_steps=1 --set train.warmup_ratio=0
-            --set train.save_steps=1000 --set "train.output_dir=$WORK/run-$BIG")
+need_data() {
+  [ -f "$WORK/pairs2048.jsonl" ] || run data 60 $PY benchmarks/gpu_inputs.py data "$WORK/pairs2048.jsonl" \
+    --tokens 2048 --pairs 12 --tokenizer "$TOKENIZER"
+}
+need_model() {  # need_model ARCH
+  [ -f "$WORK/models/$1/config.json" ] || run "model $1" 120 $PY benchmarks/gpu_inputs.py model "$1" \
+    "$WORK/models/$1" --tokenizer "$TOKENIZER"
+}
 
-stage environment 60 bash -c "nvidia-smi; $PY -c 'import torch, transformers, peft, bitsandbytes, accelerate, trl, datasets, pyarrow; print(torch.__version__, torch.cuda.is_available(), transformers.__version__, peft.__version__, bitsandbytes.__version__, accelerate.__version__, trl.__version__, datasets.__version__, pyarrow.__version__)'"
-stage data 60 bash -c "$PY benchmarks/gpu_inputs.py data $WORK/pairs2048.jsonl --tokens 2048 --pairs 12 --tokenizer $TOKENIZER && $PY benchmarks/gpu_inputs.py data $WORK/pairs400.jsonl --tokens 400 --pairs 24 --tokenizer $TOKENIZER"
-stage "model $BIG" 120 $PY benchmarks/gpu_inputs.py model $BIG "$WORK/models/$BIG" --tokenizer "$TOKENIZER"
-stage "plan $BIG" 60 $PY -m simpo_lite plan "${train_args[@]}"
-stage "train $BIG" 150 $PY -m simpo_lite train "${train_args[@]}" --quiet
-cp "$WORK/run-$BIG/metrics.jsonl" "$OUT/train_metrics.jsonl" 2>/dev/null
-stage "bench $BIG" 180 $PY benchmarks/bench_memory.py --model "$WORK/models/$BIG" --length 2048 --lengths \
-  --steps $BENCH_STEPS --chunk-tokens 256 --threads 0 --json "$OUT/bench_big.json"
-stage "model $SMALL" 60 $PY benchmarks/gpu_inputs.py model $SMALL "$WORK/models/$SMALL" --tokenizer "$TOKENIZER"
-stage "bench $SMALL" 90 $PY benchmarks/bench_memory.py --model "$WORK/models/$SMALL" --length 400 --lengths \
-  --steps 4 --chunk-tokens 256 --threads 0 --json "$OUT/bench_small.json"
-if [ "${TINY:-0}" != 1 ]; then
-  stage "fsdp-qlora 1 process" 90 $PY -m accelerate.commands.launch --config_file presets/accelerate/fsdp-qlora.yaml \
-    --num_processes 1 -m simpo_lite train --preset smollm2-demo --set "model.name_or_path=$WORK/models/$SMALL" \
-    --set "data.source=$WORK/pairs400.jsonl" --set train.max_steps=3 --set train.save_steps=3 \
-    --set "train.output_dir=$WORK/run-fsdp" --quiet
-  cp "$WORK/run-fsdp/metrics.jsonl" "$OUT/fsdp_metrics.jsonl" 2>/dev/null
-fi
+train_big() {  # train_big NAME EXTRA-SETTINGS...: the llama3-8b-lora preset for $STEPS steps
+  local name=$1; shift
+  need_data; need_model $BIG
+  run "$name" 150 $PY -m simpo_lite train --preset llama3-8b-lora --set "model.name_or_path=$WORK/models/$BIG" \
+    --set "data.source=$WORK/pairs2048.jsonl" --set data.eval_split=null --set data.eval_max_pairs=2 \
+    --set "train.max_steps=$STEPS" --set train.gradient_accumulation_steps=1 --set train.warmup_ratio=0 \
+    --set train.save_steps=1000 --set "train.output_dir=$WORK/run-$name" "$@" --quiet
+  cp "$WORK/run-$name/metrics.jsonl" "$OUT/$name.metrics.jsonl" 2>/dev/null
+}
+
+run environment 60 bash -c "nvidia-smi; $PY -c 'import torch, transformers, peft, bitsandbytes, accelerate; print(torch.__version__, torch.cuda.is_available(), transformers.__version__, peft.__version__, bitsandbytes.__version__, accelerate.__version__)'"
+for stage in $STAGES; do
+  case $stage in
+    plan)
+      need_model $BIG
+      run plan 60 $PY -m simpo_lite plan --preset llama3-8b-lora --set "model.name_or_path=$WORK/models/$BIG" ;;
+    train) train_big train ;;
+    train-fp32) train_big train-fp32 --set model.frozen_dtype=fp32 ;;
+    train-packed) train_big train-packed --set simpo.pack_prompt=true ;;
+    train-every2) train_big train-every2 --set model.checkpoint_every=2 ;;
+    bench)
+      need_model $BIG
+      run bench 180 $PY benchmarks/bench_memory.py --model "$WORK/models/$BIG" --length 2048 --lengths \
+        --steps $BENCH_STEPS --chunk-tokens 256 --threads 0 ${BENCH_ARGS:-} --json "$OUT/bench.json" ;;
+    bench-small)
+      need_model $SMALL
+      run bench-small 150 $PY benchmarks/bench_memory.py --model "$WORK/models/$SMALL" --length 400 --lengths \
+        --steps 4 --chunk-tokens 256 --threads 0 ${BENCH_ARGS:-} --json "$OUT/bench_small.json" ;;
+    fsdp)
+      need_model $SMALL
+      run fsdp 150 $PY -m accelerate.commands.launch --config_file presets/accelerate/fsdp-qlora.yaml \
+        --num_processes 1 -m simpo_lite train --preset smollm2-demo --set "model.name_or_path=$WORK/models/$SMALL" \
+        --set train.max_steps=3 --set train.save_steps=3 --set train.eval_steps=3 --set data.eval_max_pairs=8 \
+        --set "train.output_dir=$WORK/run-fsdp" --quiet
+      cp "$WORK/run-fsdp/metrics.jsonl" "$OUT/fsdp.metrics.jsonl" 2>/dev/null
+      ls -R "$WORK/run-fsdp" >>"$LOG" 2>&1 ;;
+    *) echo "unknown stage $stage" | tee -a "$LOG" ;;
+  esac
+done
 echo "=== done ($(date +%T))" | tee -a "$LOG"

@@ -47,7 +47,7 @@ class ModelConfig:
     frozen_dtype: Literal["auto", "fp32", "compute"] = _f(
         "auto", "Dtype of a 4-bit model's embeddings, output head and norms: fp32 (peft's prepare_model_for_kbit_"
         "training upcast) or the compute dtype; auto = compute on bf16 GPUs (~6 GiB less for Llama-3-8B at "
-        "2 x 2048), fp32 on fp16 GPUs and CPUs.")
+        "2 x 2048), fp32 on fp16 GPUs and CPUs; always compute under FSDP.")
     trust_remote_code: bool = _f(False, "Allow the model repository to run its own Python code.")
 
 

@@ -99,6 +99,8 @@ def keeps_fp32_frozen_weights(model_cfg: ModelConfig, cuda: bool, compute: torch
     """
     if not model_cfg.quantize:
         return False
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        return False  # FSDP wraps them with the 4-bit blocks, stored in the compute dtype: one dtype per unit
     if model_cfg.frozen_dtype != "auto":
         return model_cfg.frozen_dtype == "fp32"
     return not (cuda and compute == torch.bfloat16)

@@ -126,6 +126,8 @@ def build_run_parts(cfg: Config, resume_path: Path | None, quiet: bool) -> RunPa
     model = load_model(cfg)
     if resume_path:
         _load_adapter_weights(model, resume_path)
+    if _uses_fsdp(acc):
+        _wrap_lora_separately(acc, model)
     policy = ConcatenatedPolicy(model, cfg.simpo.logp_chunk_tokens, cfg.simpo.pack_prompt)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(trainable, cfg.train)
@@ -146,6 +148,22 @@ def build_run_parts(cfg: Config, resume_path: Path | None, quiet: bool) -> RunPa
                             f"({acc.num_processes}); resume with the same number of processes")
     collate = make_collator(tokenizer.pad_token_id, cfg.simpo.pack_prompt)
     return RunParts(acc, tokenizer, train, prepared.eval, collate, batches_for_epoch, policy, optimizer, scheduler, total, trainable, state, resume_path, resume_rng)
+
+
+def _uses_fsdp(acc) -> bool:
+    from accelerate.utils import DistributedType
+
+    return acc.distributed_type == DistributedType.FSDP
+
+
+def _wrap_lora_separately(acc, model) -> None:
+    """FSDP flattens each wrapped unit into one tensor, which needs one dtype and one requires_grad:
+    peft's policy gives every LoRA matrix (fp32, trainable) its own unit beside the decoder layers
+    (frozen, all in the 4-bit storage dtype). accelerate's own policy looks for the layer classes on
+    the module it is given, ConcatenatedPolicy, which has none."""
+    from peft.utils.other import fsdp_auto_wrap_policy
+
+    acc.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
 
 
 def _load_adapter_weights(model, path: Path) -> None:

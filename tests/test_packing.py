@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import make_tiny_model, write_config, write_pairs
+from tiny_models import tiny_model_folder, write_config, write_pairs
 from simpo_lite.data.batching import PairCollator
 from simpo_lite.data.packing import CHOSEN, PAD, PROMPT, REJECTED, PackedPairCollator, make_collator, pack_pair
 from simpo_lite.errors import UserError
@@ -233,7 +233,7 @@ def train_records(tmp_path, model, data, pack: bool) -> list[dict]:
 
 def test_trainer_steps_and_evals_match_unpacked(tmp_path):
     """4-bit base, LoRA, gradient checkpointing, float32: the same losses, metrics and evaluations."""
-    model, data = make_tiny_model(tmp_path / "model"), write_pairs(tmp_path / "pairs.jsonl", 12)
+    model, data = tiny_model_folder(tmp_path / "model", tie=True), write_pairs(tmp_path / "pairs.jsonl", 12)
     unpacked, packed = train_records(tmp_path, model, data, False), train_records(tmp_path, model, data, True)
     assert [r["step"] for r in packed] == [r["step"] for r in unpacked] == [0, 1, 2, 2]
     for ours, reference in zip(packed, unpacked):
