@@ -26,7 +26,7 @@ class RunParts:
     optimizer: Any
     scheduler: Any
     total_steps: int
-    trainable_params: list
+    clip_params: list      # what the gradient norm is taken over
     state: ckpt.TrainerState
     resumed_from: Path | None
     resume_rng: dict | None
@@ -129,11 +129,16 @@ def build_run_parts(cfg: Config, resume_path: Path | None, quiet: bool) -> RunPa
     if _uses_fsdp(acc):
         _wrap_lora_separately(acc, model)
     policy = ConcatenatedPolicy(model, cfg.simpo.logp_chunk_tokens, cfg.simpo.pack_prompt)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(trainable, cfg.train)
     # load_model already placed the (possibly 4-bit) weights; accelerate must not move them again.
     policy = acc.prepare_model(policy, device_placement=False)
-    optimizer = acc.prepare_optimizer(optimizer)
+    # The optimizer is built on the prepared module's parameters: FSDP replaces the model's parameters
+    # with flattened ones, and an optimizer holding the originals would update nothing (seen on a GPU:
+    # a 1-process FSDP run whose eval loss never moved). Under DDP they are the same tensors.
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = acc.prepare_optimizer(build_optimizer(trainable, cfg.train))
+    # accelerate clips through FSDP's own clip_grad_norm_ (a norm over all shards) only when given
+    # every parameter of the wrapped module; frozen ones have no gradient and add nothing.
+    clip_params = list(policy.parameters()) if _uses_fsdp(acc) else trainable
     state = ckpt.TrainerState(step=0, epoch=0, batch_in_epoch=0)
     total = total_steps(cfg.train, len(batches_for_epoch(0)) // per_step)
     scheduler = build_scheduler(optimizer, cfg.train, total)
@@ -147,7 +152,7 @@ def build_run_parts(cfg: Config, resume_path: Path | None, quiet: bool) -> RunPa
             raise UserError(f"--resume: {resume_path} was written by fewer processes than this run has "
                             f"({acc.num_processes}); resume with the same number of processes")
     collate = make_collator(tokenizer.pad_token_id, cfg.simpo.pack_prompt)
-    return RunParts(acc, tokenizer, train, prepared.eval, collate, batches_for_epoch, policy, optimizer, scheduler, total, trainable, state, resume_path, resume_rng)
+    return RunParts(acc, tokenizer, train, prepared.eval, collate, batches_for_epoch, policy, optimizer, scheduler, total, clip_params, state, resume_path, resume_rng)
 
 
 def _uses_fsdp(acc) -> bool:

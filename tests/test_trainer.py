@@ -128,3 +128,25 @@ def test_refuses_non_empty_output_dir(tiny, tmp_path):
     code, _, err = run_to_end("train", "--config", str(config), "--quiet")
     assert code == 2 and "--resume" in err and "--overwrite" in err
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == "{}\n"
+
+
+def test_the_optimizer_steps_the_parameters_of_the_prepared_model(tiny, tmp_path, monkeypatch):
+    """FSDP's prepare_model swaps the parameters for flattened copies, and an optimizer built on the
+    originals updates nothing (seen on a GPU: a 1-process FSDP run whose eval loss never moved). A
+    stand-in prepare_model that copies the module checks the optimizer holds the prepared ones."""
+    import copy
+
+    from accelerate import Accelerator
+
+    from simpo_lite.config import resolve
+    from simpo_lite.run_setup import build_run_parts
+
+    prepare = Accelerator.prepare_model
+    monkeypatch.setattr(Accelerator, "prepare_model",
+                        lambda self, model, **kwargs: prepare(self, copy.deepcopy(model), **kwargs))
+    model, data = tiny
+    config = write_config(tmp_path / "c.yaml", model, data, tmp_path / "run", max_steps=2)
+    parts = build_run_parts(resolve(config_file=str(config), sets=["model.quantize=false"]), None, quiet=True)
+    used = {id(p) for p in parts.policy.parameters() if p.requires_grad}
+    stepped = [id(p) for group in parts.optimizer.param_groups for p in group["params"]]
+    assert stepped and set(stepped) == used
