@@ -469,7 +469,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="steps per timing run, the first one a warm-up")
     parser.add_argument("--memory-steps", type=int, default=2, help="steps per memory run, the first a warm-up")
     parser.add_argument("--lengths", type=int, nargs="*", default=[128, 256, 512], help="memory sweep")
-    parser.add_argument("--chunk-tokens", type=int, default=1024, help="simpo-lite logp_chunk_tokens")
+    parser.add_argument("--chunk-tokens", type=int, default=256, help="simpo-lite logp_chunk_tokens (its default)")
     parser.add_argument("--checkpoint-every", type=int, default=1,
                         help="simpo-lite checkpoints every n-th decoder layer only (model.checkpoint_every)")
     parser.add_argument("--frozen-compute", action="store_true",

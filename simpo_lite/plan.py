@@ -408,7 +408,7 @@ def _describe(cfg: Config, s: Setting) -> str:
 def _checkpointing(s: Setting) -> str:
     if not s.gradient_checkpointing:
         return "off"
-    return "on" if s.checkpoint_every == 1 else f"on every {s.checkpoint_every}th layer"
+    return "on" if s.checkpoint_every == 1 else f"on 1 layer in {s.checkpoint_every}"
 
 
 def breakdown_rows(arch: Arch, est: Estimate) -> list[tuple[str, float, float]]:
@@ -419,7 +419,7 @@ def breakdown_rows(arch: Arch, est: Estimate) -> list[tuple[str, float, float]]:
     quant = "NF4 + double-quant constants" if s.double_quant else "NF4 + fp32 absmax"
     ckpt = "checkpointed hidden states (1 per layer per token)" if s.gradient_checkpointing else "all layers' activations"
     if s.gradient_checkpointing and s.checkpoint_every > 1:
-        ckpt = f"hidden states of every {s.checkpoint_every}th layer, activations of the others"
+        ckpt = f"hidden states of 1 layer in {s.checkpoint_every}, all activations of the others"
     rows = [
         (f"base linear weights ({quant if s.quantize else 'unquantized'})", est.base_weights, est.base_weights),
         (f"{head}, norms ({frozen})", est.unquantized_weights, est.unquantized_weights),
@@ -476,7 +476,7 @@ def _print_fit(console, arch: Arch, s: Setting, est: Estimate, budget: float, no
             console.print(f"  {label}: not even 1 pair x {s.seq_len} tokens fits{hint}")
             continue
         micro, accumulation = batch_suggestion(effective, fit)
-        console.print(f"  {label}: up to {fit} pairs per micro-batch fit; for the effective batch of {effective}: "
+        console.print(f"  {label}: up to {fit} pair{'s' if fit != 1 else ''} per micro-batch fit; for the effective batch of {effective}: "
                       f"micro_batch_size={micro}, gradient_accumulation_steps={accumulation}")
     fit = largest_micro_batch(arch, s, budget)
     if fit:

@@ -66,7 +66,7 @@ def test_collator_pads_rows_and_counts_real_tokens():
 def test_collator_refuses_pairs_without_a_shared_prompt():
     bad = feature([1, 2], [3], [4])
     bad["rejected_input_ids"][0] = 9
-    with pytest.raises(ValueError, match="same, non-empty"):
+    with pytest.raises(UserError, match="same, non-empty"):
         pack_pair(bad)
 
 

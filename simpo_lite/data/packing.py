@@ -20,6 +20,7 @@ import torch
 
 from simpo_lite.data.batching import PairCollator
 from simpo_lite.data.tokenize import IGNORE
+from simpo_lite.errors import UserError
 
 PAD, PROMPT, CHOSEN, REJECTED = -1, 0, 1, 2
 
@@ -37,8 +38,9 @@ def prompt_length(feature: dict) -> int:
         lengths.append(next((i for i, t in enumerate(labels) if t != IGNORE), len(labels)))
     p = lengths[0]
     if lengths[1] != p or feature["chosen_input_ids"][:p] != feature["rejected_input_ids"][:p] or p == 0:
-        raise ValueError("simpo.pack_prompt needs chosen and rejected to start with the same, non-empty, "
-                         f"unlabelled prompt; got prompt lengths {lengths} or different prompt tokens")
+        raise UserError("simpo.pack_prompt needs chosen and rejected to start with the same, non-empty, "
+                        f"unlabelled prompt; got prompt lengths {lengths} or different prompt tokens: "
+                        "set simpo.pack_prompt=false")
     return p
 
 
