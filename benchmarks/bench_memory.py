@@ -262,20 +262,20 @@ class StepMeter:
 
 def _lora_model(folder: Path, data: dict, device: str, options, pack_prompt: bool = False):
     """simpo-lite's side: the 4-bit model made trainable the way TRL does it (unless --frozen-compute
-    or --checkpoint-every say otherwise), LoRA, AdamW, the batch it trains on and the unpacked batch of
+    or --uncheckpointed-layers say otherwise), LoRA, AdamW, the batch it trains on and the unpacked batch of
     the same tokens (for the fingerprint)."""
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoTokenizer
 
-    from simpo_lite.model import cast_frozen_weights, checkpoint_every_nth_layer
+    from simpo_lite.model import cast_frozen_weights, recompute_all_but_last
 
     model = prepare_model_for_kbit_training(load_4bit(folder, device), use_gradient_checkpointing=True,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
     if options.frozen_compute:
         cast_frozen_weights(model, torch.bfloat16 if device == "cuda" else torch.float32)
-    if options.checkpoint_every > 1:
-        checkpoint_every_nth_layer(model, options.checkpoint_every)
+    if options.uncheckpointed_layers:
+        recompute_all_but_last(model, options.uncheckpointed_layers)
     model = get_peft_model(model, lora_config())
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -431,7 +431,7 @@ def run_side_by_side(systems: tuple[str, ...], length: int, steps: int, memory: 
         cmd += ["--model", str(args.model)] if args.model else []
         cmd += ["--pack-prompt"] if args.pack_prompt else []
         cmd += ["--frozen-compute"] if args.frozen_compute else []
-        cmd += ["--checkpoint-every", str(args.checkpoint_every)]
+        cmd += ["--uncheckpointed-layers", str(args.uncheckpointed_layers)]
         procs[system] = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if one_by_one:
             runs[system] = _collect(system, length, procs.pop(system), memory)
@@ -470,8 +470,8 @@ def main() -> None:
     parser.add_argument("--memory-steps", type=int, default=2, help="steps per memory run, the first a warm-up")
     parser.add_argument("--lengths", type=int, nargs="*", default=[128, 256, 512], help="memory sweep")
     parser.add_argument("--chunk-tokens", type=int, default=256, help="simpo-lite logp_chunk_tokens (its default)")
-    parser.add_argument("--checkpoint-every", type=int, default=1,
-                        help="simpo-lite checkpoints every n-th decoder layer only (model.checkpoint_every)")
+    parser.add_argument("--uncheckpointed-layers", type=int, default=0,
+                        help="simpo-lite's last n decoder layers keep their activations (model.uncheckpointed_layers)")
     parser.add_argument("--frozen-compute", action="store_true",
                         help="simpo-lite keeps embeddings, head and norms in the compute dtype (model.frozen_dtype)")
     parser.add_argument("--pack-prompt", action="store_true",
@@ -522,8 +522,8 @@ def report(results: dict) -> str:
     rows, cols = timed["trl"]["fingerprint"][0]
     measured = f"median of {args['steps'] - 1} steps after a warm-up"
     packed = ", packed [prompt | chosen | rejected] rows" if args.get("pack_prompt") else ""
-    if args.get("checkpoint_every", 1) > 1:
-        packed += f", checkpointing every {args['checkpoint_every']}th layer"
+    if args.get("uncheckpointed_layers"):
+        packed += f", last {args['uncheckpointed_layers']} layers not checkpointed"
     if args.get("frozen_compute"):
         packed += ", embeddings/head/norms in the compute dtype"
     lines = [

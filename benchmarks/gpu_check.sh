@@ -11,7 +11,7 @@
 #                   Llama-3-8B-shaped model: the peak GPU memory and step time a user of that preset gets;
 #   train-fp32      the same with model.frozen_dtype=fp32 (peft's upcast kept, as TRL loads the model);
 #   train-packed    the same with simpo.pack_prompt=true;
-#   train-every2    the same with model.checkpoint_every=2;
+#   train-keep16    the same with model.uncheckpointed_layers=16 (half the layers not recomputed);
 #   bench           benchmarks/bench_memory.py on that model: simpo-lite against TRL's CPOTrainer;
 #   bench-small     the same comparison on SmolLM2-135M's shapes at 2 x 400 tokens (issue 8's setting);
 #   fsdp            3 steps of one FSDP-QLoRA process through presets/accelerate/fsdp-qlora.yaml.
@@ -65,7 +65,7 @@ for stage in $STAGES; do
     train) train_big train ;;
     train-fp32) train_big train-fp32 --set model.frozen_dtype=fp32 ;;
     train-packed) train_big train-packed --set simpo.pack_prompt=true ;;
-    train-every2) train_big train-every2 --set model.checkpoint_every=2 ;;
+    train-keep16) train_big train-keep16 --set model.uncheckpointed_layers=16 ;;
     bench)
       need_model $BIG
       run bench 180 $PY benchmarks/bench_memory.py --model "$WORK/models/$BIG" --length 2048 --lengths \

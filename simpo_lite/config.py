@@ -42,8 +42,9 @@ class ModelConfig:
         "other GPUs, bf16 on CPUs with AVX512-BF16/AMX, else fp32.")
     attn_implementation: Optional[str] = _f(None, "Attention kernel (e.g. 'eager' for Gemma-2, 'sdpa'); null = model default.")
     gradient_checkpointing: bool = _f(True, "Recompute activations in backward (non-reentrant) to save memory.")
-    checkpoint_every: int = _f(1, "With gradient checkpointing, recompute only every n-th decoder layer (1 = all); "
-                                  "the others keep their activations: less recomputation for more memory.", ge=1)
+    uncheckpointed_layers: int = _f(0, "With gradient checkpointing, the last n decoder layers keep their activations "
+                                       "instead of recomputing them: faster steps for memory (simpo-lite plan shows "
+                                       "how much).", ge=0)
     frozen_dtype: Literal["auto", "fp32", "compute"] = _f(
         "auto", "Dtype of a 4-bit model's embeddings, output head and norms: fp32 (peft's prepare_model_for_kbit_"
         "training upcast) or the compute dtype; auto = compute on bf16 GPUs (~6 GiB less for Llama-3-8B at "

@@ -206,8 +206,8 @@ def load_model(cfg: Config):
             cast_frozen_weights(model, dtype)
     elif checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
-    if checkpointing and cfg.model.checkpoint_every > 1:
-        checkpoint_every_nth_layer(model, cfg.model.checkpoint_every)
+    if checkpointing and cfg.model.uncheckpointed_layers:
+        recompute_all_but_last(model, cfg.model.uncheckpointed_layers)
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
     try:
         return get_peft_model(model, lora_config(cfg.lora))
@@ -222,14 +222,15 @@ def cast_frozen_weights(model, dtype: torch.dtype) -> None:
             param.data = param.data.to(dtype)
 
 
-def checkpoint_every_nth_layer(model, every: int) -> None:
-    """Keep checkpointing on every `every`-th decoder layer only: the others store their activations,
-    so backward recomputes fewer layers (transformers checkpoints per GradientCheckpointingLayer)."""
+def recompute_all_but_last(model, keep: int) -> None:
+    """Turn checkpointing off for the last `keep` decoder layers: they store their activations and
+    backward does not recompute them. The last ones, because backward reaches them first and frees
+    their activations before recomputing any other layer, so they never add to that peak."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     for index, layer in enumerate(layers):
-        layer.gradient_checkpointing = index % every == 0
+        layer.gradient_checkpointing = index < len(layers) - keep
 
 
 def load_adapter_model(cfg: Config, adapter_dir: Path, trainable: bool = False):

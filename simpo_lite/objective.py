@@ -7,7 +7,7 @@ from torch import nn
 
 from simpo_lite.config import SimpoConfig
 from simpo_lite.logprobs import concatenated_logps
-from simpo_lite.loss import preference_metrics, simpo_loss
+from simpo_lite.loss import simpo_loss, simpo_objective
 from simpo_lite.packed import check_packable, packed_logps
 
 
@@ -47,7 +47,4 @@ def pair_losses(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, simpo_
 def batch_metrics(policy, batch: dict, simpo_cfg: SimpoConfig):
     """(mean loss to backpropagate, metrics dict of floats) for one micro-batch."""
     chosen, rejected = policy(**batch)
-    losses, chosen_rewards, rejected_rewards = pair_losses(chosen, rejected, simpo_cfg)
-    metrics = preference_metrics(chosen.detach(), rejected.detach(), chosen_rewards.detach(),
-                                 rejected_rewards.detach())
-    return losses.mean(), metrics
+    return simpo_objective(chosen, rejected, simpo_cfg)

@@ -152,7 +152,7 @@ class Setting:
     optimizer_state_bytes: int
     optimizer: str
     gradient_checkpointing: bool
-    checkpoint_every: int   # with checkpointing, every n-th layer is recomputed; the others keep activations
+    uncheckpointed_layers: int  # with checkpointing, the last n layers keep their activations
     eager_attention: bool   # the eager kernel builds [rows, heads, L, L] score tensors
     chunk_tokens: int
     cuda: bool
@@ -194,7 +194,7 @@ def setting_from_config(cfg: Config, device: str = "cuda") -> Setting:
                    # paged 8-bit AdamW: two 8-bit moments per parameter; torch AdamW: two fp32 moments.
                    optimizer_state_bytes=2 if optimizer == "paged_adamw_8bit" else 8, optimizer=optimizer,
                    gradient_checkpointing=cfg.model.gradient_checkpointing,
-                   checkpoint_every=cfg.model.checkpoint_every,
+                   uncheckpointed_layers=cfg.model.uncheckpointed_layers,
                    eager_attention=cfg.model.attn_implementation == "eager",
                    chunk_tokens=cfg.simpo.logp_chunk_tokens, cuda=cuda)
 
@@ -341,7 +341,7 @@ def estimate(arch: Arch, s: Setting) -> Estimate:
     # time), and 4-bit matmuls dequantize one weight matrix to the compute dtype at a time.
     working = 2 * T * arch.intermediate * R + max(i * o for i, o in linear_shapes(arch).values()) * s.compute_bytes
     if s.gradient_checkpointing:
-        recomputed = -(-arch.layers // s.checkpoint_every)  # layers 0, n, 2n, ...
+        recomputed = max(arch.layers - s.uncheckpointed_layers, 0)
         checkpoints = recomputed * T * H * R + (arch.layers - recomputed) * per_layer
         recompute = per_layer + working
     else:
@@ -408,7 +408,7 @@ def _describe(cfg: Config, s: Setting) -> str:
 def _checkpointing(s: Setting) -> str:
     if not s.gradient_checkpointing:
         return "off"
-    return "on" if s.checkpoint_every == 1 else f"on 1 layer in {s.checkpoint_every}"
+    return "on" if not s.uncheckpointed_layers else f"on all but the last {s.uncheckpointed_layers} layers"
 
 
 def breakdown_rows(arch: Arch, est: Estimate) -> list[tuple[str, float, float]]:
@@ -418,8 +418,8 @@ def breakdown_rows(arch: Arch, est: Estimate) -> list[tuple[str, float, float]]:
     head = "embeddings" if arch.tied_embeddings else "embeddings + output head"
     quant = "NF4 + double-quant constants" if s.double_quant else "NF4 + fp32 absmax"
     ckpt = "checkpointed hidden states (1 per layer per token)" if s.gradient_checkpointing else "all layers' activations"
-    if s.gradient_checkpointing and s.checkpoint_every > 1:
-        ckpt = f"hidden states of 1 layer in {s.checkpoint_every}, all activations of the others"
+    if s.gradient_checkpointing and s.uncheckpointed_layers:
+        ckpt = f"checkpointed hidden states + all activations of the last {min(s.uncheckpointed_layers, arch.layers)} layers"
     rows = [
         (f"base linear weights ({quant if s.quantize else 'unquantized'})", est.base_weights, est.base_weights),
         (f"{head}, norms ({frozen})", est.unquantized_weights, est.unquantized_weights),

@@ -16,9 +16,9 @@ def four_layer_llama(tmp_path_factory):
     return folder
 
 
-def _gradients(folder, every: int, frozen: str = "auto") -> tuple[list[bool], torch.Tensor, dict]:
+def _gradients(folder, keep: int, frozen: str = "auto") -> tuple[list[bool], torch.Tensor, dict]:
     cfg = resolve("smollm2-demo", sets=[f"model.name_or_path={folder}", "model.compute_dtype=fp32",
-                                        f"model.checkpoint_every={every}", f"model.frozen_dtype={frozen}",
+                                        f"model.uncheckpointed_layers={keep}", f"model.frozen_dtype={frozen}",
                                         "lora.dropout=0", "model.gradient_checkpointing=true"])
     torch.manual_seed(0)
     model = load_model(cfg)
@@ -34,11 +34,11 @@ def _gradients(folder, every: int, frozen: str = "auto") -> tuple[list[bool], to
     return flags, torch.cat([chosen, rejected]).detach(), grads
 
 
-def test_checkpoint_every_recomputes_fewer_layers_with_the_same_gradients(four_layer_llama):
-    flags_all, logps_all, grads_all = _gradients(four_layer_llama, every=1)
-    flags_half, logps_half, grads_half = _gradients(four_layer_llama, every=2)
+def test_uncheckpointed_layers_recompute_fewer_layers_with_the_same_gradients(four_layer_llama):
+    flags_all, logps_all, grads_all = _gradients(four_layer_llama, keep=0)
+    flags_half, logps_half, grads_half = _gradients(four_layer_llama, keep=2)
     assert flags_all == [True, True, True, True]
-    assert flags_half == [True, False, True, False]
+    assert flags_half == [True, True, False, False]  # the last layers: backward frees them first
     torch.testing.assert_close(logps_half, logps_all)
     assert grads_half.keys() == grads_all.keys() and len(grads_all) > 0
     for name in grads_all:

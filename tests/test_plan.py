@@ -155,14 +155,14 @@ def test_plan_for_llama3_8b_keeps_the_residual_stream_in_bf16_on_a_gpu():
 
 
 def test_checkpointing_fewer_layers_trades_memory_for_recomputation():
-    cfg = resolve("llama3-8b-lora")
-    arch = architecture(cfg.model)
-    every = {n: estimate(arch, setting_from_config(resolve("llama3-8b-lora", sets=[f"model.checkpoint_every={n}"]), "cuda"))
-             for n in (1, 2, 32)}
-    assert every[1].checkpoints < every[2].checkpoints < every[32].checkpoints
-    # Only layer 0 is recomputed with n = 32: 31 layers keep all their activations.
-    per_layer = every[32].checkpoints - every[1].checkpoints
-    assert per_layer > 0 and every[2].checkpoints - every[1].checkpoints < per_layer
+    arch = architecture(resolve("llama3-8b-lora").model)
+    kept = {n: estimate(arch, setting_from_config(resolve("llama3-8b-lora", sets=[f"model.uncheckpointed_layers={n}"]),
+                                                  "cuda")) for n in (0, 1, 16, 99)}
+    assert kept[0].checkpoints < kept[1].checkpoints < kept[16].checkpoints < kept[99].checkpoints
+    # Each layer that keeps its activations adds the same amount; more than the layers exist adds nothing.
+    one_layer = kept[1].checkpoints - kept[0].checkpoints
+    assert kept[16].checkpoints - kept[0].checkpoints == pytest.approx(16 * one_layer)
+    assert kept[99].checkpoints - kept[0].checkpoints == pytest.approx(32 * one_layer)
 
 
 def test_cli_plan_prints_the_breakdown_and_the_fit():
