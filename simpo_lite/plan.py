@@ -374,6 +374,15 @@ def largest_micro_batch(arch: Arch, s: Setting, budget: float, full_logits: bool
     return low
 
 
+def most_uncheckpointed_layers(arch: Arch, s: Setting, budget: float) -> int:
+    """The most decoder layers that can keep their activations (model.uncheckpointed_layers) within
+    `budget` at this micro-batch; 0 without gradient checkpointing or when nothing more fits."""
+    if not s.gradient_checkpointing:
+        return 0
+    fitting = [n for n in range(arch.layers + 1) if estimate(arch, replace(s, uncheckpointed_layers=n)).peak() <= budget]
+    return max(fitting, default=0)
+
+
 def batch_suggestion(effective: int, fit: int) -> tuple[int, int]:
     """(micro_batch, accumulation): the largest micro-batch <= fit that divides the effective batch."""
     micro = max(b for b in range(1, min(fit, effective) + 1) if effective % b == 0)
@@ -484,6 +493,10 @@ def _print_fit(console, arch: Arch, s: Setting, est: Estimate, budget: float, no
         if (micro, accumulation) != (s.micro_batch, cfg.train.gradient_accumulation_steps):
             console.print(f"Use it with: --set train.micro_batch_size={micro} "
                           f"--set train.gradient_accumulation_steps={accumulation}")
+    kept = most_uncheckpointed_layers(arch, s, budget)
+    if kept > s.uncheckpointed_layers:
+        console.print(f"Or spend the spare memory on speed at this micro-batch: --set model.uncheckpointed_layers={kept} "
+                      f"(those layers are not recomputed in backward: {kept} of {arch.layers}).")
 
 
 def plan_summary(cfg: Config, device: str = "cuda") -> dict:

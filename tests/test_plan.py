@@ -200,3 +200,19 @@ def test_estimate_matches_a_measured_cpu_training_step():
     assert chunked["forward_phase"] > chunked["backward_phase"]
     assert small["forward_phase"] < chunked["forward_phase"]
     assert small["step_rise_bytes"] < chunked["step_rise_bytes"]
+
+
+def test_plan_offers_spare_memory_as_uncheckpointed_layers():
+    from simpo_lite.plan import most_uncheckpointed_layers
+
+    cfg = resolve("llama3-8b-lora")
+    arch, s = architecture(cfg.model), setting_from_config(cfg, "cuda")
+    assert most_uncheckpointed_layers(arch, s, 12 * GIB) == 0  # the default peak is 12.45 GiB
+    kept = most_uncheckpointed_layers(arch, s, 24 * GIB)
+    assert 0 < kept < arch.layers
+    assert estimate(arch, replace(s, uncheckpointed_layers=kept)).peak() <= 24 * GIB
+    assert estimate(arch, replace(s, uncheckpointed_layers=kept + 1)).peak() > 24 * GIB
+    assert most_uncheckpointed_layers(arch, replace(s, gradient_checkpointing=False), 80 * GIB) == 0
+    out = subprocess.run([sys.executable, "-m", "simpo_lite", "plan", "--preset", "llama3-8b-lora", "--gpu-memory", "24"],
+                         capture_output=True, text=True)
+    assert f"--set model.uncheckpointed_layers={kept}" in out.stdout
