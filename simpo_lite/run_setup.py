@@ -152,7 +152,8 @@ def build_run_parts(cfg: Config, resume_path: Path | None, quiet: bool) -> RunPa
             raise UserError(f"--resume: {resume_path} was written by fewer processes than this run has "
                             f"({acc.num_processes}); resume with the same number of processes")
     collate = make_collator(tokenizer.pad_token_id, cfg.simpo.pack_prompt)
-    return RunParts(acc, tokenizer, train, prepared.eval, collate, batches_for_epoch, policy, optimizer, scheduler, total, clip_params, state, resume_path, resume_rng)
+    return RunParts(acc, tokenizer, train, prepared.eval, collate, batches_for_epoch, policy, optimizer, scheduler,
+                    total, clip_params, state, resume_path, resume_rng)
 
 
 def _uses_fsdp(acc) -> bool:

@@ -16,9 +16,15 @@ def tiny(tmp_path_factory):
     return tiny_model_folder(root / "model", tie=True), write_pairs(root / "pairs.jsonl", 40)
 
 
+def _default_sigint():
+    # A test run started in the background (`pytest &`, some CI runners) inherits an ignored SIGINT,
+    # and Python then never raises KeyboardInterrupt: give the child the terminal's default.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def cli(*args, **kwargs):
     return subprocess.Popen([sys.executable, "-m", "simpo_lite", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kwargs)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint, **kwargs)
 
 
 def run_to_end(*args):

@@ -1,7 +1,7 @@
 """Preference data: every common format in, masked [chosen; rejected] token pairs out.
 
     prepared = build_datasets(cfg.data, tokenizer, seed)      # .train, .eval, .report
-    collate = PairCollator(pad_token_id=tokenizer.pad_token_id)   # or make_collator(pad_id, pack_prompt)
+    collate = make_collator(tokenizer.pad_token_id, pack_prompt=False)   # PairCollator; True: PackedPairCollator
     batches = batch_indices(prepared.train["length"], batch_size, seed=seed, epoch=epoch)
     batch = collate([prepared.train[i] for i in batches[0]])
 """
