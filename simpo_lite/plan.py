@@ -288,6 +288,7 @@ class Estimate:
     lora_weights_and_states: float
     lora_grads: float
     checkpoints: float
+    backward_checkpoints: float  # what of `checkpoints` is still alive when backward recomputes a layer
     decoder_io: float
     layer_recompute: float
     logp_chunk: float
@@ -301,7 +302,7 @@ class Estimate:
         return self.checkpoints + self.decoder_io + (self.full_logits if full_logits else self.logp_chunk)
 
     def backward_phase(self) -> float:
-        return self.decoder_io + self.layer_recompute + max(self.checkpoints, self.lora_grads)
+        return self.decoder_io + self.layer_recompute + max(self.backward_checkpoints, self.lora_grads)
 
     def tensors(self, full_logits: bool = False) -> float:
         """Peak bytes of live tensors (what torch.cuda.max_memory_allocated reports)."""
@@ -343,9 +344,11 @@ def estimate(arch: Arch, s: Setting) -> Estimate:
     if s.gradient_checkpointing:
         recomputed = max(arch.layers - s.uncheckpointed_layers, 0)
         checkpoints = recomputed * T * H * R + (arch.layers - recomputed) * per_layer
+        # The uncheckpointed layers are the last ones: backward frees them before it recomputes any.
+        backward_checkpoints = recomputed * T * H * R
         recompute = per_layer + working
     else:
-        checkpoints = arch.layers * per_layer
+        checkpoints = backward_checkpoints = arch.layers * per_layer
         recompute = working
     # After the decoder: the final norm's fp32 input and its output, and the log-prob code's gathered
     # response hidden states plus their gradient ([response tokens, H] each; response tokens <= T).
@@ -354,7 +357,8 @@ def estimate(arch: Arch, s: Setting) -> Estimate:
     full_logits = T * arch.vocab * (4 + 4)
     return Estimate(setting=s, base_weights=base, unquantized_weights=unquantized, lora_params=n_lora,
                     lora_weights_and_states=n_lora * (4 + s.optimizer_state_bytes), lora_grads=n_lora * 4,
-                    checkpoints=checkpoints, decoder_io=decoder_io, layer_recompute=recompute,
+                    checkpoints=checkpoints, backward_checkpoints=backward_checkpoints, decoder_io=decoder_io,
+                    layer_recompute=recompute,
                     logp_chunk=logp_chunk_bytes(arch, s), full_logits=full_logits,
                     cuda_context=CUDA_CONTEXT_BYTES if s.cuda else 0.0)
 

@@ -79,6 +79,9 @@ def _batch(rows: int, seq_len: int, prompt_len: int, vocab: int) -> dict:
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
 
 
+EXTRA_SETS: list[str] = []  # --set section.key=value, applied to every measured setting
+
+
 def _config(micro_batch: int, seq_len: int, prompt_len: int, chunk_tokens: int):
     from simpo_lite.config import resolve
 
@@ -86,7 +89,8 @@ def _config(micro_batch: int, seq_len: int, prompt_len: int, chunk_tokens: int):
     # torch's allocator statistics do not see.
     return resolve("smollm2-demo", sets=[f"train.micro_batch_size={micro_batch}", f"data.max_length={seq_len}",
                                          f"data.max_prompt_length={min(prompt_len, seq_len - 1)}",
-                                         f"simpo.logp_chunk_tokens={chunk_tokens}", "train.optimizer=adamw"])
+                                         f"simpo.logp_chunk_tokens={chunk_tokens}", "train.optimizer=adamw",
+                                         *EXTRA_SETS])
 
 
 class _CudaMeter:
@@ -175,7 +179,7 @@ def measure(settings: list[tuple[int, int, int, int]], threads: int = 2, device:
     return results
 
 
-def run_in_subprocess(settings: list[tuple[int, int, int, int]]) -> list[dict]:
+def run_in_subprocess(settings: list[tuple[int, int, int, int]], sets: tuple[str, ...] = ()) -> list[dict]:
     """Measure in a fresh interpreter started with the glibc settings (they only apply at startup)."""
     import subprocess
 
@@ -185,6 +189,8 @@ def run_in_subprocess(settings: list[tuple[int, int, int, int]]) -> list[dict]:
     args = [sys.executable, os.path.abspath(__file__), "--json"]
     for setting in settings:
         args += ["--setting", ",".join(map(str, setting))]
+    for item in sets:
+        args += ["--set", item]
     out = subprocess.run(args, capture_output=True, text=True, env=env, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"measurement failed:\n{out.stderr[-3000:]}")
@@ -196,8 +202,11 @@ def main() -> None:
     parser.add_argument("--setting", action="append", metavar="PAIRS,SEQ_LEN,PROMPT_LEN,CHUNK",
                         help="a micro-batch to measure (repeatable); default 4,256,8,1024 (the demo preset's batch)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="a config override for every setting, e.g. model.uncheckpointed_layers=10")
     parser.add_argument("--json", action="store_true", help="print one JSON line only")
     args = parser.parse_args()
+    EXTRA_SETS.extend(args.set)
     if args.device == "cpu" and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
         print("warning: start with " + " ".join(f"{k}={v}" for k, v in MALLOC_ENV.items())
               + " or freed memory stays resident", file=sys.stderr)
