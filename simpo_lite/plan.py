@@ -177,12 +177,13 @@ def setting_from_config(cfg: Config, device: str = "cuda") -> Setting:
         from simpo_lite.model import cpu_has_native_bf16
 
         compute = 2 if cuda or cpu_has_native_bf16() else 4
-    # With fp32 embeddings, head and norms (model.frozen_dtype) the residual stream is fp32 too.
-    from simpo_lite.model import keeps_fp32_frozen_weights
-
     import torch
 
-    residual = 4 if keeps_fp32_frozen_weights(cfg.model, cuda, torch.bfloat16 if compute == 2 else torch.float32) else compute
+    from simpo_lite.model import keeps_fp32_frozen_weights
+
+    # With fp32 embeddings, head and norms (model.frozen_dtype) the residual stream is fp32 too.
+    compute_dtype = torch.bfloat16 if compute == 2 else torch.float32
+    residual = 4 if keeps_fp32_frozen_weights(cfg.model, cuda, compute_dtype) else compute
     optimizer = cfg.train.optimizer
     if optimizer == "auto":
         optimizer = "paged_adamw_8bit" if cuda else "adamw"
@@ -383,8 +384,8 @@ def most_uncheckpointed_layers(arch: Arch, s: Setting, budget: float) -> int:
     `budget` at this micro-batch; 0 without gradient checkpointing or when nothing more fits."""
     if not s.gradient_checkpointing:
         return 0
-    fitting = [n for n in range(arch.layers + 1) if estimate(arch, replace(s, uncheckpointed_layers=n)).peak() <= budget]
-    return max(fitting, default=0)
+    fits = [n for n in range(arch.layers + 1) if estimate(arch, replace(s, uncheckpointed_layers=n)).peak() <= budget]
+    return max(fits, default=0)
 
 
 def batch_suggestion(effective: int, fit: int) -> tuple[int, int]:
