@@ -312,24 +312,22 @@ def _train(model_params_optimizer_batch, steps: int, device: str, loss_of) -> di
 
 
 def run_simpo_lite(folder: Path, data: dict, steps: int, device: str, options) -> dict:
+    """simpo-lite's side through the trainer's own pieces: ConcatenatedPolicy (packed rows with
+    --pack-prompt, checked packable when built) and loss.simpo_objective."""
     from simpo_lite.config import SimpoConfig
-    from simpo_lite.logprobs import concatenated_logps
     from simpo_lite.loss import simpo_objective
-    from simpo_lite.packed import check_packable, packed_logps
+    from simpo_lite.objective import ConcatenatedPolicy
 
-    pack_prompt = options.pack_prompt
     cfg = SimpoConfig(beta=BETA, gamma_beta_ratio=GAMMA_BETA_RATIO, logp_chunk_tokens=options.chunk_tokens,
-                      pack_prompt=pack_prompt)
-    logps = packed_logps if pack_prompt else concatenated_logps
+                      pack_prompt=options.pack_prompt)
+    parts = _lora_model(folder, data, device, options, options.pack_prompt)
+    policy = ConcatenatedPolicy(parts[0], cfg.logp_chunk_tokens, cfg.pack_prompt)
 
     def loss_of(model, batch):
         with autocast(device):
-            chosen, rejected = logps(model, batch, chunk_tokens=cfg.logp_chunk_tokens)
+            chosen, rejected = policy(**batch)
         return simpo_objective(chosen, rejected, cfg)[0]
 
-    parts = _lora_model(folder, data, device, options, pack_prompt)
-    if pack_prompt:
-        check_packable(parts[0])
     return _train(parts, steps, device, loss_of)
 
 
