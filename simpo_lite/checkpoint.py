@@ -21,6 +21,7 @@ import torch
 
 from simpo_lite.config import Config, load_saved_config, save_config
 from simpo_lite.errors import UserError
+from simpo_lite.sharding import save_adapter
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -119,16 +120,16 @@ def _apply_umask(folder: Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
-def save_checkpoint(output_dir: Path, model, optimizer, scheduler, state: TrainerState, cfg: Config,
+def save_checkpoint(output_dir: Path, model, optimizer_state: dict, scheduler, state: TrainerState, cfg: Config,
                     rng_states: list[dict], keep: int, adapter_state: dict | None = None) -> Path:
     """Write checkpoint-<step> atomically, then drop the oldest beyond `keep`.
 
     rng_states: one per process (gathered by the caller), so every process resumes its own stream.
-    adapter_state: the full model state dict when the live one is sharded (FSDP), else None.
+    optimizer_state, adapter_state: see simpo_lite.sharding (whole even when the live ones are sharded).
     """
     def fill(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=adapter_state)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_adapter(model, tmp, adapter_state)
+        torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         for rank, rng in enumerate(rng_states):
             torch.save(rng, tmp / f"rng_state_{rank}.pt")

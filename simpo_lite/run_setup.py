@@ -10,6 +10,7 @@ from typing import Any, Callable
 import torch
 
 from simpo_lite import checkpoint as ckpt
+from simpo_lite import sharding
 from simpo_lite.config import Config
 from simpo_lite.errors import UserError
 
@@ -103,6 +104,7 @@ def build_run_parts(cfg: Config, resume_path: Path | None, quiet: bool) -> RunPa
     from simpo_lite.optim import build_optimizer, build_scheduler, total_steps
 
     acc = make_accelerator(cfg)
+    sharding.warn_if_fsdp_ignored(acc)
     set_seed(cfg.train.seed)
     if resume_path:
         _warn_config_drift(cfg, resume_path)
@@ -126,8 +128,8 @@ def build_run_parts(cfg: Config, resume_path: Path | None, quiet: bool) -> RunPa
     model = load_model(cfg)
     if resume_path:
         _load_adapter_weights(model, resume_path)
-    if _uses_fsdp(acc):
-        _wrap_lora_separately(acc, model)
+    if sharding.uses_fsdp(acc):
+        sharding.wrap_lora_separately(acc, model)
     policy = ConcatenatedPolicy(model, cfg.simpo.logp_chunk_tokens, cfg.simpo.pack_prompt)
     # load_model already placed the (possibly 4-bit) weights; accelerate must not move them again.
     policy = acc.prepare_model(policy, device_placement=False)
@@ -138,13 +140,13 @@ def build_run_parts(cfg: Config, resume_path: Path | None, quiet: bool) -> RunPa
     optimizer = acc.prepare_optimizer(build_optimizer(trainable, cfg.train))
     # accelerate clips through FSDP's own clip_grad_norm_ (a norm over all shards) only when given
     # every parameter of the wrapped module; frozen ones have no gradient and add nothing.
-    clip_params = list(policy.parameters()) if _uses_fsdp(acc) else trainable
+    clip_params = list(policy.parameters()) if sharding.uses_fsdp(acc) else trainable
     state = ckpt.TrainerState(step=0, epoch=0, batch_in_epoch=0)
     total = total_steps(cfg.train, len(batches_for_epoch(0)) // per_step)
     scheduler = build_scheduler(optimizer, cfg.train, total)
     resume_rng = None
     if resume_path:
-        optimizer.load_state_dict(ckpt.load_torch(resume_path / "optimizer.pt"))
+        sharding.load_optimizer_state(acc, policy, optimizer, ckpt.load_torch(resume_path / "optimizer.pt"), resume_path)
         scheduler.load_state_dict(ckpt.load_torch(resume_path / "scheduler.pt"))
         state = ckpt.load_trainer_state(resume_path)
         resume_rng = ckpt.load_rng_state(resume_path, acc.process_index)
@@ -156,30 +158,18 @@ def build_run_parts(cfg: Config, resume_path: Path | None, quiet: bool) -> RunPa
                     total, clip_params, state, resume_path, resume_rng)
 
 
-def _uses_fsdp(acc) -> bool:
-    from accelerate.utils import DistributedType
-
-    return acc.distributed_type == DistributedType.FSDP
-
-
-def _wrap_lora_separately(acc, model) -> None:
-    """FSDP flattens each wrapped unit into one tensor, which needs one dtype and one requires_grad:
-    peft's policy gives every LoRA matrix (fp32, trainable) its own unit beside the decoder layers
-    (frozen, all in the 4-bit storage dtype). accelerate's own policy looks for the layer classes on
-    the module it is given, ConcatenatedPolicy, which has none."""
-    from peft.utils.other import fsdp_auto_wrap_policy
-
-    acc.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
-
 
 def _load_adapter_weights(model, path: Path) -> None:
-    from peft import set_peft_model_state_dict
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file
 
     file = path / "adapter_model.safetensors"
     if not file.is_file():
         raise UserError(f"--resume: {path} has no adapter_model.safetensors; it is not a complete checkpoint")
-    result = set_peft_model_state_dict(model, load_file(str(file)))
-    if getattr(result, "unexpected_keys", None):
+    saved = load_file(str(file))
+    # A file without some of the adapter's weights would load "successfully" and silently restart them.
+    missing = set(get_peft_model_state_dict(model)) - set(saved)
+    result = set_peft_model_state_dict(model, saved)
+    if missing or getattr(result, "unexpected_keys", None):
         raise UserError(f"--resume: adapter weights in {path} do not fit this model/LoRA config "
-                        f"({len(result.unexpected_keys)} unexpected keys)")
+                        f"({len(missing)} missing, {len(getattr(result, 'unexpected_keys', []))} unexpected)")

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from simpo_lite.checkpoint import write_atomically
+from simpo_lite.sharding import save_adapter
 
 SHOWN = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_rewards/chosen",
          "eval_rewards/rejected", "eval_logps/chosen", "eval_logps/rejected")
@@ -13,7 +14,7 @@ SHOWN = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_r
 
 def save_final_adapter(target: Path, model, tokenizer, adapter_state: dict | None = None) -> None:
     def fill(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=adapter_state)
+        save_adapter(model, tmp, adapter_state)
         tokenizer.save_pretrained(tmp)
 
     write_atomically(target, fill)

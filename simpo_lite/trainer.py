@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from simpo_lite import checkpoint as ckpt
+from simpo_lite import sharding
 from simpo_lite.config import Config, save_config
 from simpo_lite.errors import RunError, UserError
 from simpo_lite.progress import MetricsLog, Progress, peak_memory_mb
@@ -172,28 +173,17 @@ class Trainer:
 
         rng = rng or ckpt.rng_state()
         rngs = gather_object([rng]) if self.world > 1 else [rng]
-        adapter_state = self._full_state_dict()
+        adapter_state = sharding.full_adapter_state(self.acc, self.parts.policy)
+        optimizer_state = sharding.optimizer_state(self.acc, self.parts.policy, self.parts.optimizer)
         path = None
         if self.acc.is_main_process:
-            path = ckpt.save_checkpoint(self.output_dir, self._peft_model(), self.parts.optimizer, self.parts.scheduler,
+            path = ckpt.save_checkpoint(self.output_dir, self._peft_model(), optimizer_state, self.parts.scheduler,
                                         self.state, self.cfg, rngs, self.cfg.train.save_total_limit, adapter_state)
         self.acc.wait_for_everyone()
         return path
 
     def _peft_model(self):
         return self.acc.unwrap_model(self.parts.policy).model
-
-    def _full_state_dict(self) -> dict | None:
-        """Under FSDP the adapter weights are sharded: every process takes part in gathering them.
-
-        Elsewhere None: peft reads the weights straight from the unwrapped model.
-        """
-        from accelerate.utils import DistributedType
-
-        if self.acc.distributed_type != DistributedType.FSDP:
-            return None
-        state = self.acc.get_state_dict(self.parts.policy)
-        return {key.removeprefix("model."): value for key, value in state.items()}
 
     # ---- the run ------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -240,7 +230,7 @@ class Trainer:
 
         summary = {"steps": self.state.step, "skipped_steps": self.state.skipped_steps, "train_seconds": seconds,
                    "peak_mem_mb": peak_memory_mb(), "start_eval": first_eval, "end_eval": last_eval}
-        adapter_state = self._full_state_dict()
+        adapter_state = sharding.full_adapter_state(self.acc, self.parts.policy)
         if self.acc.is_main_process:
             save_final_adapter(self.output_dir / "adapter", self._peft_model(), self.parts.tokenizer, adapter_state)
             summary = write_summary(self.output_dir, summary)

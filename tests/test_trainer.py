@@ -1,4 +1,5 @@
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -104,6 +105,19 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny, uninterrupted, tmp_pa
     code, _, err = run_to_end("train", "--config", str(config), "--resume", "--quiet")
     assert code == 0, err
     assert train_losses(tmp_path / "run") == pytest.approx(train_losses(uninterrupted), rel=1e-5, abs=1e-6)
+
+
+def test_resume_refuses_a_checkpoint_missing_adapter_weights(tiny, uninterrupted, tmp_path):
+    """An adapter file without some weights used to load without complaint and restart them."""
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted, run)
+    weights = run / "checkpoint-12" / "adapter_model.safetensors"
+    saved = load_file(str(weights))
+    save_file(dict(list(saved.items())[1:]), str(weights))
+    code, _, err = run_to_end("train", "--config", str(twelve_step_config(tiny, tmp_path)), "--resume")
+    assert code == 2 and "1 missing" in err and "Traceback" not in err
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):

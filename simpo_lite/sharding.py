@@ -1,0 +1,144 @@
+"""What changes when accelerate shards the model with FSDP (QLoRA over several GPUs).
+
+Each LoRA matrix is its own FSDP unit (see `wrap_lora_separately`), so the adapter and its optimizer
+state can be gathered without gathering the frozen 4-bit layers. Checkpoints hold them whole, in the
+same form as an unsharded run's: the adapter as peft saves it, the optimizer state keyed by parameter
+name. Outside FSDP every function here is the plain single-process operation.
+"""
+
+from __future__ import annotations
+
+from simpo_lite.errors import UserError
+
+# Prefixes FSDP and torch's activation-checkpoint wrapper insert into module names.
+WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def uses_fsdp(acc) -> bool:
+    from accelerate.utils import DistributedType
+
+    return acc.distributed_type == DistributedType.FSDP
+
+
+def warn_if_fsdp_ignored(acc) -> None:
+    """accelerate turns an FSDP launch config into DDP when it finds no GPU, without saying so."""
+    import os
+    import warnings
+
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+    if asked and not uses_fsdp(acc) and acc.is_main_process:
+        warnings.warn("the launch config asks for FSDP, but accelerate shards only on GPUs: these processes run "
+                      "DDP, each holding the whole model", stacklevel=2)
+
+
+def wrap_lora_separately(acc, model) -> None:
+    """FSDP flattens each wrapped unit into one tensor, which needs one dtype and one requires_grad:
+    peft's policy gives every LoRA matrix (fp32, trainable) its own unit beside the decoder layers
+    (frozen, all in the 4-bit storage dtype). accelerate's own policy looks for the layer classes on
+    the module it is given, ConcatenatedPolicy, which has none."""
+    from peft.utils.other import fsdp_auto_wrap_policy
+
+    acc.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
+
+
+def unwrapped_name(name: str) -> str:
+    """A parameter's name in the model FSDP wrapped (ConcatenatedPolicy), without wrapper prefixes."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def full_adapter_state(acc, policy) -> dict | None:
+    """The trainable weights, whole, keyed as in the peft model's state dict.
+
+    Under FSDP every process must call this (the shards are gathered); the main process gets the
+    weights, the others an empty dict. Elsewhere None: peft reads the weights from the live model.
+    """
+    if not uses_fsdp(acc):
+        return None
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    state = {}
+    for unit_name, unit in _trainable_units(policy):
+        # offload_to_cpu only on accelerators: on CPU tensors FSDP's offload frees the gathered copy.
+        with FSDP.summon_full_params(unit, recurse=False, writeback=False, rank0_only=True,
+                                     offload_to_cpu=acc.device.type != "cpu"):
+            if acc.is_main_process:
+                for name, param in unit.named_parameters():
+                    key = unwrapped_name(f"{unit_name}.{name}").removeprefix("model.")
+                    state[key] = param.detach().to("cpu", copy=True)
+    return state
+
+
+def save_adapter(peft_model, folder, adapter_state: dict | None) -> None:
+    """Write the adapter as peft does: adapter_model.safetensors and adapter_config.json.
+
+    adapter_state None: peft's own save_pretrained. Gathered weights (FSDP) are written here instead,
+    because peft picks the adapter's keys by module name, and FSDP's nested wrappers change those
+    names: given the gathered weights, it saves none of them.
+    """
+    if adapter_state is None:
+        peft_model.save_pretrained(folder, safe_serialization=True)
+        return
+    import copy
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    adapter = peft_model.active_adapter
+    weights = {_without_adapter_name(key, adapter): value.contiguous() for key, value in adapter_state.items()}
+    save_file(weights, str(Path(folder) / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = copy.deepcopy(peft_model.peft_config[adapter])
+    config.inference_mode = True  # as peft saves it: a loaded adapter is frozen unless asked otherwise
+    config.save_pretrained(str(folder))
+
+
+def _without_adapter_name(key: str, adapter: str) -> str:
+    """'...q_proj.lora_A.default.weight' -> '...q_proj.lora_A.weight', peft's key in a saved adapter."""
+    *head, name, leaf = key.split(".")
+    return ".".join([*head, leaf] if name == adapter else [*head, name, leaf])
+
+
+def _trainable_units(policy) -> list:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    return [(name, module) for name, module in policy.named_modules()
+            if isinstance(module, FSDP) and module._has_params and module._flat_param.requires_grad]
+
+
+def optimizer_state(acc, policy, optimizer) -> dict:
+    """The optimizer state to save. Under FSDP every process must call this; the main process gets
+    the whole state keyed by parameter name (independent of the number of processes)."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    if not uses_fsdp(acc):
+        return optimizer.state_dict()
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    with _full_state_dicts(acc, policy, rank0_only=True):
+        return FSDP.optim_state_dict(policy, optimizer)
+
+
+def load_optimizer_state(acc, policy, optimizer, state: dict, source) -> None:
+    """Load a saved optimizer state; under FSDP each process keeps its own shard of it."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)
+    saved_by_fsdp = any(isinstance(key, str) for key in state.get("state", {}))
+    if saved_by_fsdp != uses_fsdp(acc):
+        written, now = ("with", "without") if saved_by_fsdp else ("without", "with")
+        raise UserError(f"--resume: {source} was written by a run {written} FSDP and this run is {now} it; "
+                        f"resume it under the same accelerate config")
+    if uses_fsdp(acc):
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with _full_state_dicts(acc, policy, rank0_only=False):
+            state = FSDP.optim_state_dict_to_load(policy, optimizer, state)
+    optimizer.load_state_dict(state)
+
+
+def _full_state_dicts(acc, policy, rank0_only: bool):
+    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    offload = acc.device.type != "cpu"
+    return FSDP.state_dict_type(policy, StateDictType.FULL_STATE_DICT,
+                                FullStateDictConfig(offload_to_cpu=offload, rank0_only=rank0_only),
+                                FullOptimStateDictConfig(offload_to_cpu=offload, rank0_only=rank0_only))

@@ -1,0 +1,105 @@
+"""FSDP over QLoRA, through the shipped accelerate config, on 2 CPU processes (gloo).
+
+accelerate runs FSDP only on GPUs; `fsdp_on_cpu.py` lets its real FSDP1 path run on the CPU (see
+there). The run must train, evaluate, save and resume exactly like one unsharded process with two
+accumulation steps.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from tiny_models import tiny_model_folder, train_losses, write_config, write_pairs
+
+ROOT = Path(__file__).resolve().parent.parent
+# The two settings that need an accelerator: on GPUs rank 0 broadcasts the weights it loaded.
+CPU_OVERRIDES = ["--mixed_precision", "no", "--fsdp_sync_module_states", "false",
+                 "--fsdp_cpu_ram_efficient_loading", "false"]
+
+
+def run(cmd: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+
+
+def launch_fsdp(config: Path, *extra: str) -> subprocess.CompletedProcess:
+    result = run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                  str(ROOT / "presets/accelerate/fsdp-qlora.yaml"), "--num_processes", "2", *CPU_OVERRIDES,
+                  str(ROOT / "tests/fsdp_on_cpu.py"), "train", "--config", str(config), "--quiet", *extra])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One unsharded process with 2 accumulation steps, and FSDP on 2 processes with 1."""
+    root = tmp_path_factory.mktemp("fsdp")
+    model, data = tiny_model_folder(root / "model"), write_pairs(root / "pairs.jsonl", 40)
+    configs = {}
+    for name, accumulation in (("single", 2), ("fsdp", 1)):
+        path = write_config(root / f"{name}.yaml", model, data, root / name, max_steps=4, save_steps=2,
+                            eval_steps=2, gradient_accumulation_steps=accumulation)
+        cfg = yaml.safe_load(path.read_text())
+        cfg["lora"]["dropout"] = 0.0  # each process draws its own dropout masks
+        # FSDP keeps embeddings, head and norms in the compute dtype; the reference must too.
+        cfg["model"]["frozen_dtype"] = "compute"
+        path.write_text(yaml.safe_dump(cfg))
+        configs[name] = path
+    single = run([sys.executable, "-m", "simpo_lite", "train", "--config", str(configs["single"]), "--quiet"])
+    assert single.returncode == 0, single.stderr[-3000:]
+    launch_fsdp(configs["fsdp"])
+    return root, configs
+
+
+def adapter(run_dir: Path) -> dict:
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def test_fsdp_two_processes_match_one_process_with_accumulation(runs):
+    root, _ = runs
+    single, fsdp = train_losses(root / "single"), train_losses(root / "fsdp")
+    assert sorted(fsdp) == [1, 2, 3, 4]
+    assert fsdp == pytest.approx(single, rel=1e-4, abs=1e-5)
+    evals = [[json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()
+              if "eval_loss" in line] for name in ("single", "fsdp")]
+    assert [e["eval_loss"] for e in evals[1]] == pytest.approx([e["eval_loss"] for e in evals[0]], rel=1e-4)
+    # Only the main process writes: one metrics line per step, not one per process.
+    assert len([r for r in (root / "fsdp" / "metrics.jsonl").read_text().splitlines() if '"loss"' in r]) == 4
+    # The sharded adapter is gathered whole, under the keys peft loads.
+    expected, gathered = adapter(root / "single"), adapter(root / "fsdp")
+    assert sorted(gathered) == sorted(expected)
+    for key in expected:
+        assert gathered[key].shape == expected[key].shape
+        assert (gathered[key] - expected[key]).abs().max() < 1e-5, key
+
+
+def test_fsdp_run_resumes_exactly(runs):
+    root, configs = runs
+    resumed = root / "fsdp_resumed"
+    shutil.copytree(root / "fsdp", resumed)
+    shutil.rmtree(resumed / "checkpoint-4")
+    shutil.rmtree(resumed / "adapter")
+    launch_fsdp(configs["fsdp"], "--output-dir", str(resumed), "--resume")
+    assert train_losses(resumed) == pytest.approx(train_losses(root / "fsdp"), rel=1e-4, abs=1e-5)
+    for key, value in adapter(root / "fsdp").items():
+        assert (adapter(resumed)[key] - value).abs().max() < 1e-6, key
+
+
+def test_fsdp_checkpoint_resumed_without_fsdp_is_refused(runs, tmp_path):
+    root, configs = runs
+    copy = tmp_path / "run"
+    shutil.copytree(root / "fsdp", copy)
+    result = run([sys.executable, "-m", "simpo_lite", "train", "--config", str(configs["fsdp"]),
+                  "--output-dir", str(copy), "--resume"])
+    assert result.returncode == 2
+    assert "written by a run with FSDP" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (copy / "checkpoint-4" / "optimizer.pt").is_file()  # nothing saved is lost
