@@ -27,7 +27,7 @@ class RunParts:
     optimizer: Any
     scheduler: Any
     total_steps: int
-    clip_params: list      # what the gradient norm is taken over
+    trainable: list        # what the gradient norm is taken over (outside FSDP)
     state: ckpt.TrainerState
     resumed_from: Path | None
     resume_rng: dict | None
@@ -138,9 +138,6 @@ def build_run_parts(cfg: Config, resume_path: Path | None, quiet: bool) -> RunPa
     # a 1-process FSDP run whose eval loss never moved). Under DDP they are the same tensors.
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = acc.prepare_optimizer(build_optimizer(trainable, cfg.train))
-    # accelerate clips through FSDP's own clip_grad_norm_ (a norm over all shards) only when given
-    # every parameter of the wrapped module; frozen ones have no gradient and add nothing.
-    clip_params = list(policy.parameters()) if sharding.uses_fsdp(acc) else trainable
     state = ckpt.TrainerState(step=0, epoch=0, batch_in_epoch=0)
     total = total_steps(cfg.train, len(batches_for_epoch(0)) // per_step)
     scheduler = build_scheduler(optimizer, cfg.train, total)
@@ -155,7 +152,7 @@ def build_run_parts(cfg: Config, resume_path: Path | None, quiet: bool) -> RunPa
                             f"({acc.num_processes}); resume with the same number of processes")
     collate = make_collator(tokenizer.pad_token_id, cfg.simpo.pack_prompt)
     return RunParts(acc, tokenizer, train, prepared.eval, collate, batches_for_epoch, policy, optimizer, scheduler,
-                    total, clip_params, state, resume_path, resume_rng)
+                    total, trainable, state, resume_path, resume_rng)
 
 
 

@@ -106,7 +106,7 @@ class Trainer:
                 acc.backward(loss / len(micro))
             records.append({"loss": loss.item(), **metrics})
         max_norm = self.cfg.train.max_grad_norm or float("inf")
-        grad_norm = float(acc.clip_grad_norm_(self.parts.clip_params, max_norm))
+        grad_norm = sharding.clip_grad_norm(acc, policy, self.parts.trainable, max_norm)
         record = self._reduce(_mean_records(records))
         if not (math.isfinite(record["loss"]) and math.isfinite(grad_norm)):
             optimizer.zero_grad(set_to_none=True)

@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from tiny_models import tiny_model_folder, train_losses, write_config, write_pairs
+from tiny_models import grad_norms, tiny_model_folder, train_losses, write_config, write_pairs
 
 
 def free_port() -> int:
@@ -58,6 +58,7 @@ def test_two_processes_match_one_process_with_accumulation(setup):
     single, ddp = train_losses(root / "single"), train_losses(root / "ddp")
     assert sorted(ddp) == [1, 2, 3, 4]
     assert ddp == pytest.approx(single, rel=1e-4, abs=1e-5)
+    assert grad_norms(root / "ddp") == pytest.approx(grad_norms(root / "single"), rel=1e-4)
     for a, b in zip(eval_lines(root / "single"), eval_lines(root / "ddp")):
         assert b["eval_rewards/accuracies"] == pytest.approx(a["eval_rewards/accuracies"])
         assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-4)

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from tiny_models import tiny_model_folder, train_losses, write_config, write_pairs
+from tiny_models import grad_norms, tiny_model_folder, train_losses, write_config, write_pairs
 
 ROOT = Path(__file__).resolve().parent.parent
 # The two settings that need an accelerator: on GPUs rank 0 broadcasts the weights it loaded.
@@ -71,6 +71,8 @@ def test_fsdp_two_processes_match_one_process_with_accumulation(runs):
     evals = [[json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()
               if "eval_loss" in line] for name in ("single", "fsdp")]
     assert [e["eval_loss"] for e in evals[1]] == pytest.approx([e["eval_loss"] for e in evals[0]], rel=1e-4)
+    # The gradient norm is taken over all shards, not one process's.
+    assert grad_norms(root / "fsdp") == pytest.approx(grad_norms(root / "single"), rel=1e-4)
     # Only the main process writes: one metrics line per step, not one per process.
     assert len([r for r in (root / "fsdp" / "metrics.jsonl").read_text().splitlines() if '"loss"' in r]) == 4
     # The sharded adapter is gathered whole, under the keys peft loads.

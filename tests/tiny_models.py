@@ -127,6 +127,13 @@ def train_losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "loss" in r}
 
 
+def grad_norms(run_dir: Path) -> list[float]:
+    """The gradient norm of each step of a run, from its metrics.jsonl."""
+    from simpo_lite.progress import read_metrics
+
+    return [r["grad_norm"] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "loss" in r]
+
+
 # ---- finished runs -------------------------------------------------------------------------------
 
 def save_run_folder(run: Path, cfg, model, tokenizer) -> Path:
