@@ -46,7 +46,8 @@ def runs(tmp_path_factory):
     configs = {}
     for name, accumulation in (("single", 2), ("fsdp", 1)):
         path = write_config(root / f"{name}.yaml", model, data, root / name, max_steps=4, save_steps=2,
-                            eval_steps=2, gradient_accumulation_steps=accumulation)
+                            eval_steps=2, gradient_accumulation_steps=accumulation,
+                            max_grad_norm=0.6)  # below most steps' norms (about 0.5-0.9), so clipping acts
         cfg = yaml.safe_load(path.read_text())
         cfg["lora"]["dropout"] = 0.0  # each process draws its own dropout masks
         # FSDP keeps embeddings, head and norms in the compute dtype; the reference must too.
