@@ -14,7 +14,8 @@
 #   train-keep16    the same with model.uncheckpointed_layers=16 (half the layers not recomputed);
 #   bench           benchmarks/bench_memory.py on that model: simpo-lite against TRL's CPOTrainer;
 #   bench-small     the same comparison on SmolLM2-135M's shapes at 2 x 400 tokens (issue 8's setting);
-#   fsdp            3 steps of one FSDP-QLoRA process through presets/accelerate/fsdp-qlora.yaml.
+#   fsdp            4 steps of FSDP-QLoRA on every GPU through presets/accelerate/fsdp-qlora.yaml, then
+#                   a resume from step 2 (must repeat steps 3-4).
 # TINY=1 swaps in a tiny model, to check the script on a CPU.
 set -u
 OUT=${OUT:?set OUT to a folder for the results}
@@ -75,13 +76,31 @@ for stage in $STAGES; do
       run bench-small 150 $PY benchmarks/bench_memory.py --model "$WORK/models/$SMALL" --length 400 --lengths \
         --steps 4 --chunk-tokens 256 --threads 0 ${BENCH_ARGS:-} --json "$OUT/bench_small.json" ;;
     fsdp)
+      # FSDP-QLoRA on every GPU of the machine, then a resume from its step-2 checkpoint, which must
+      # repeat steps 3-4; the summary line shows both runs' losses and the saved adapter's size.
       need_model $SMALL
-      run fsdp 150 $PY -m accelerate.commands.launch --config_file presets/accelerate/fsdp-qlora.yaml \
-        --num_processes 1 -m simpo_lite train --preset smollm2-demo --set "model.name_or_path=$WORK/models/$SMALL" \
-        --set train.max_steps=3 --set train.save_steps=3 --set train.eval_steps=3 --set data.eval_max_pairs=8 \
-        --set "train.output_dir=$WORK/run-fsdp" --quiet
-      cp "$WORK/run-fsdp/metrics.jsonl" "$OUT/fsdp.metrics.jsonl" 2>/dev/null
-      ls -R "$WORK/run-fsdp" >>"$LOG" 2>&1 ;;
+      NGPU=$(nvidia-smi -L 2>/dev/null | wc -l); [ "$NGPU" -ge 1 ] || NGPU=1
+      FSDP=($PY -m accelerate.commands.launch --config_file presets/accelerate/fsdp-qlora.yaml --num_processes "$NGPU"
+            -m simpo_lite train --preset smollm2-demo --set "model.name_or_path=$WORK/models/$SMALL"
+            --set train.max_steps=4 --set train.save_steps=2 --set train.eval_steps=2 --set data.eval_max_pairs=8 --quiet)
+      rm -rf "$WORK/run-fsdp" "$WORK/run-fsdp-resumed"
+      run fsdp 150 "${FSDP[@]}" --output-dir "$WORK/run-fsdp"
+      cp -r "$WORK/run-fsdp" "$WORK/run-fsdp-resumed" && rm -rf "$WORK/run-fsdp-resumed/checkpoint-4" "$WORK/run-fsdp-resumed/adapter"
+      run fsdp-resume 150 "${FSDP[@]}" --output-dir "$WORK/run-fsdp-resumed" --resume
+      for r in run-fsdp run-fsdp-resumed; do cp "$WORK/$r/metrics.jsonl" "$OUT/${r#run-}.metrics.jsonl" 2>/dev/null; done
+      $PY - "$WORK" <<'PYEOF' 2>&1 | tee -a "$LOG"
+import json, sys
+from pathlib import Path
+from safetensors.torch import load_file
+work = Path(sys.argv[1])
+for run in ("run-fsdp", "run-fsdp-resumed"):
+    lines = [json.loads(l) for l in (work / run / "metrics.jsonl").read_text().splitlines()]
+    steps = {r["step"]: (round(r["loss"], 5), round(r["grad_norm"], 4)) for r in lines if "loss" in r}
+    evals = [round(r["eval_loss"], 5) for r in lines if "eval_loss" in r]
+    weights = load_file(str(work / run / "adapter" / "adapter_model.safetensors"))
+    print(f"{run}: (loss, grad_norm) by step {steps}; eval losses {evals}; adapter {len(weights)} tensors")
+PYEOF
+      ;;
     *) echo "unknown stage $stage" | tee -a "$LOG" ;;
   esac
 done

@@ -31,6 +31,22 @@ def warn_if_fsdp_ignored(acc) -> None:
                       "DDP, each holding the whole model", stacklevel=2)
 
 
+def check_storage_dtype(acc, model_cfg) -> None:
+    """FSDP's mixed precision casts every flattened unit to its dtype, the frozen ones too. The 4-bit
+    blocks are packed bytes stored as the compute dtype: cast to another dtype they would be garbage."""
+    import torch
+
+    from simpo_lite.model import compute_dtype
+
+    cast_to = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(acc.mixed_precision))
+    stored = compute_dtype(model_cfg)
+    if uses_fsdp(acc) and model_cfg.quantize and cast_to is not None and cast_to != stored:
+        names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+        raise UserError(f"FSDP with mixed precision {acc.mixed_precision} would cast the 4-bit weights, stored as "
+                        f"model.compute_dtype ({names[stored]}), to {acc.mixed_precision} and corrupt them: set "
+                        f"model.compute_dtype={acc.mixed_precision} or train.mixed_precision=auto")
+
+
 def wrap_lora_separately(acc, model) -> None:
     """FSDP flattens each wrapped unit into one tensor, which needs one dtype and one requires_grad:
     peft's policy gives every LoRA matrix (fp32, trainable) its own unit beside the decoder layers

@@ -30,11 +30,11 @@ def run(cmd: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
 
 
-def launch_fsdp(config: Path, *extra: str) -> subprocess.CompletedProcess:
+def launch_fsdp(config: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
     result = run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                   str(ROOT / "presets/accelerate/fsdp-qlora.yaml"), "--num_processes", "2", *CPU_OVERRIDES,
                   str(ROOT / "tests/fsdp_on_cpu.py"), "train", "--config", str(config), "--quiet", *extra])
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0 or not check, result.stderr[-3000:]
     return result
 
 
@@ -106,3 +106,12 @@ def test_fsdp_checkpoint_resumed_without_fsdp_is_refused(runs, tmp_path):
     assert "written by a run with FSDP" in result.stderr
     assert "Traceback" not in result.stderr
     assert (copy / "checkpoint-4" / "optimizer.pt").is_file()  # nothing saved is lost
+
+
+def test_fsdp_refuses_mixed_precision_that_would_cast_the_4bit_weights(runs, tmp_path):
+    _, configs = runs
+    result = launch_fsdp(configs["fsdp"], "--output-dir", str(tmp_path / "run"), "--set", "model.compute_dtype=fp32",
+                         "--set", "train.mixed_precision=bf16", check=False)
+    assert result.returncode != 0
+    assert "error: FSDP with mixed precision bf16 would cast the 4-bit weights" in result.stderr
+    assert not list((tmp_path / "run").glob("checkpoint-*"))
