@@ -80,8 +80,12 @@ for stage in $STAGES; do
       # repeat steps 3-4; the summary line shows both runs' losses and the saved adapter's size.
       need_model $SMALL
       NGPU=$(nvidia-smi -L 2>/dev/null | wc -l); [ "$NGPU" -ge 1 ] || NGPU=1
+      TRAIN=(-m simpo_lite)
+      # TINY on a CPU: 2 processes through the tests' launcher, without the two GPU-only settings.
+      [ "${TINY:-0}" = 1 ] && NGPU=2 TRAIN=(--mixed_precision no --fsdp_sync_module_states false
+        --fsdp_cpu_ram_efficient_loading false tests/fsdp_on_cpu.py)
       FSDP=($PY -m accelerate.commands.launch --config_file presets/accelerate/fsdp-qlora.yaml --num_processes "$NGPU"
-            -m simpo_lite train --preset smollm2-demo --set "model.name_or_path=$WORK/models/$SMALL"
+            "${TRAIN[@]}" train --preset smollm2-demo --set "model.name_or_path=$WORK/models/$SMALL"
             --set train.max_steps=4 --set train.save_steps=2 --set train.eval_steps=2 --set data.eval_max_pairs=8 --quiet)
       rm -rf "$WORK/run-fsdp" "$WORK/run-fsdp-resumed"
       run fsdp 150 "${FSDP[@]}" --output-dir "$WORK/run-fsdp"

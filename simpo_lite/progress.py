@@ -24,18 +24,14 @@ class MetricsLog:
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = Path(path)
         if resume_step is not None and self.path.is_file():
-            records = read_metrics(self.path)
-            # Lines after the checkpoint (and an eval at its step, which runs again) come back on resume.
-            kept = [r for r in records if r["step"] < resume_step or (r["step"] == resume_step and not _is_eval(r))]
+            # Lines after the checkpoint come back on resume; an eval at its step ran before the save
+            # and does not run again.
+            kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
-
-
-def _is_eval(record: dict) -> bool:
-    return any(key.startswith("eval_") for key in record)
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -49,8 +49,15 @@ def make_accelerator(cfg: Config):
 
     trackers = list(cfg.train.report_to) or None
     # cpu=True on a machine without CUDA lets torchrun / accelerate launch start gloo DDP on the CPU.
-    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision(cfg), log_with=trackers,
-                      project_dir=cfg.train.output_dir)
+    try:
+        acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision(cfg), log_with=trackers,
+                          project_dir=cfg.train.output_dir)
+    except RuntimeError as err:
+        if "no available devices" not in str(err):
+            raise
+        # An FSDP launch config with sync_module_states (as shipped) on a machine without GPUs.
+        raise UserError(f"accelerate: {err} -- this launch config needs GPUs; on the CPU launch DDP instead: "
+                        f"torchrun --nproc_per_node N -m simpo_lite train ...") from None
     if trackers:
         acc.init_trackers("simpo-lite", config=_flatten(cfg.to_dict()))
     return acc

@@ -138,18 +138,16 @@ def _trainable_units(policy) -> list:
 def optimizer_state(acc, policy, optimizer) -> dict:
     """The optimizer state to save. Under FSDP every process must call this; the main process gets
     the whole state keyed by parameter name (independent of the number of processes)."""
-    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
     if not uses_fsdp(acc):
         return optimizer.state_dict()
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     with _full_state_dicts(acc, policy, rank0_only=True):
-        return FSDP.optim_state_dict(policy, optimizer)
+        return FSDP.optim_state_dict(policy, getattr(optimizer, "optimizer", optimizer))  # inside accelerate's wrapper
 
 
 def load_optimizer_state(acc, policy, optimizer, state: dict, source) -> None:
     """Load a saved optimizer state; under FSDP each process keeps its own shard of it."""
-    optimizer = getattr(optimizer, "optimizer", optimizer)
     saved_by_fsdp = any(isinstance(key, str) for key in state.get("state", {}))
     if saved_by_fsdp != uses_fsdp(acc):
         written, now = ("with", "without") if saved_by_fsdp else ("without", "with")
@@ -159,8 +157,8 @@ def load_optimizer_state(acc, policy, optimizer, state: dict, source) -> None:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
         with _full_state_dicts(acc, policy, rank0_only=False):
-            state = FSDP.optim_state_dict_to_load(policy, optimizer, state)
-    optimizer.load_state_dict(state)
+            state = FSDP.optim_state_dict_to_load(policy, getattr(optimizer, "optimizer", optimizer), state)
+    optimizer.load_state_dict(state)  # accelerate's wrapper also moves the state to the device
 
 
 def _full_state_dicts(acc, policy, rank0_only: bool):

@@ -42,6 +42,10 @@ def wait_for(path: Path, proc, timeout=300):
         time.sleep(0.01)
 
 
+def eval_steps(run: Path) -> list[int]:
+    return [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r]
+
+
 def twelve_step_config(tiny, folder: Path) -> Path:
     """folder/c.yaml: 12 steps on the tiny model, a checkpoint and an eval every 4, output in folder/run."""
     model, data = tiny
@@ -94,6 +98,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny, uninterrupted, tmp_
     expected, resumed = train_losses(uninterrupted), train_losses(tmp_path / "run")
     assert sorted(resumed) == list(range(1, 13))
     assert resumed == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert eval_steps(tmp_path / "run") == eval_steps(uninterrupted) == [0, 4, 8, 12]
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny, uninterrupted, tmp_path):
