@@ -1,7 +1,7 @@
 """`python -m simpo_lite` under accelerate's FSDP1 on CPU processes (gloo), for tests without GPUs.
 
-accelerate enables FSDP only on accelerator devices: with `--cpu` it reads the FSDP settings of the
-launch config but runs DDP. This launcher lets the run go through accelerate's real FSDP path anyway:
+accelerate enables FSDP only on accelerator devices: on a machine without them it reads the FSDP
+settings of the launch config but runs DDP. This launcher lets the run go through accelerate's real FSDP path anyway:
 after the accelerator is made, its shared state is switched to FSDP with the plugin those settings
 describe. Everything else (wrapping, sharded optimizer, clipping, state dicts) is accelerate's and
 torch's own code, on CPU tensors. Launch it like the package:
@@ -28,7 +28,7 @@ def make_fsdp_accelerator(cfg):
     state.fsdp_plugin = FullyShardedDataParallelPlugin()  # from the launch config's FSDP_* variables
     state.distributed_type = DistributedType.FSDP
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as AcceleratorState's init does
-    state.device = torch.device("cpu")  # FSDP on the CPU takes no device index; accelerate gives cpu:0
+    state.device = torch.device("cpu")  # FSDP refuses a device_id (cpu:0 here) unequal to its compute device, cpu
     return acc
 
 
