@@ -112,7 +112,7 @@ def build_run_parts(cfg: Config, resume_path: Path | None, quiet: bool) -> RunPa
 
     acc = make_accelerator(cfg)
     sharding.warn_if_fsdp_ignored(acc)
-    sharding.check_storage_dtype(acc, cfg.model)
+    sharding.check_fsdp_setup(acc, cfg.model)
     set_seed(cfg.train.seed)
     if resume_path:
         _warn_config_drift(cfg, resume_path)

@@ -31,7 +31,18 @@ def warn_if_fsdp_ignored(acc) -> None:
                       "DDP, each holding the whole model", stacklevel=2)
 
 
-def check_storage_dtype(acc, model_cfg) -> None:
+def check_fsdp_setup(acc, model_cfg) -> None:
+    """Refuse, before any model is loaded, the FSDP settings this module cannot train correctly."""
+    if not uses_fsdp(acc):
+        return
+    version = getattr(acc.state.fsdp_plugin, "fsdp_version", 1)
+    if version != 1:
+        raise UserError(f"fsdp_version {version} in the accelerate config: simpo-lite supports FSDP1 "
+                        f"(fsdp_version: 1, as in presets/accelerate/fsdp-qlora.yaml)")
+    _check_storage_dtype(acc, model_cfg)
+
+
+def _check_storage_dtype(acc, model_cfg) -> None:
     """FSDP's mixed precision casts every flattened unit to its dtype, the frozen ones too. The 4-bit
     blocks are packed bytes stored as the compute dtype: cast to another dtype they would be garbage."""
     import torch
@@ -40,7 +51,7 @@ def check_storage_dtype(acc, model_cfg) -> None:
 
     cast_to = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(acc.mixed_precision))
     stored = compute_dtype(model_cfg)
-    if uses_fsdp(acc) and model_cfg.quantize and cast_to is not None and cast_to != stored:
+    if model_cfg.quantize and cast_to is not None and cast_to != stored:
         names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
         raise UserError(f"FSDP with mixed precision {acc.mixed_precision} would cast the 4-bit weights, stored as "
                         f"model.compute_dtype ({names[stored]}), to {acc.mixed_precision} and corrupt them: set "

@@ -30,10 +30,11 @@ def run(cmd: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
 
 
-def launch_fsdp(config: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+def launch_fsdp(config: Path, *extra: str, check: bool = True, launch_args: tuple = ()) -> subprocess.CompletedProcess:
     result = run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                   str(ROOT / "presets/accelerate/fsdp-qlora.yaml"), "--num_processes", "2", *CPU_OVERRIDES,
-                  str(ROOT / "tests/fsdp_on_cpu.py"), "train", "--config", str(config), "--quiet", *extra])
+                  *launch_args, str(ROOT / "tests/fsdp_on_cpu.py"), "train", "--config", str(config), "--quiet",
+                  *extra])
     assert result.returncode == 0 or not check, result.stderr[-3000:]
     return result
 
@@ -115,3 +116,11 @@ def test_fsdp_refuses_mixed_precision_that_would_cast_the_4bit_weights(runs, tmp
     assert result.returncode != 0
     assert "error: FSDP with mixed precision bf16 would cast the 4-bit weights" in result.stderr
     assert not list((tmp_path / "run").glob("checkpoint-*"))
+
+
+def test_fsdp2_is_refused_with_a_clear_error(runs, tmp_path):
+    _, configs = runs
+    result = launch_fsdp(configs["fsdp"], "--output-dir", str(tmp_path / "run"), check=False,
+                         launch_args=("--fsdp_version", "2"))
+    assert result.returncode != 0
+    assert "error: fsdp_version 2 in the accelerate config: simpo-lite supports FSDP1" in result.stderr
