@@ -111,7 +111,6 @@ def build_run_parts(cfg: Config, resume_path: Path | None, quiet: bool) -> RunPa
     from simpo_lite.optim import build_optimizer, build_scheduler, total_steps
 
     acc = make_accelerator(cfg)
-    sharding.warn_if_fsdp_ignored(acc)
     sharding.check_fsdp_setup(acc, cfg.model)
     set_seed(cfg.train.seed)
     if resume_path:
@@ -161,7 +160,6 @@ def build_run_parts(cfg: Config, resume_path: Path | None, quiet: bool) -> RunPa
     collate = make_collator(tokenizer.pad_token_id, cfg.simpo.pack_prompt)
     return RunParts(acc, tokenizer, train, prepared.eval, collate, batches_for_epoch, policy, optimizer, scheduler,
                     total, trainable, state, resume_path, resume_rng)
-
 
 
 def _load_adapter_weights(model, path: Path) -> None:

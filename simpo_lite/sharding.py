@@ -20,20 +20,16 @@ def uses_fsdp(acc) -> bool:
     return acc.distributed_type == DistributedType.FSDP
 
 
-def warn_if_fsdp_ignored(acc) -> None:
-    """accelerate turns an FSDP launch config into DDP when it finds no GPU, without saying so."""
+def check_fsdp_setup(acc, model_cfg) -> None:
+    """Refuse, before any model is loaded, the FSDP settings this module cannot train correctly; warn
+    when accelerate turned an FSDP launch config into DDP, which it does without GPUs, silently."""
     import os
     import warnings
 
-    asked = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
-    if asked and not uses_fsdp(acc) and acc.is_main_process:
-        warnings.warn("the launch config asks for FSDP, but accelerate shards only on GPUs: these processes run "
-                      "DDP, each holding the whole model", stacklevel=2)
-
-
-def check_fsdp_setup(acc, model_cfg) -> None:
-    """Refuse, before any model is loaded, the FSDP settings this module cannot train correctly."""
     if not uses_fsdp(acc):
+        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") and acc.is_main_process:
+            warnings.warn("the launch config asks for FSDP, but accelerate shards only on GPUs: these processes "
+                          "run DDP, each holding the whole model", stacklevel=2)
         return
     version = getattr(acc.state.fsdp_plugin, "fsdp_version", 1)
     if version != 1:

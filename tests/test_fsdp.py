@@ -13,10 +13,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 
 from tiny_models import grad_norms, tiny_model_folder, train_losses, write_config, write_pairs
+
+# These tests stand in for GPUs; on a GPU machine, benchmarks/gpu_check.sh's fsdp stage is the check.
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="FSDP on CPU processes, for machines without GPUs")
 
 ROOT = Path(__file__).resolve().parent.parent
 # The two settings that need an accelerator: on GPUs rank 0 broadcasts the weights it loaded.
@@ -124,3 +128,14 @@ def test_fsdp2_is_refused_with_a_clear_error(runs, tmp_path):
                          launch_args=("--fsdp_version", "2"))
     assert result.returncode != 0
     assert "error: fsdp_version 2 in the accelerate config: simpo-lite supports FSDP1" in result.stderr
+
+
+def test_shipped_fsdp_config_without_gpus_is_one_clear_error(runs, tmp_path):
+    """Launched plainly on a CPU machine (no test launcher): accelerate cannot honour sync_module_states."""
+    _, configs = runs
+    result = run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                  str(ROOT / "presets/accelerate/fsdp-qlora.yaml"), "--num_processes", "1", "-m", "simpo_lite",
+                  "train", "--config", str(configs["fsdp"]), "--output-dir", str(tmp_path / "run")])
+    assert result.returncode != 0
+    assert "error: accelerate: There are currently no available devices found" in result.stderr
+    assert "this launch config needs GPUs; on the CPU launch DDP instead: torchrun" in result.stderr
