@@ -23,7 +23,8 @@ from tiny_models import grad_norms, tiny_model_folder, train_losses, write_confi
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="FSDP on CPU processes, for machines without GPUs")
 
 ROOT = Path(__file__).resolve().parent.parent
-# The two settings that need an accelerator: on GPUs rank 0 broadcasts the weights it loaded.
+# What CPU processes cannot honour: FSDP's bf16 mixed precision (its nested wrapping then asks for a
+# cpu:0 device), and rank 0 broadcasting the weights it loaded, which needs an accelerator.
 CPU_OVERRIDES = ["--mixed_precision", "no", "--fsdp_sync_module_states", "false",
                  "--fsdp_cpu_ram_efficient_loading", "false"]
 
