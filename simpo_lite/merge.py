@@ -20,9 +20,7 @@ import torch
 from simpo_lite import hub
 from simpo_lite.config import Config
 from simpo_lite.errors import RunError, UserError
-from simpo_lite.model import load_adapter_model, load_tokenizer, resolve_model_source
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from simpo_lite.model import DTYPES, load_adapter_model, load_tokenizer, resolve_model_source
 PROMPTS = ("What is the capital of France?", "Write a haiku about autumn leaves.",
            "Explain in one sentence why the sky is blue.")
 SAMPLE_TOKENS = 40

