@@ -313,10 +313,9 @@ def _train(model_params_optimizer_batch, steps: int, device: str, loss_of) -> di
 
 def run_simpo_lite(folder: Path, data: dict, steps: int, device: str, options) -> dict:
     """simpo-lite's side through the trainer's own pieces: ConcatenatedPolicy (packed rows with
-    --pack-prompt, checked packable when built) and loss.simpo_objective."""
+    --pack-prompt, checked packable when built) and policy.batch_objective."""
     from simpo_lite.config import SimpoConfig
-    from simpo_lite.loss import simpo_objective
-    from simpo_lite.objective import ConcatenatedPolicy
+    from simpo_lite.policy import ConcatenatedPolicy, batch_objective
 
     cfg = SimpoConfig(beta=BETA, gamma_beta_ratio=GAMMA_BETA_RATIO, logp_chunk_tokens=options.chunk_tokens,
                       pack_prompt=options.pack_prompt)
@@ -325,8 +324,7 @@ def run_simpo_lite(folder: Path, data: dict, steps: int, device: str, options) -
 
     def loss_of(model, batch):
         with autocast(device):
-            chosen, rejected = policy(**batch)
-        return simpo_objective(chosen, rejected, cfg)[0]
+            return batch_objective(policy, batch, cfg)[0]
 
     return _train(parts, steps, device, loss_of)
 

@@ -3,35 +3,35 @@
 from __future__ import annotations
 
 from simpo_lite.config import Config
+from simpo_lite.loss import METRIC_NAMES
 
-EVAL_SHOWN = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_rewards/chosen",
-              "eval_rewards/rejected", "eval_logps/chosen", "eval_logps/rejected")
-
-
-def render_card(cfg: Config, summary: dict | None, report, base_id: str | None, datasets: list[str]) -> str:
-    return "\n".join([_front_matter(report, base_id, datasets), _intro(cfg, report, base_id),
-                      _training(cfg, summary), _evaluation(summary), _export_check(report),
-                      _usage(report, base_id)])
+EVAL_SHOWN = tuple(f"eval_{name}" for name in METRIC_NAMES)
 
 
-def _front_matter(report, base_id: str | None, datasets: list[str]) -> str:
+def render_card(cfg: Config, summary: dict | None, result, base_id: str | None, datasets: list[str]) -> str:
+    return "\n".join([_front_matter(result, base_id, datasets), _intro(cfg, result, base_id),
+                      _training(cfg, summary), _evaluation(summary), _export_check(result),
+                      _usage(result, base_id)])
+
+
+def _front_matter(result, base_id: str | None, datasets: list[str]) -> str:
     from huggingface_hub import ModelCardData
 
     tags = ["simpo", "simpo-lite", "preference-optimization", "lora"]
-    tags += ["peft"] if report.adapter_only else ["merged"]
-    data = ModelCardData(base_model=base_id, library_name="peft" if report.adapter_only else "transformers",
+    tags += ["peft"] if result.adapter_only else ["merged"]
+    data = ModelCardData(base_model=base_id, library_name="peft" if result.adapter_only else "transformers",
                          pipeline_tag="text-generation", tags=tags, datasets=datasets or None)
     return f"---\n{data.to_yaml()}\n---\n"
 
 
-def _intro(cfg: Config, report, base_id: str | None) -> str:
-    name = report.hub_repo or report.out.name
+def _intro(cfg: Config, result, base_id: str | None) -> str:
+    name = result.hub_repo or result.out.name
     base = (f"[{base_id}](https://huggingface.co/{base_id})" if base_id
             else f"`{cfg.model.name_or_path}` (a local model)")
     how = ("LoRA adapters trained on the 4-bit NF4 base" if cfg.model.quantize else "LoRA adapters")
     what = ("This repository holds the LoRA adapter alone; load it on top of the base model."
-            if report.adapter_only else
-            f"The adapters are merged into {report.dtype} weights of the base: this is a plain transformers model.")
+            if result.adapter_only else
+            f"The adapters are merged into {result.dtype} weights of the base: this is a plain transformers model.")
     return (f"# {name}\n\n{base} preference-tuned with [SimPO](https://arxiv.org/abs/2405.14734) "
             f"(reference-free, length-normalized rewards) by simpo-lite: {how}. {what}\n")
 
@@ -72,20 +72,23 @@ def _evaluation(summary: dict | None) -> str:
             + _table(("metric", "start", "end"), rows) + "\n")
 
 
-def _export_check(report) -> str:
-    if report.adapter_only:
+def _export_check(result) -> str:
+    if result.adapter_only:
         return ""
-    rows = [(f"{report.dtype} export vs base+adapter (fp32 compute)", f"{report.merge_diff:.3g}"),
-            ("base+adapter vs base alone (the adapter's effect)", f"{report.adapter_effect:.3g}"),
-            (f"{report.dtype} export vs the {report.trained_kind} model trained",
-             f"{report.trained_diff:.3g} (same top token at {report.trained_top1:.0%} of positions)")]
-    return ("## Export check\n\nLargest absolute logit difference on a few prompts.\n\n"
-            + _table(("comparison", "max abs logit diff"), rows) + "\n")
+    rows = [(f"{result.dtype} export vs base+adapter (fp32 compute)", f"{result.merge_diff:.3g}"),
+            ("base+adapter vs base alone (the adapter's effect)", f"{result.adapter_effect:.3g}"),
+            (f"{result.dtype} export vs the {result.trained_kind} model trained",
+             f"{result.trained_diff:.3g} (same top token at {result.trained_top1:.0%} of positions; "
+             f"greedy answers agree on {result.greedy_agreement:.0%} of their tokens)")]
+    into = ("the NF4 weights the run trained on, dequantized" if result.merge_into == "dequantized"
+            else "the base checkpoint's original weights")
+    return (f"## Export check\n\nThe adapter was merged into {into}. Largest absolute logit difference on a few "
+            f"prompts.\n\n" + _table(("comparison", "max abs logit diff"), rows) + "\n")
 
 
-def _usage(report, base_id: str | None) -> str:
-    name = report.hub_repo or str(report.out)
-    if report.adapter_only:
+def _usage(result, base_id: str | None) -> str:
+    name = result.hub_repo or str(result.out)
+    if result.adapter_only:
         code = (f"from peft import AutoPeftModelForCausalLM\n\n"
                 f"model = AutoPeftModelForCausalLM.from_pretrained(\"{name}\")")
     else:

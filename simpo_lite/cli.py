@@ -41,13 +41,12 @@ def _flags(**values) -> dict:
     return layer
 
 
-def _resolve(preset, config, sets, say_default: bool = True, **flags):
+def _resolve(preset, config, sets, **flags):
     from simpo_lite import config as cfgmod
 
     if preset is None and config is None:
         preset = cfgmod.DEFAULT_PRESET
-        if say_default:
-            _info(f"No --preset or --config given: using the embedded default preset '{preset}'.")
+        _info(f"No --preset or --config given: using the embedded default preset '{preset}'.")
     return cfgmod.resolve(preset, config, _flags(**flags), sets or [])
 
 
@@ -180,7 +179,7 @@ def generate(
 def report(run_dir: Path = typer.Argument(..., help="A training run's output folder."),
            out: Optional[Path] = typer.Option(None, "--out", help="PNG path (default: RUN_DIR/report.png).")):
     """Plot a run's training and eval curves and print a short summary."""
-    from simpo_lite.report import report_command
+    from simpo_lite.run_report import report_command
 
     report_command(run_dir, out=out)
 

@@ -19,6 +19,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from simpo_lite.errors import ConfigError, UserError
+from simpo_lite.files import write_text
 
 
 def _f(default: Any, help: str, *, ge: float | None = None, gt: float | None = None,
@@ -113,6 +114,17 @@ class TrainConfig:
     save_steps: int = _f(100, "Save a checkpoint every this many steps.", ge=1)
     save_total_limit: int = _f(2, "Keep only the newest this many checkpoints.", ge=1)
     on_nonfinite: Literal["stop", "skip"] = _f("stop", "On a NaN/inf loss or gradient: stop the run, or skip the step.")
+    health_prompts: int = _f(8, "Held-out prompts answered greedily at every evaluation, measured and written to "
+                                "samples.jsonl (0 = off).", ge=0)
+    health_max_new_tokens: int = _f(64, "Tokens each health answer may take.", ge=1)
+    on_collapse: Literal["warn", "stop"] = _f(
+        "warn", "When generation health crosses a collapse_* limit: warn, or save, name the last healthy "
+        "checkpoint and stop (exit 1).")
+    collapse_looping: float = _f(0.25, "Largest share of health answers that may repeat themselves (word 3-grams "
+                                       "repeated over 30%).", ge=0.0, le=1.0)
+    collapse_length_ratio: float = _f(3.0, "Largest mean health-answer length, as a multiple of step 0's.", gt=0.0)
+    collapse_logps_drop: float = _f(1.0, "Largest fall of eval logps/chosen since step 0 (nats per token) while "
+                                         "logps/rejected falls too.", gt=0.0)
     report_to: list[str] = _f([], "Extra trackers through accelerate: 'tensorboard', 'wandb'.")
 
 
@@ -121,6 +133,9 @@ class ExportConfig:
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = _f(
         "auto", "Precision of the merged weights; auto = the base checkpoint's own (fp32 for the bundled demo model, "
         "bf16 for Llama-3).")
+    merge_into: Literal["dequantized", "original"] = _f(
+        "dequantized", "What a 4-bit run's adapter is merged into: the NF4 weights it trained on, dequantized to the "
+        "export dtype (the export behaves like the trained model), or the base checkpoint's original weights.")
     max_shard_size: str = _f("2GB", "Largest safetensors shard.")
     verify_tolerance: Optional[float] = _f(
         None, "Largest allowed |merged - (base + adapter)| logit difference; null = 1e-3 for fp32 exports and 1.0 for "
@@ -361,10 +376,16 @@ def read_yaml(path: Path, what: str) -> Any:
         raise UserError(f"{what} '{path}' is not valid YAML{where}: {getattr(err, 'problem', err)}") from None
 
 
-def resolve(preset: str | None = None, config_file: str | None = None, flags: dict | None = None,
-            sets: list[str] | None = None) -> Config:
-    """defaults < preset < config file < first-class flags < --set."""
+def resolve(preset: str | None = None, config_file: str | Path | None = None, flags: dict | None = None,
+            sets: list[str] | None = None, saved: str | Path | None = None) -> Config:
+    """The one way settings are layered, for every command:
+
+    defaults < a run's saved config.yaml (``saved``: eval, generate and export of a run) < preset
+    < config file < first-class flags < --set. Every problem of every layer is reported at once.
+    """
     layers: list[tuple[str, Any]] = []
+    if saved:
+        layers.append((str(saved), read_yaml(Path(saved), "run config")))
     if preset:
         layers.append((f"preset {preset}", read_yaml(preset_path(preset), "preset")))
     if config_file:
@@ -384,12 +405,9 @@ def resolve(preset: str | None = None, config_file: str | None = None, flags: di
 
 def save_config(cfg: Config, path: Path) -> None:
     """Write the resolved config atomically; it reproduces the run with ``--config``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("# Resolved simpo-lite config; reproduce with: simpo-lite train --config " + path.name + "\n"
-                   + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    tmp.replace(path)
+    write_text(path, "# Resolved simpo-lite config; reproduce with: simpo-lite train --config " + Path(path).name
+               + "\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def load_saved_config(path: Path) -> Config:
-    return build_config([(str(path), read_yaml(path, "config file"))])
+    return resolve(saved=path)

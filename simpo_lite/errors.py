@@ -19,3 +19,9 @@ class RunError(Exception):
     def __init__(self, message: str, exit_code: int = 1):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (libraries' messages run to many lines), or its type."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__

@@ -13,16 +13,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from simpo_lite import hub
-from simpo_lite.checkpoint import write_atomically
-from simpo_lite.config import Config, build_config, parse_set, read_yaml
-from simpo_lite.errors import ConfigError, UserError
-
-DTYPE_NAMES = ("bf16", "fp16", "fp32")
+from simpo_lite import hub, run_folder
+from simpo_lite.config import Config, resolve
+from simpo_lite.errors import UserError
+from simpo_lite.files import write_folder
 
 
 @dataclass
-class ExportReport:
+class ExportResult:
     out: Path
     adapter_only: bool
     dtype: str | None = None
@@ -31,6 +29,8 @@ class ExportReport:
     trained_diff: float | None = None    # max |logit| of the export vs the model the run trained (information)
     trained_kind: str | None = None
     trained_top1: float | None = None    # share of positions where both pick the same most likely token
+    greedy_agreement: float | None = None  # share of the trained model's greedy tokens the export repeats
+    merge_into: str | None = None        # "dequantized" (the NF4 weights trained on) or "original"
     sample_prompt: str | None = None
     sample: str | None = None
     seconds: float = 0.0
@@ -40,64 +40,45 @@ class ExportReport:
 
 def export_run(run_dir: Path, out: Path | None = None, dtype: str | None = None, adapter_only: bool = False,
                push_to_hub: str | None = None, private: bool = False, force: bool = False,
-               sets: list[str] | None = None) -> ExportReport:
+               sets: list[str] | None = None) -> ExportResult:
     """Export a run folder (merged model or adapter alone) to `out`, optionally uploading it to the Hub."""
     started = time.perf_counter()
-    run = check_run_dir(Path(run_dir))
-    cfg = run_config(run, sets or [])
+    run = run_folder.finished_run(Path(run_dir))
+    cfg = resolve(saved=run / run_folder.CONFIG, sets=sets or [])
     dtype_given = dtype is not None
     dtype = _dtype_name(dtype or cfg.export.dtype, cfg)
     target = Path(out) if out else run / ("adapter-export" if adapter_only else "merged")
     check_target(target, run, cfg, force)
     # Fail on a missing token or an unreachable Hub now, not after minutes of merging.
     token = hub.check_push_access(push_to_hub) if push_to_hub else None
-    report = ExportReport(out=target, adapter_only=adapter_only, dtype=None if adapter_only else dtype,
+    result = ExportResult(out=target, adapter_only=adapter_only, dtype=None if adapter_only else dtype,
                           hub_repo=push_to_hub)
-    summary = hub.read_summary(run)
+    summary = run_folder.read_summary(run)
     if adapter_only:
         if dtype_given:
             _say(f"--dtype {dtype} has no effect with --adapter-only: the adapter keeps its trained weights.")
-        write_atomically(target, lambda tmp: _fill_adapter_only(tmp, run, cfg, summary, report))
+        write_folder(target, lambda tmp: _fill_adapter_only(tmp, run, cfg, summary, result))
     else:
         from simpo_lite.merge import fill_merged
 
-        write_atomically(target, lambda tmp: fill_merged(tmp, run, cfg, dtype, summary, report, say=_say))
+        write_folder(target, lambda tmp: fill_merged(tmp, run, cfg, dtype, summary, result, say=_say))
     _say(f"exported to {target}")
     if push_to_hub:
-        report.hub_url = hub.push_folder(target, push_to_hub, token, private=private or cfg.export.hub_private,
+        result.hub_url = hub.push_folder(target, push_to_hub, token, private=private or cfg.export.hub_private,
                                          message=f"simpo-lite export of {run.name}")
-        _say(f"pushed to {report.hub_url}")
-    report.seconds = time.perf_counter() - started
-    _say(f"done in {report.seconds:.1f} s")
-    return report
-
-
-def check_run_dir(run: Path) -> Path:
-    if not run.is_dir():
-        raise UserError(f"run folder '{run}' not found: give the output_dir of a 'simpo-lite train' run")
-    if not (run / "config.yaml").is_file():
-        raise UserError(f"'{run}' has no config.yaml, so it is not a simpo-lite run folder: "
-                        f"give the output_dir of a 'simpo-lite train' run")
-    if not (run / "adapter" / "adapter_config.json").is_file():
-        raise UserError(f"'{run}' has no trained adapter (adapter/adapter_config.json): finish or resume the run "
-                        f"with 'simpo-lite train --config {run / 'config.yaml'} --resume'")
-    return run
-
-
-def run_config(run: Path, sets: list[str]) -> Config:
-    """The run's saved config, with --set overrides (e.g. export.verify_tolerance) on top."""
-    layer, problems = parse_set(sets)
-    if problems:
-        raise ConfigError(problems)
-    path = run / "config.yaml"
-    return build_config([(str(path), read_yaml(path, "config file")), ("--set", layer)])
+        _say(f"pushed to {result.hub_url}")
+    result.seconds = time.perf_counter() - started
+    _say(f"done in {result.seconds:.1f} s")
+    return result
 
 
 def _dtype_name(name: str, cfg: Config) -> str:
     if name == "auto":
         return _stored_dtype(cfg)
-    if name not in DTYPE_NAMES:
-        raise UserError(f"--dtype '{name}' is not supported: use one of auto, {', '.join(DTYPE_NAMES)}")
+    from simpo_lite.model import DTYPES
+
+    if name not in DTYPES:
+        raise UserError(f"--dtype '{name}' is not supported: use one of auto, {', '.join(DTYPES)}")
     return name
 
 
@@ -123,7 +104,7 @@ def check_target(target: Path, run: Path, cfg: Config, force: bool) -> None:
     if resolved == run_resolved or run_resolved.is_relative_to(resolved):
         raise UserError(f"--out '{target}' is or contains the run folder '{run}': choose another folder, "
                         f"e.g. --out {run / 'merged'}")
-    inputs = [run_resolved / "adapter"] + _local_base_folder(cfg)
+    inputs = [run_resolved / run_folder.ADAPTER] + _local_base_folder(cfg)
     for keep in inputs:
         if resolved.is_relative_to(keep) or keep.is_relative_to(resolved):
             raise UserError(f"--out '{target}' overlaps '{keep}', which the export reads: choose another folder")
@@ -138,14 +119,14 @@ def _local_base_folder(cfg: Config) -> list[Path]:
     return [path.resolve()] if path.is_dir() else []
 
 
-def _fill_adapter_only(tmp: Path, run: Path, cfg: Config, summary: dict | None, report: ExportReport) -> None:
+def _fill_adapter_only(tmp: Path, run: Path, cfg: Config, summary: dict | None, result: ExportResult) -> None:
     """The adapter as trained (safetensors), the tokenizer, and a card; base_model points at the Hub id."""
-    adapter = run / "adapter"
+    adapter = run / run_folder.ADAPTER
     for item in adapter.iterdir():
         if item.is_file():
             shutil.copy2(item, tmp / item.name)
     hub.rewrite_adapter_base(tmp / "adapter_config.json", cfg.model.name_or_path)
-    hub.write_model_card(tmp, cfg, summary, report)
+    hub.write_model_card(tmp, cfg, summary, result)
 
 
 def _say(message: str) -> None:

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from simpo_lite.errors import UserError
+from simpo_lite.files import write_json
 
 
 def _prompt_text(item, where: str) -> str:
@@ -101,8 +102,12 @@ def generate_responses(model, tokenizer, prompt_ids: list[list[int]], max_new_to
     stops = stop_ids(tokenizer, model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     sampling = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else dict(do_sample=False)
-    gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad, **sampling)
-    torch.manual_seed(seed)
+    # use_cache: a model prepared for training has it off in its config, and without it every new token
+    # reruns the whole sequence.
+    gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad, use_cache=True,
+                               **sampling)
+    if temperature > 0:  # greedy draws nothing, and must leave a training run's random streams alone
+        torch.manual_seed(seed)
     results: list[dict | None] = [None] * len(prompt_ids)
     done = 0
     for batch in _batches(prompt_ids, batch_size):
@@ -138,13 +143,6 @@ def length_stats(responses: list[dict]) -> dict:
             "tokens": {"mean": statistics.fmean(tokens), "median": statistics.median(tokens), "max": max(tokens)},
             "characters": {"mean": statistics.fmean(chars), "median": statistics.median(chars), "max": max(chars)},
             "hit_max_new_tokens": sum(r["truncated"] for r in responses)}
-
-
-def write_json(path: Path, value) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
 
 
 def stats_path(out: Path) -> Path:

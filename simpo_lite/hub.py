@@ -11,13 +11,13 @@ import re
 from pathlib import Path
 
 from simpo_lite.config import Config
-from simpo_lite.errors import UserError
+from simpo_lite.errors import UserError, first_line
+from simpo_lite.files import looks_like_local_path
 
 # The bundled models' Hub ids, for the card's base_model and the adapter's base_model_name_or_path
 # (the run itself only knows the local folder the bundled GGUF was converted into).
 BUNDLED_HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 
 # ---- token, network and upload ---------------------------------------------------------------
@@ -30,7 +30,7 @@ def check_push_access(repo_id: str) -> str:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as err:
-        raise UserError(f"--push-to-hub '{repo_id}' is not a valid repo id ({_first_line(err)}): use NAME or "
+        raise UserError(f"--push-to-hub '{repo_id}' is not a valid repo id ({first_line(err)}): use NAME or "
                         f"USER_OR_ORG/NAME") from None
     token = get_token()
     if not token:
@@ -82,10 +82,10 @@ def _hub_call(fn, doing: str):
     try:
         return fn()
     except HfHubHTTPError as err:
-        raise UserError(f"the Hub refused to {doing} (HTTP {_status(err)}): {_first_line(err)}; check the "
+        raise UserError(f"the Hub refused to {doing} (HTTP {_status(err)}): {first_line(err)}; check the "
                         f"repo id and that the token may write to it") from err
     except _network_errors() as err:
-        raise UserError(f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} to {doing}: {_first_line(err)}; "
+        raise UserError(f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} to {doing}: {first_line(err)}; "
                         f"check the network connection (and HF_ENDPOINT, HF_HUB_OFFLINE)") from err
 
 
@@ -109,28 +109,25 @@ def _status(err) -> int | None:
     return getattr(response, "status_code", None)
 
 
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
-
-
 # ---- metadata --------------------------------------------------------------------------------
 
 def hub_base_model(name_or_path: str) -> str | None:
     """The base model's Hub id, or None for a local folder."""
     if name_or_path in BUNDLED_HUB_IDS:
         return BUNDLED_HUB_IDS[name_or_path]
-    if Path(name_or_path).exists() or not HUB_ID.match(name_or_path):
+    if looks_like_local_path(name_or_path) or not HUB_ID.match(name_or_path):
         return None
     return name_or_path
 
 
 def hub_datasets(cfg: Config) -> list[str]:
     """The training and eval data when they are Hub datasets (not 'demo' or a local file)."""
+    from simpo_lite.data.sources import BUILDERS
+
     found = []
     for source in (cfg.data.source, cfg.data.eval_source):
-        if (source and HUB_ID.match(source) and not Path(source).exists()
-                and not source.endswith(DATA_FILE_SUFFIXES) and source not in found):
+        if (source and HUB_ID.match(source) and not looks_like_local_path(source, tuple(BUILDERS))
+                and source not in found):
             found.append(source)
     return found
 
@@ -145,16 +142,8 @@ def rewrite_adapter_base(adapter_config: Path, name_or_path: str) -> None:
     adapter_config.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def read_summary(run: Path) -> dict | None:
-    path = run / "summary.json"
-    try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except json.JSONDecodeError:
-        return None
-
-
-def write_model_card(folder: Path, cfg: Config, summary: dict | None, report) -> None:
+def write_model_card(folder: Path, cfg: Config, summary: dict | None, result) -> None:
     from simpo_lite.card import render_card
 
-    (folder / "README.md").write_text(render_card(cfg, summary, report, hub_base_model(cfg.model.name_or_path),
+    (folder / "README.md").write_text(render_card(cfg, summary, result, hub_base_model(cfg.model.name_or_path),
                                                   hub_datasets(cfg)))

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # the label of positions that carry no target (prompt, padding); the data side writes it
 
 
 def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -85,13 +85,18 @@ def final_hidden_states(lm, input_ids: torch.Tensor, attention_mask: torch.Tenso
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
+def text_config(config):
+    """The language model's part of a Hugging Face config (multimodal configs nest it)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def logit_transform(lm) -> tuple[float, float | None]:
     """(scale, soft cap) that the model applies to ``lm_head`` outputs: logits = cap * tanh(scale * z / cap).
 
     Gemma-2/3 soft-cap their logits; Cohere multiplies them by ``logit_scale``; Granite divides them by
     ``logits_scaling``. ``check_logit_head`` catches a model doing something else.
     """
-    cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    cfg = text_config(lm.config)
     kind = getattr(cfg, "model_type", "") or ""
     scale = 1.0
     if kind.startswith("granite") and getattr(cfg, "logits_scaling", None):
@@ -123,7 +128,8 @@ def check_logit_head(model, input_ids: torch.Tensor, atol: float = 0.1) -> float
     """Compare this module's log-probs with the model's own ``forward`` logits on a few tokens.
 
     Returns the largest absolute difference (nats); raises ValueError above ``atol``, which means the
-    model transforms its logits in a way ``logit_transform`` does not know. Cheap: call once per run.
+    model transforms its logits in a way ``logit_transform`` does not know. Cheap: every run calls it once
+    (run_setup.check_log_probs).
     """
     ids = input_ids[:1, :16]
     labels = ids.clone()

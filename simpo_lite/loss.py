@@ -12,8 +12,10 @@ The reward is the length-normalised log-likelihood of a response, with no refere
 ``-log sigmoid(beta * (avg_logp_w - avg_logp_l - gamma_beta_ratio))``; TRL's CPOTrainer
 (loss_type="simpo", cpo_alpha=0) writes the same thing with an absolute ``simpo_gamma = gamma``.
 Variants of the official trainer kept here: the hinge loss ``relu(1 - beta * logits)``, conservative
-label smoothing (sigmoid only; hinge ignores it), and ``sft_weight`` times the NLL of the chosen
-response (``sft_weight = 0`` is pure SimPO; TRL's default ``cpo_alpha=1`` is this term, i.e. CPO-SimPO).
+label smoothing (sigmoid only; hinge ignores it), and ``sft_weight`` times the NLL per token of the chosen
+responses, every token weighing the same as in the official trainer (``sft_weight = 0`` is pure SimPO;
+TRL's default ``cpo_alpha=1`` is this term, i.e. CPO-SimPO). Training and evaluation both compose the
+loss through ``objective_sums`` and ``objective_from_sums``.
 """
 
 from __future__ import annotations
@@ -42,6 +44,12 @@ def simpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, beta: f
     return losses, beta * chosen_logps.detach(), beta * rejected_logps.detach()
 
 
+# The metrics every training step and evaluation reports, in the order tables show them (eval adds
+# an ``eval_`` prefix); ``sft_loss`` joins them when the SFT term is on.
+METRIC_NAMES = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
+                "logps/chosen", "logps/rejected")
+
+
 def sft_nll(chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor | None = None) -> torch.Tensor:
     """Mean NLL per token of the chosen responses.
 
@@ -49,39 +57,74 @@ def sft_nll(chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor | None = No
     official trainer's and TRL's cross-entropy over the batch; without it every response weighs the
     same (``-chosen_logps.mean()``). The two agree when the responses are equally long.
     """
-    if chosen_lengths is None:
-        return -chosen_logps.mean()
-    lengths = chosen_lengths.to(chosen_logps.dtype)
-    return -(chosen_logps * lengths).sum() / lengths.sum()
+    nll, tokens = _nll_terms(chosen_logps, chosen_lengths)
+    return nll / tokens
+
+
+def _nll_terms(chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed NLL over the chosen tokens, token count), from average log-probs and lengths."""
+    lengths = (torch.ones_like(chosen_logps) if chosen_lengths is None
+               else chosen_lengths.to(device=chosen_logps.device, dtype=chosen_logps.dtype))
+    return -(chosen_logps * lengths).sum(), lengths.sum()
+
+
+def objective_sums(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, cfg,
+                   chosen_lengths: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Sums over the pairs of a batch from which the loss and every metric are means.
+
+    Training takes the means of one micro-batch; evaluation adds the sums of all its batches (and
+    processes) first, so both compute one objective the same way. "simpo" and "nll" keep their
+    gradient; the others are detached.
+    """
+    losses, chosen_rewards, rejected_rewards = simpo_loss(
+        chosen_logps, rejected_logps, cfg.beta, cfg.gamma_beta_ratio, cfg.loss_type, cfg.label_smoothing)
+    nll, tokens = _nll_terms(chosen_logps, chosen_lengths)
+    return {"simpo": losses.sum(), "nll": nll, "tokens": tokens.detach(),
+            "pairs": torch.tensor(float(len(losses)), device=losses.device),
+            **preference_sums(chosen_logps, rejected_logps, chosen_rewards, rejected_rewards)}
+
+
+def objective_from_sums(sums: dict[str, torch.Tensor], cfg) -> tuple[torch.Tensor, dict[str, float]]:
+    """loss = mean SimPO loss per pair + cfg.sft_weight * NLL per chosen token, and the metrics.
+
+    The SFT term is left out (and its metric absent) when ``sft_weight`` is 0.
+    """
+    pairs = sums["pairs"]
+    loss = sums["simpo"] / pairs
+    metrics = {name: (sums[name] / pairs).item() for name in METRIC_NAMES[1:]}
+    if cfg.sft_weight > 0:
+        nll = sums["nll"] / sums["tokens"]
+        loss = loss + cfg.sft_weight * nll
+        metrics["sft_loss"] = nll.item()
+    return loss, {"loss": loss.item(), **metrics}
 
 
 def simpo_objective(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, cfg,
                     chosen_lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """The scalar training loss of a batch and its metrics, from a ``SimpoConfig``-like ``cfg``.
+    """The scalar loss of a batch and its metrics, from a ``SimpoConfig``-like ``cfg``.
 
-    loss = mean(simpo_loss) + cfg.sft_weight * sft_nll(chosen); the SFT term is skipped (and its
-    metric absent) when ``sft_weight`` is 0.
+    ``chosen_lengths`` (labelled tokens per chosen response) weigh the SFT term per token, as the
+    official trainer does; training and evaluation always pass them.
     """
-    losses, chosen_rewards, rejected_rewards = simpo_loss(
-        chosen_logps, rejected_logps, cfg.beta, cfg.gamma_beta_ratio, cfg.loss_type, cfg.label_smoothing)
-    loss = losses.mean()
-    metrics = preference_metrics(chosen_logps, rejected_logps, chosen_rewards, rejected_rewards)
-    if cfg.sft_weight > 0:
-        nll = sft_nll(chosen_logps, chosen_lengths)
-        loss = loss + cfg.sft_weight * nll
-        metrics["sft_loss"] = nll.item()
-    return loss, metrics
+    return objective_from_sums(objective_sums(chosen_logps, rejected_logps, cfg, chosen_lengths), cfg)
+
+
+def preference_sums(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor,
+                    chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-batch sums of the preference metrics (names as the official trainer and TRL log them)."""
+    chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
+    return {
+        "rewards/chosen": chosen_rewards.sum(),
+        "rewards/rejected": rejected_rewards.sum(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).to(chosen_rewards.dtype).sum(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
+        "logps/chosen": chosen_logps.detach().sum(),
+        "logps/rejected": rejected_logps.detach().sum(),
+    }
 
 
 def preference_metrics(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor,
                        chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, float]:
-    """Batch means under the names the official trainer and TRL log (add an ``eval_`` prefix for eval)."""
-    chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
-    return {
-        "rewards/chosen": chosen_rewards.mean().item(),
-        "rewards/rejected": rejected_rewards.mean().item(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
-        "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
-        "logps/chosen": chosen_logps.detach().mean().item(),
-        "logps/rejected": rejected_logps.detach().mean().item(),
-    }
+    """Batch means of ``preference_sums`` (add an ``eval_`` prefix for eval)."""
+    sums = preference_sums(chosen_logps, rejected_logps, chosen_rewards, rejected_rewards)
+    return {name: (value / len(chosen_logps)).item() for name, value in sums.items()}

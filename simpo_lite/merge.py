@@ -20,36 +20,42 @@ import torch
 from simpo_lite import hub
 from simpo_lite.config import Config
 from simpo_lite.errors import RunError, UserError
-from simpo_lite.model import DTYPES, load_adapter_model, load_tokenizer, resolve_model_source
+from simpo_lite.model import DTYPES, load_base_model, load_for_inference, load_run_tokenizer, resolve_model_source
+
 PROMPTS = ("What is the capital of France?", "Write a haiku about autumn leaves.",
            "Explain in one sentence why the sky is blue.")
 SAMPLE_TOKENS = 40
+CONTINUATION_TOKENS = 20  # greedy tokens per check prompt compared with the trained model's
 VERIFY_BYTES_PER_PARAM = 4  # the check holds one fp32 copy of the model at a time
 
 
-def fill_merged(tmp: Path, run: Path, cfg: Config, dtype_name: str, summary: dict | None, report,
+def fill_merged(tmp: Path, run: Path, cfg: Config, dtype_name: str, summary: dict | None, result,
                 say: Callable[[str], None]) -> None:
     """Merge, save into tmp, reload the saved files with plain transformers, check them, add a card."""
-    tokenizer = load_run_tokenizer(run, cfg)
+    tokenizer = load_run_tokenizer(cfg, run / "adapter")
     ids = [encode(tokenizer, p)["input_ids"] for p in PROMPTS]
     check_memory(cfg, say)
-    report.trained_kind = "4-bit NF4" if cfg.model.quantize else "unquantized"
-    say(f"computing reference logits of the run's {report.trained_kind} training model")
-    trained = trained_model_logits(cfg, run / "adapter", ids)
-    say(f"merging the adapter into {cfg.model.name_or_path} loaded in {dtype_name}")
-    merged, reference, report.adapter_effect = merge(cfg, run / "adapter", DTYPES[dtype_name], ids)
+    result.trained_kind = "4-bit NF4" if cfg.model.quantize else "unquantized"
+    say(f"computing reference logits and greedy answers of the run's {result.trained_kind} training model")
+    trained, trained_answers = trained_model_outputs(cfg, run / "adapter", ids, tokenizer)
+    result.merge_into = merge_target(cfg)
+    say(f"merging the adapter into {describe_target(cfg, dtype_name)}")
+    merged, reference, result.adapter_effect = merge(cfg, run / "adapter", DTYPES[dtype_name], ids)
     merged.save_pretrained(tmp, max_shard_size=cfg.export.max_shard_size)
     del merged  # the check below reloads from disk: never two copies in memory
     gc.collect()
     tokenizer.save_pretrained(tmp)
-    exported = check_saved(tmp, cfg, dtype_name, ids, reference, trained, report, say)
-    report.sample_prompt = PROMPTS[0]
-    report.sample = sample(exported, tokenizer, PROMPTS[0])
-    say(f"sample (greedy): {PROMPTS[0]!r} -> {report.sample!r}")
-    hub.write_model_card(tmp, cfg, summary, report)
+    exported = check_saved(tmp, cfg, dtype_name, ids, reference, trained, result, say)
+    result.greedy_agreement = continuation_agreement(greedy_answers(exported, tokenizer, ids), trained_answers)
+    say(f"info: greedy answers to the {len(ids)} check prompts: {result.greedy_agreement:.0%} of the first "
+        f"{CONTINUATION_TOKENS} tokens are the trained model's (up to the first difference)")
+    result.sample_prompt = PROMPTS[0]
+    result.sample = sample(exported, tokenizer, PROMPTS[0])
+    say(f"sample (greedy): {PROMPTS[0]!r} -> {result.sample!r}")
+    hub.write_model_card(tmp, cfg, summary, result)
 
 
-def check_saved(folder: Path, cfg: Config, dtype_name: str, ids, reference, trained, report,
+def check_saved(folder: Path, cfg: Config, dtype_name: str, ids, reference, trained, result,
                 say: Callable[[str], None]):
     """Load what users will load (the saved files, plain transformers), compare, raise above tolerance."""
     from transformers import AutoModelForCausalLM
@@ -57,25 +63,15 @@ def check_saved(folder: Path, cfg: Config, dtype_name: str, ids, reference, trai
     exported = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map="cpu",
                                                     trust_remote_code=cfg.model.trust_remote_code)
     got = logits(exported, ids)
-    report.merge_diff, report.trained_diff = max_diff(got, reference), max_diff(got, trained)
-    report.trained_top1 = top1_agreement(got, trained)
+    result.merge_diff, result.trained_diff = max_diff(got, reference), max_diff(got, trained)
+    result.trained_top1 = top1_agreement(got, trained)
     say(f"check: {dtype_name} export vs base+adapter ({dtype_name} base, fp32 compute): max |logit diff| "
-        f"{report.merge_diff:.3g} (tolerance {export_tolerance(cfg, dtype_name):g}; the adapter itself moves logits "
-        f"by up to {report.adapter_effect:.3g})")
-    say(f"info: export vs the run's {report.trained_kind} training model: max |logit diff| {report.trained_diff:.3g}, "
-        f"same most likely next token at {report.trained_top1:.0%} of positions")
-    check_tolerance(report, cfg, dtype_name)
+        f"{result.merge_diff:.3g} (tolerance {export_tolerance(cfg, dtype_name):g}; the adapter itself moves logits "
+        f"by up to {result.adapter_effect:.3g})")
+    say(f"info: export vs the run's {result.trained_kind} training model: max |logit diff| {result.trained_diff:.3g}, "
+        f"same most likely next token at {result.trained_top1:.0%} of positions")
+    check_tolerance(result, cfg, dtype_name)
     return exported
-
-
-def load_run_tokenizer(run: Path, cfg: Config):
-    """The tokenizer saved with the adapter (chat template included), else the base model's."""
-    from transformers import AutoTokenizer
-
-    adapter = run / "adapter"
-    if (adapter / "tokenizer_config.json").is_file():
-        return AutoTokenizer.from_pretrained(adapter, trust_remote_code=cfg.model.trust_remote_code)
-    return load_tokenizer(cfg.model)
 
 
 def encode(tokenizer, prompt: str):
@@ -130,27 +126,54 @@ def parameter_count(cfg: Config) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def trained_model_logits(cfg: Config, adapter_dir: Path, ids: list[torch.Tensor]) -> list[torch.Tensor]:
-    model = load_adapter_model(cfg, adapter_dir)
-    result = logits(model, ids)
+def trained_model_outputs(cfg: Config, adapter_dir: Path, ids: list[torch.Tensor], tokenizer):
+    """(logits, greedy answers) of the model exactly as the run trained it."""
+    model = load_for_inference(cfg, adapter_dir)
+    trained = logits(model, ids), greedy_answers(model, tokenizer, ids)
     del model
     _free()
-    return result
+    return trained
 
 
-def load_full_precision(cfg: Config, dtype: torch.dtype):
-    """The base on the CPU in `dtype` (transformers 5 loads lazily, one tensor at a time)."""
-    from transformers import AutoModelForCausalLM
+@torch.no_grad()
+def greedy_answers(model, tokenizer, ids: list[torch.Tensor]) -> list[list[int]]:
+    """CONTINUATION_TOKENS greedy tokens (fewer where the answer ends) after each prompt."""
+    from transformers import GenerationConfig
 
-    kwargs = {"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}
-    try:
-        return AutoModelForCausalLM.from_pretrained(
-            resolve_model_source(cfg.model.name_or_path), dtype=dtype, device_map="cpu",
-            revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code, **kwargs)
-    except OSError as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UserError(f"cannot load base model '{cfg.model.name_or_path}': {first} -- if it moved, "
-                        f"add --set model.name_or_path=NEW_PATH") from None
+    greedy = GenerationConfig(max_new_tokens=CONTINUATION_TOKENS, do_sample=False, use_cache=True,
+                              eos_token_id=model.generation_config.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    device = next(model.parameters()).device
+    return [model.generate(input_ids=i.to(device), generation_config=greedy)[0, i.shape[1]:].tolist() for i in ids]
+
+
+def continuation_agreement(got: list[list[int]], trained: list[list[int]]) -> float:
+    """Mean share of the trained model's greedy tokens that the export repeats before they first differ."""
+    shares = []
+    for a, b in zip(got, trained):
+        same = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        shares.append(same / len(b) if b else float(not a))
+    return sum(shares) / len(shares)
+
+
+def merge_target(cfg: Config) -> str:
+    """What the adapter is merged into: an unquantized run trained on the original weights themselves."""
+    return cfg.export.merge_into if cfg.model.quantize else "original"
+
+
+def describe_target(cfg: Config, dtype_name: str) -> str:
+    if merge_target(cfg) == "dequantized":
+        return f"the NF4 weights of {cfg.model.name_or_path} the run trained on, dequantized to {dtype_name}"
+    return f"{cfg.model.name_or_path} loaded in {dtype_name}"
+
+
+def merge_base(cfg: Config, dtype: torch.dtype):
+    """The base the adapter is merged into, in `dtype` on the CPU (export.merge_into)."""
+    if merge_target(cfg) == "dequantized":
+        from simpo_lite.dequantize import load_dequantized
+
+        return load_dequantized(cfg, dtype)
+    return load_base_model(cfg.model, quantize=False, dtype=dtype, device_map="cpu")
 
 
 def merge(cfg: Config, adapter_dir: Path, dtype: torch.dtype, ids: list[torch.Tensor]):
@@ -159,7 +182,7 @@ def merge(cfg: Config, adapter_dir: Path, dtype: torch.dtype, ids: list[torch.Te
 
     # Base rounded to the export precision, then held in fp32 so that the reference and the merge
     # both see the adapter at full precision: the only rounding left is that of the merged sum.
-    base = load_full_precision(cfg, dtype).float()
+    base = merge_base(cfg, dtype).float()
     model = PeftModel.from_pretrained(base, str(adapter_dir))
     reference = logits(model, ids)
     with model.disable_adapter():
@@ -179,8 +202,8 @@ def export_tolerance(cfg: Config, dtype_name: str) -> float:
     return 1e-3 if dtype_name == "fp32" else 1.0
 
 
-def check_tolerance(report, cfg: Config, dtype_name: str) -> None:
-    diff, tolerance = report.merge_diff, export_tolerance(cfg, dtype_name)
+def check_tolerance(result, cfg: Config, dtype_name: str) -> None:
+    diff, tolerance = result.merge_diff, export_tolerance(cfg, dtype_name)
     if diff <= tolerance:  # also false for NaN, e.g. an fp16 overflow
         return
     suggest = f"{10 ** math.ceil(math.log10(diff)):g}" if math.isfinite(diff) and diff > 0 else "a larger value"
@@ -193,7 +216,7 @@ def check_tolerance(report, cfg: Config, dtype_name: str) -> None:
         fix = f"export with --dtype fp32, or accept the loss with --set export.verify_tolerance={suggest}"
     raise RunError(f"merge check failed: the {dtype_name} export differs from base+adapter by up to {diff:.3g} logits "
                    f"(export.verify_tolerance {tolerance:g}; the adapter itself moves logits by up to "
-                   f"{report.adapter_effect:.3g}): {why}; nothing was written to {report.out}; {fix}")
+                   f"{result.adapter_effect:.3g}): {why}; nothing was written to {result.out}; {fix}")
 
 
 @torch.no_grad()

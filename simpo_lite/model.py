@@ -6,12 +6,13 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from simpo_lite.config import Config, LoraConfig, ModelConfig
-from simpo_lite.errors import UserError
+from simpo_lite.errors import UserError, first_line
 
 # The dtype names configs use (model.compute_dtype, export.dtype, train.mixed_precision).
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -99,9 +100,11 @@ def keeps_fp32_frozen_weights(model_cfg: ModelConfig, cuda: bool, compute: torch
     bf16 has fp32's range, so on a bf16 GPU they only cost memory; fp16 can overflow in the norms
     without them, and on the CPU memory rarely limits a run.
     """
+    from simpo_lite.sharding import fsdp_requested
+
     if not model_cfg.quantize:
         return False
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+    if fsdp_requested():
         return False  # FSDP wraps them with the 4-bit blocks, stored in the compute dtype: one dtype per unit
     if model_cfg.frozen_dtype != "auto":
         return model_cfg.frozen_dtype == "fp32"
@@ -118,16 +121,25 @@ def load_tokenizer(model_cfg: ModelConfig):
                                                   trust_remote_code=model_cfg.trust_remote_code)
     except OSError as err:
         raise UserError(_not_found(model_cfg.name_or_path, err)) from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    from simpo_lite.data.tokenize import ensure_pad_token
+
+    ensure_pad_token(tokenizer)
     tokenizer.padding_side = "right"
     return tokenizer
 
 
+def load_run_tokenizer(cfg: Config, adapter_dir: Path | None):
+    """The tokenizer a run saved beside its adapter (what it trained with, chat template included),
+    else the base model's; prepared as load_tokenizer prepares it."""
+    if adapter_dir is not None and (Path(adapter_dir) / "tokenizer_config.json").is_file():
+        return load_tokenizer(replace(cfg.model, name_or_path=str(adapter_dir), revision=None))
+    return load_tokenizer(cfg.model)
+
+
 def _not_found(name: str, err: Exception) -> str:
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return (f"cannot load model '{name}': {first} -- give a local folder, a cached Hub id "
-            f"(log in with 'hf auth login' for gated models), or 'smollm2-135m-instruct'")
+    return (f"cannot load model '{name}': {first_line(err)} -- give a local folder, a cached Hub id "
+            f"(log in with 'hf auth login' for gated models), or 'smollm2-135m-instruct'; if a run's base "
+            f"model moved, add --set model.name_or_path=NEW_PATH")
 
 
 def _device_map():
@@ -149,13 +161,15 @@ def quantization_config(model_cfg: ModelConfig):
                               bnb_4bit_quant_storage=dtype)
 
 
-def load_base_model(model_cfg: ModelConfig, quantize: bool | None = None, dtype: torch.dtype | None = None):
-    """The base causal LM, 4-bit when quantize (default: model_cfg.quantize), else in `dtype`."""
+def load_base_model(model_cfg: ModelConfig, quantize: bool | None = None, dtype: torch.dtype | None = None,
+                    device_map=None):
+    """The base causal LM, 4-bit when quantize (default: model_cfg.quantize), else in `dtype` (default:
+    the compute dtype); on this process's GPU when there is one, unless `device_map` says otherwise."""
     from transformers import AutoModelForCausalLM
 
     quantize = model_cfg.quantize if quantize is None else quantize
     kwargs = dict(revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code,
-                  device_map=_device_map(), dtype=dtype or compute_dtype(model_cfg))
+                  device_map=device_map or _device_map(), dtype=dtype or compute_dtype(model_cfg))
     if model_cfg.attn_implementation:
         kwargs["attn_implementation"] = model_cfg.attn_implementation
     if quantize:
@@ -193,7 +207,7 @@ def lora_config(lora_cfg: LoraConfig):
 
 def load_model(cfg: Config):
     """Base model (4-bit unless model.quantize is false) with fresh trainable LoRA adapters."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model
 
     model = load_base_model(cfg.model)
     checkpointing = cfg.model.gradient_checkpointing
@@ -201,11 +215,7 @@ def load_model(cfg: Config):
     # the non-reentrant variant has neither problem.
     ckpt_kwargs = {"use_reentrant": False}
     if cfg.model.quantize:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
-                                                gradient_checkpointing_kwargs=ckpt_kwargs)
-        dtype = compute_dtype(cfg.model)
-        if not keeps_fp32_frozen_weights(cfg.model, torch.cuda.is_available(), dtype):
-            cast_frozen_weights(model, dtype)
+        model = prepare_frozen_weights(model, cfg.model, checkpointing, ckpt_kwargs)
     elif checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
     if checkpointing and cfg.model.uncheckpointed_layers:
@@ -215,6 +225,34 @@ def load_model(cfg: Config):
         return get_peft_model(model, lora_config(cfg.lora))
     except ValueError as err:  # e.g. target modules that the model does not have
         raise UserError(f"lora.target_modules {cfg.lora.target_modules}: {err}") from None
+
+
+def load_for_inference(cfg: Config, adapter_dir: Path | None = None):
+    """A model in eval mode exactly as training runs it: the same 4-bit base, the same dtype of its
+    frozen weights (peft's fp32 upcast on the CPU), and the saved adapter when given. Everything that
+    reads a run (eval, generate, the export check) loads it here, so its numbers are the run's own."""
+    from peft import PeftModel
+
+    model = load_base_model(cfg.model)
+    if cfg.model.quantize:
+        model = prepare_frozen_weights(model, cfg.model, checkpointing=False)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    return model.eval()
+
+
+def prepare_frozen_weights(model, model_cfg: ModelConfig, checkpointing: bool, ckpt_kwargs: dict | None = None):
+    """Freeze a 4-bit model and give its embeddings, head and norms the dtype training uses: peft's
+    prepare_model_for_kbit_training casts them to fp32, and they go back to the compute dtype unless
+    keeps_fp32_frozen_weights says otherwise."""
+    from peft import prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
+                                            gradient_checkpointing_kwargs=ckpt_kwargs)
+    dtype = compute_dtype(model_cfg)
+    if not keeps_fp32_frozen_weights(model_cfg, torch.cuda.is_available(), dtype):
+        cast_frozen_weights(model, dtype)
+    return model
 
 
 def cast_frozen_weights(model, dtype: torch.dtype) -> None:
@@ -233,11 +271,3 @@ def recompute_all_but_last(model, keep: int) -> None:
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     for index, layer in enumerate(layers):
         layer.gradient_checkpointing = index < len(layers) - keep
-
-
-def load_adapter_model(cfg: Config, adapter_dir: Path, trainable: bool = False):
-    """Base model with saved adapters attached, for resuming, evaluation and export checks."""
-    from peft import PeftModel
-
-    model = load_base_model(cfg.model)
-    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)

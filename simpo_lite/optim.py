@@ -9,13 +9,17 @@ import torch
 from simpo_lite.config import TrainConfig
 
 
-def build_optimizer(params, train_cfg: TrainConfig):
-    """Paged 8-bit AdamW on CUDA (optimizer state in 8 bits, paged to CPU under pressure), torch AdamW elsewhere."""
-    params = [p for p in params if p.requires_grad]
-    choice = train_cfg.optimizer
+def optimizer_name(choice: str, cuda: bool) -> str:
+    """train.optimizer with "auto" resolved: paged 8-bit AdamW on CUDA (bitsandbytes' 8-bit state,
+    paged to CPU under pressure), torch AdamW elsewhere."""
     if choice == "auto":
-        choice = "paged_adamw_8bit" if torch.cuda.is_available() else "adamw"
-    if choice == "paged_adamw_8bit":
+        return "paged_adamw_8bit" if cuda else "adamw"
+    return choice
+
+
+def build_optimizer(params, train_cfg: TrainConfig):
+    params = [p for p in params if p.requires_grad]
+    if optimizer_name(train_cfg.optimizer, torch.cuda.is_available()) == "paged_adamw_8bit":
         import bitsandbytes as bnb
 
         return bnb.optim.PagedAdamW8bit(params, lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay)

@@ -17,7 +17,8 @@ import torch
 
 from simpo_lite.data.packing import PAD, PROMPT
 from simpo_lite.errors import UserError
-from simpo_lite.logprobs import IGNORE_INDEX, causal_lm, check_labelled, final_hidden_states, head_logps, per_row
+from simpo_lite.logprobs import (IGNORE_INDEX, causal_lm, check_labelled, final_hidden_states, head_logps, per_row,
+                                 text_config)
 
 MASKED_KERNELS = ("sdpa", "eager")  # attention implementations that apply a custom 4D mask as given
 
@@ -59,7 +60,7 @@ def packed_attention_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torc
 def check_packable(model) -> None:
     """Raise UserError when a packed row would not compute what two unpacked rows compute."""
     lm = causal_lm(model)
-    cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    cfg = text_config(lm.config)
     kind = getattr(cfg, "model_type", type(lm).__name__)
     fix = "or set simpo.pack_prompt=false"
     kernel = getattr(cfg, "_attn_implementation", None) or getattr(lm.config, "_attn_implementation", None)

@@ -93,7 +93,9 @@ ALIASES = {
 
 
 def arch_from_hf_config(hf_config, source: str) -> Arch:
-    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    from simpo_lite.logprobs import text_config
+
+    text = text_config(hf_config)
     heads = text.num_attention_heads
     kind = getattr(text, "model_type", "") or ""
     return Arch(hidden=text.hidden_size, layers=text.num_hidden_layers, heads=heads,
@@ -184,9 +186,9 @@ def setting_from_config(cfg: Config, device: str = "cuda") -> Setting:
     # With fp32 embeddings, head and norms (model.frozen_dtype) the residual stream is fp32 too.
     compute_dtype = torch.bfloat16 if compute == 2 else torch.float32
     residual = 4 if keeps_fp32_frozen_weights(cfg.model, cuda, compute_dtype) else compute
-    optimizer = cfg.train.optimizer
-    if optimizer == "auto":
-        optimizer = "paged_adamw_8bit" if cuda else "adamw"
+    from simpo_lite.optim import optimizer_name
+
+    optimizer = optimizer_name(cfg.train.optimizer, cuda)
     targets = tuple(LINEAR_NAMES) if cfg.lora.target_modules == ["all-linear"] else tuple(cfg.lora.target_modules)
     return Setting(micro_batch=cfg.train.micro_batch_size, seq_len=cfg.data.max_length, lora_r=cfg.lora.r,
                    lora_dropout=cfg.lora.dropout > 0, lora_targets=targets, quantize=cfg.model.quantize,

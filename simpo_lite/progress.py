@@ -1,8 +1,7 @@
-"""What a run shows and records: a live rich progress bar (or plain lines) and metrics.jsonl."""
+"""What a run shows: a live rich progress bar (or plain lines), and the end-of-run summary table."""
 
 from __future__ import annotations
 
-import json
 import resource
 import sys
 import time
@@ -16,28 +15,6 @@ def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-class MetricsLog:
-    """Appends one JSON object per line; on resume, drops lines written after the checkpoint."""
-
-    def __init__(self, path: Path, resume_step: int | None = None):
-        self.path = Path(path)
-        if resume_step is not None and self.path.is_file():
-            # Lines after the checkpoint come back on resume; an eval at its step ran before the save
-            # and does not run again.
-            kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-
-    def write(self, record: dict) -> None:
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
-
-
-def read_metrics(path: Path) -> list[dict]:
-    if not Path(path).is_file():
-        return []
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 class Progress:
@@ -81,9 +58,34 @@ class Progress:
         if self._bar is not None:
             self._bar.console.print(text, highlight=False)
         else:
-            print(text, file=sys.stderr, flush=True)
+            from rich.text import Text
+
+            print(Text.from_markup(text).plain, file=sys.stderr, flush=True)  # plain lines carry no markup
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
+
+
+def print_summary(summary: dict, output_dir: Path) -> None:
+    """The end-of-run table: start and end evaluation, steps, time and peak memory."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from simpo_lite import health
+    from simpo_lite.loss import METRIC_NAMES
+
+    table = Table("metric", "start", "end", title="simpo-lite run summary")
+    start, end = summary.get("start_eval") or {}, summary.get("end_eval") or {}
+    for key in [f"eval_{name}" for name in METRIC_NAMES] + list(health.SHOWN):
+        if key in start or key in end:
+            fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+            table.add_row(key, fmt(start.get(key)), fmt(end.get(key)))
+    table.add_row("steps", "", str(summary["steps"]))
+    table.add_row("train time", "", f"{summary['train_seconds']:.0f} s")
+    table.add_row("peak memory", "", f"{summary['peak_mem_mb']:.0f} MB")
+    console = Console(stderr=True)
+    console.print(table)
+    console.print(f"adapter saved to {Path(output_dir) / 'adapter'}; "
+                  f"merge it with: simpo-lite export {output_dir}", highlight=False)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from simpo_lite import checkpoint as ckpt
-from simpo_lite import sharding
+from simpo_lite import run_folder, sharding
 from simpo_lite.config import Config
 from simpo_lite.errors import UserError
 
@@ -28,7 +26,7 @@ class RunParts:
     scheduler: Any
     total_steps: int
     trainable: list        # what the gradient norm is taken over (outside FSDP)
-    state: ckpt.TrainerState
+    state: run_folder.TrainerState
     resumed_from: Path | None
     resume_rng: dict | None
 
@@ -73,16 +71,6 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _warn_config_drift(cfg: Config, resume_path: Path) -> None:
-    saved = ckpt.load_checkpoint_config(resume_path).to_dict()
-    now = cfg.to_dict()
-    changed = [f"{section}.{key}" for section in now for key in now[section]
-               if now[section][key] != saved[section][key] and key not in ("max_steps", "output_dir")]
-    if changed:
-        warnings.warn(f"resuming {resume_path} with settings that differ from its saved config: "
-                      f"{', '.join(changed)}", stacklevel=2)
-
-
 def load_data(cfg: Config, tokenizer, accelerator):
     from simpo_lite.data import build_datasets
 
@@ -102,39 +90,37 @@ def row_lengths(train, pack_prompt: bool) -> list[int]:
     return [max(c, r) for c, r in zip(chosen, rejected)]
 
 
-def build_run_parts(cfg: Config, resume_path: Path | None, quiet: bool) -> RunParts:
-    from accelerate.utils import set_seed
+def batch_order(cfg: Config, train, processes: int) -> Callable[[int], list]:
+    """epoch -> that epoch's micro-batches of training indices; refuses data too small for one step."""
+    from simpo_lite.data import batch_indices
 
-    from simpo_lite.data import batch_indices, make_collator
-    from simpo_lite.model import load_model, load_tokenizer
-    from simpo_lite.objective import ConcatenatedPolicy
-    from simpo_lite.optim import build_optimizer, build_scheduler, total_steps
-
-    acc = make_accelerator(cfg)
-    sharding.check_fsdp_setup(acc, cfg.model)
-    set_seed(cfg.train.seed)
-    if resume_path:
-        _warn_config_drift(cfg, resume_path)
-    tokenizer = load_tokenizer(cfg.model)
-    prepared = load_data(cfg, tokenizer, acc)
-    if acc.is_main_process and not quiet:
-        print(prepared.report.summary(), flush=True)
-    train = prepared.train
     lengths = row_lengths(train, cfg.simpo.pack_prompt)
 
     def batches_for_epoch(epoch: int) -> list:
         return batch_indices(lengths, cfg.train.micro_batch_size, seed=cfg.train.seed, epoch=epoch,
                              shuffle=True, group_by_length=cfg.data.group_by_length)
 
-    per_step = acc.num_processes * cfg.train.gradient_accumulation_steps
+    per_step = processes * cfg.train.gradient_accumulation_steps
     if len(batches_for_epoch(0)) < per_step:
         raise UserError(f"{len(train)} training pairs make fewer micro-batches than one optimizer step needs "
                         f"({per_step} = processes x train.gradient_accumulation_steps): add data or lower "
                         f"train.micro_batch_size / train.gradient_accumulation_steps")
+    return batches_for_epoch
+
+
+def build_policy(cfg: Config, acc, resume_path: Path | None, sample_ids: list[int]):
+    """(prepared ConcatenatedPolicy, its trainable parameters): model, resumed adapter, FSDP wrapping.
+
+    sample_ids: a training sequence, on which the chunked log-probs are checked once against the
+    model's own logits, so a model that transforms its logits in an unknown way stops here.
+    """
+    from simpo_lite.model import load_model
+    from simpo_lite.policy import ConcatenatedPolicy
 
     model = load_model(cfg)
+    check_log_probs(model, sample_ids)
     if resume_path:
-        _load_adapter_weights(model, resume_path)
+        run_folder.load_adapter_weights(model, resume_path)
     if sharding.uses_fsdp(acc):
         sharding.wrap_lora_separately(acc, model)
     policy = ConcatenatedPolicy(model, cfg.simpo.logp_chunk_tokens, cfg.simpo.pack_prompt)
@@ -143,36 +129,48 @@ def build_run_parts(cfg: Config, resume_path: Path | None, quiet: bool) -> RunPa
     # The optimizer is built on the prepared module's parameters: FSDP replaces the model's parameters
     # with flattened ones, and an optimizer holding the originals would update nothing (seen on a GPU:
     # a 1-process FSDP run whose eval loss never moved). Under DDP they are the same tensors.
-    trainable = [p for p in policy.parameters() if p.requires_grad]
+    return policy, [p for p in policy.parameters() if p.requires_grad]
+
+
+def check_log_probs(model, sample_ids: list[int]) -> None:
+    from simpo_lite.logprobs import check_logit_head
+
+    was_training = model.training
+    model.eval()  # no dropout: both computations must see the same network
+    try:
+        device = next(model.parameters()).device
+        check_logit_head(model, torch.tensor([sample_ids], device=device))
+    except ValueError as err:
+        raise UserError(f"{err}; simpo-lite cannot train this model correctly") from None
+    finally:
+        model.train(was_training)
+
+
+def build_run_parts(cfg: Config, resume_path: Path | None, quiet: bool) -> RunParts:
+    from accelerate.utils import set_seed
+
+    from simpo_lite.data import make_collator
+    from simpo_lite.model import load_tokenizer
+    from simpo_lite.optim import build_optimizer, build_scheduler, total_steps
+
+    acc = make_accelerator(cfg)
+    sharding.check_fsdp_setup(acc, cfg.model)
+    set_seed(cfg.train.seed)
+    if resume_path:
+        run_folder.warn_config_drift(cfg, resume_path)
+    tokenizer = load_tokenizer(cfg.model)
+    prepared = load_data(cfg, tokenizer, acc)
+    if acc.is_main_process and not quiet:
+        print(prepared.report.summary(), flush=True)
+    batches_for_epoch = batch_order(cfg, prepared.train, acc.num_processes)
+    policy, trainable = build_policy(cfg, acc, resume_path, prepared.train[0]["chosen_input_ids"])
     optimizer = acc.prepare_optimizer(build_optimizer(trainable, cfg.train))
-    state = ckpt.TrainerState(step=0, epoch=0, batch_in_epoch=0)
+    per_step = acc.num_processes * cfg.train.gradient_accumulation_steps
     total = total_steps(cfg.train, len(batches_for_epoch(0)) // per_step)
     scheduler = build_scheduler(optimizer, cfg.train, total)
-    resume_rng = None
+    state, resume_rng = run_folder.TrainerState(step=0, epoch=0, batch_in_epoch=0), None
     if resume_path:
-        sharding.load_optimizer_state(acc, policy, optimizer, ckpt.load_torch(resume_path / "optimizer.pt"), resume_path)
-        scheduler.load_state_dict(ckpt.load_torch(resume_path / "scheduler.pt"))
-        state = ckpt.load_trainer_state(resume_path)
-        resume_rng = ckpt.load_rng_state(resume_path, acc.process_index)
-        if resume_rng is None:
-            raise UserError(f"--resume: {resume_path} was written by fewer processes than this run has "
-                            f"({acc.num_processes}); resume with the same number of processes")
+        state, resume_rng = run_folder.restore_training_state(resume_path, acc, policy, optimizer, scheduler)
     collate = make_collator(tokenizer.pad_token_id, cfg.simpo.pack_prompt)
-    return RunParts(acc, tokenizer, train, prepared.eval, collate, batches_for_epoch, policy, optimizer, scheduler,
-                    total, trainable, state, resume_path, resume_rng)
-
-
-def _load_adapter_weights(model, path: Path) -> None:
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    file = path / "adapter_model.safetensors"
-    if not file.is_file():
-        raise UserError(f"--resume: {path} has no adapter_model.safetensors; it is not a complete checkpoint")
-    saved = load_file(str(file))
-    # A file without some of the adapter's weights would load "successfully" and silently restart them.
-    missing = set(get_peft_model_state_dict(model)) - set(saved)
-    result = set_peft_model_state_dict(model, saved)
-    if missing or getattr(result, "unexpected_keys", None):
-        raise UserError(f"--resume: adapter weights in {path} do not fit this model/LoRA config "
-                        f"({len(missing)} missing, {len(getattr(result, 'unexpected_keys', []))} unexpected)")
+    return RunParts(acc, tokenizer, prepared.train, prepared.eval, collate, batches_for_epoch, policy, optimizer,
+                    scheduler, total, trainable, state, resume_path, resume_rng)

@@ -25,11 +25,16 @@ def uses_fsdp(acc) -> bool:
     return acc.distributed_type == DistributedType.FSDP
 
 
+def fsdp_requested() -> bool:
+    """Whether the launch config asks for FSDP (accelerate launch sets this before any model exists)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+
+
 def check_fsdp_setup(acc, model_cfg) -> None:
     """Refuse, before any model is loaded, the FSDP settings this module cannot train correctly; warn
     when accelerate turned an FSDP launch config into DDP, which it does without GPUs, silently."""
     if not uses_fsdp(acc):
-        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") and acc.is_main_process:
+        if fsdp_requested() and acc.is_main_process:
             warnings.warn("the launch config asks for FSDP, but accelerate shards only on GPUs: these processes "
                           "run DDP, each holding the whole model", stacklevel=2)
         return

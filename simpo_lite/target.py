@@ -10,13 +10,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from simpo_lite import config as cfgmod
 from simpo_lite.config import Config
 from simpo_lite.errors import UserError
+from simpo_lite.files import looks_like_local_path
 
 
 @dataclass
@@ -42,27 +43,20 @@ class Target:
         return f"{what} {self.name}: {m.name_or_path} {precision}{adapter}"
 
 
-def _looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or Path(name).exists()
-
-
 def classify(name: str) -> tuple[str, Optional[Path], Optional[Path]]:
     """(kind, saved config.yaml, adapter folder) of MODEL_OR_RUN."""
+    from simpo_lite.run_folder import run_kind
+
     path = Path(name).expanduser()
     if path.is_dir():
-        if (path / "config.yaml").is_file():
-            if (path / "adapter" / "adapter_config.json").is_file():
-                return "run", path / "config.yaml", path / "adapter"
-            if (path / "adapter_config.json").is_file():
-                return "checkpoint", path / "config.yaml", path
-            raise UserError(f"'{name}' has a config.yaml but no adapter/: the run has not finished; evaluate one "
-                            f"of its checkpoint-N folders, or finish it with: simpo-lite train --config "
-                            f"{path / 'config.yaml'} --resume")
+        found = run_kind(path)
+        if found is not None:
+            return found
         if (path / "config.json").is_file():
             return "folder", None, None
         raise UserError(f"'{name}' is neither a run folder (config.yaml + adapter/) nor a model folder "
                         f"(config.json): check the path")
-    if _looks_like_path(name):
+    if looks_like_local_path(name):
         raise UserError(f"'{name}' not found: give a run folder, a model folder, a Hub id or 'smollm2-135m-instruct'")
     return "hub", None, None
 
@@ -71,48 +65,32 @@ def resolve_target(name: str, preset: str | None = None, config: Path | None = N
                    sets: list[str] | None = None) -> Target:
     """MODEL_OR_RUN and the usual override layers -> a Target with its resolved config.
 
-    Layers: the run's saved config (runs and checkpoints) < --preset < --config < MODEL and --data < --set.
+    Layers (config.resolve): the run's saved config (runs and checkpoints) < --preset < --config
+    < MODEL and --data < --set.
     """
     kind, saved, adapter = classify(name)
-    layers: list[tuple[str, Any]] = []
-    if saved is not None:
-        layers.append((str(saved), cfgmod.read_yaml(saved, "run config")))
-    if preset:
-        layers.append((f"preset {preset}", cfgmod.read_yaml(cfgmod.preset_path(preset), "preset")))
-    if config:
-        layers.append((str(config), cfgmod.read_yaml(Path(config), "config file")))
     flags: dict = {}
     if kind in ("folder", "hub"):
         model_path = str(Path(name).expanduser()) if kind == "folder" else name
         flags["model"] = {"name_or_path": model_path, **({"quantize": False} if kind == "folder" else {})}
     if data is not None:
         flags["data"] = {"source": data}
-    layers.append(("command line", flags))
-    set_layer, set_problems = cfgmod.parse_set(list(sets or []))
-    layers.append(("--set", set_layer))
-    if set_problems:
-        raise cfgmod.ConfigError(set_problems)
-    return Target(kind=kind, name=name, cfg=cfgmod.build_config(layers), adapter_dir=adapter)
+    cfg = cfgmod.resolve(preset, config, flags, list(sets or []), saved=saved)
+    return Target(kind=kind, name=name, cfg=cfg, adapter_dir=adapter)
 
 
 def load_target_tokenizer(target: Target):
     """A run's saved tokenizer (what it trained with), else the model's own."""
-    from simpo_lite.model import load_tokenizer
+    from simpo_lite.model import load_run_tokenizer
 
-    if target.kind == "run" and (target.adapter_dir / "tokenizer_config.json").is_file():
-        return load_tokenizer(replace(target.cfg.model, name_or_path=str(target.adapter_dir), revision=None))
-    return load_tokenizer(target.cfg.model)
+    return load_run_tokenizer(target.cfg, target.adapter_dir)
 
 
 def load_target_model(target: Target):
-    """The model in eval mode: base (+ adapter), placed as model.py places it."""
-    from simpo_lite.model import load_adapter_model, load_base_model
+    """The model in eval mode, loaded exactly as training ran it (model.load_for_inference)."""
+    from simpo_lite.model import load_for_inference
 
-    if target.adapter_dir is not None:
-        model = load_adapter_model(target.cfg, target.adapter_dir)
-    else:
-        model = load_base_model(target.cfg.model)
-    return model.eval()
+    return load_for_inference(target.cfg, target.adapter_dir)
 
 
 def model_device(model):

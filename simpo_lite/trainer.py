@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import shutil
 import signal
 import threading
 import time
@@ -19,26 +18,11 @@ from pathlib import Path
 
 import torch
 
-from simpo_lite import checkpoint as ckpt
-from simpo_lite import sharding
+from simpo_lite import health, run_folder, sharding
 from simpo_lite.config import Config, save_config
-from simpo_lite.errors import RunError, UserError
-from simpo_lite.progress import MetricsLog, Progress, peak_memory_mb
+from simpo_lite.errors import RunError
+from simpo_lite.progress import Progress, peak_memory_mb, print_summary
 from simpo_lite.run_setup import RunParts, build_run_parts
-
-RUN_ARTIFACTS = ("checkpoint-*", "adapter", "metrics.jsonl", "config.yaml", "summary.json", ".checkpoint-*")
-
-
-def check_output_dir(output_dir: Path, resume: str | None, overwrite: bool) -> None:
-    """Refuse to mix two runs in one folder unless the user says which they want."""
-    if resume or not output_dir.exists() or not any(output_dir.iterdir()):
-        return
-    if not overwrite:
-        raise UserError(f"output dir '{output_dir}' already holds files: continue that run with --resume, "
-                        f"start afresh with --overwrite, or choose another --output-dir")
-    for pattern in RUN_ARTIFACTS:
-        for path in output_dir.glob(pattern):
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def _mean_records(records: list[dict]) -> dict:
@@ -88,7 +72,7 @@ class Trainer:
 
     # ---- one optimizer step -------------------------------------------------------------
     def train_step(self) -> dict:
-        from simpo_lite.objective import batch_metrics
+        from simpo_lite.policy import batch_objective
 
         policy, optimizer, acc = self.parts.policy, self.parts.optimizer, self.acc
         micro = self.my_micro_batches()
@@ -102,9 +86,9 @@ class Trainer:
             # Gradients are all-reduced once per optimizer step, on the last micro-batch.
             sync = acc.no_sync(policy) if i < len(micro) - 1 else contextlib.nullcontext()
             with sync:
-                loss, metrics = batch_metrics(policy, batch, self.cfg.simpo)
+                loss, metrics = batch_objective(policy, batch, self.cfg.simpo)
                 acc.backward(loss / len(micro))
-            records.append({"loss": loss.item(), **metrics})
+            records.append(metrics)
         max_norm = self.cfg.train.max_grad_norm or float("inf")
         grad_norm = sharding.clip_grad_norm(acc, policy, self.parts.trainable, max_norm)
         record = self._reduce(_mean_records(records))
@@ -139,7 +123,7 @@ class Trainer:
             self.progress.message(f"[yellow]step {self.state.step}: {what}; step skipped "
                                   f"({self.state.skipped_steps} so far)[/]")
             return None
-        latest = ckpt.checkpoints(self.output_dir)
+        latest = run_folder.checkpoints(self.output_dir)
         kept = f"the last good checkpoint is {latest[-1]}" if latest else "no checkpoint was written yet"
         raise RunError(f"{what} at step {self.state.step + 1}; stopped, {kept}. Lower train.learning_rate, "
                        f"check the data, or set train.on_nonfinite=skip")
@@ -151,7 +135,7 @@ class Trainer:
 
     # ---- evaluation and checkpoints ---------------------------------------------------
     def evaluate(self) -> dict | None:
-        from simpo_lite.evaluate import evaluate_dataset
+        from simpo_lite.policy import evaluate_dataset
 
         if self.parts.eval_data is None:
             return None
@@ -159,28 +143,70 @@ class Trainer:
                                    self.cfg.train.eval_batch_size, rank=self.rank, world_size=self.world,
                                    reduce_sum=(lambda t: self.acc.reduce(t, reduction="sum")) if self.world > 1 else None,
                                    device=self.acc.device)
-        record = {"step": self.state.step, "epoch": self._epoch_float(), **metrics}
+        record = self._with_health({"step": self.state.step, "epoch": self._epoch_float(), **metrics})
         if self.acc.is_main_process:
             self.metrics.write(record)
             self.acc.log(record, step=self.state.step)
-        self.progress.message(f"eval @ step {self.state.step}: loss {metrics['eval_loss']:.4f}  "
-                              f"reward accuracy {metrics['eval_rewards/accuracies']:.3f}  "
-                              f"margin {metrics['eval_rewards/margins']:.3f}")
+        line = (f"eval @ step {self.state.step}: loss {metrics['eval_loss']:.4f}  "
+                f"reward accuracy {metrics['eval_rewards/accuracies']:.3f}  margin {metrics['eval_rewards/margins']:.3f}")
+        self.progress.message(line + (f"\n  {health.summary_line(record)}" if "health/length" in record else ""))
+        signs = self.health.judge(record)
+        if signs:
+            self._on_collapse(signs)
         return record
+
+    def _with_health(self, record: dict) -> dict:
+        """The eval record with the generation health of the live policy; its answers go to samples.jsonl.
+        The main process generates (a DDP module needs no other process for that) and shares the figures."""
+        if self.health.prompts is None:
+            return record
+        if self.acc.is_main_process:
+            record, samples = self.health.measure(record, self._peft_model(), self.parts.tokenizer)
+            for sample in samples:
+                self.samples.write(sample)
+        if self.world > 1:
+            from accelerate.utils import broadcast_object_list
+
+            record = broadcast_object_list([record])[0]
+        return record
+
+    def _on_collapse(self, signs: list[str]) -> None:
+        self.progress.message(f"[yellow]warning: generation health: {'; '.join(signs)}. Try: {health.ADVICE}[/]")
+        if self.cfg.train.on_collapse != "stop":
+            return
+        latest = self.save()
+        healthy = self.health.last_healthy_checkpoint
+        if self.acc.is_main_process:
+            run_folder.write_summary(self.output_dir, {
+                "steps": self.state.step, "stopped": "collapse", "collapse": signs,
+                "last_healthy_checkpoint": str(healthy) if healthy else None, "last_checkpoint": str(latest)})
+        where = (f"the last healthy checkpoint is {healthy} (read its answers: simpo-lite generate {healthy} "
+                 f"--prompts FILE --out answers.json)" if healthy else "no checkpoint was saved while the run was healthy")
+        raise RunError(f"stopped at step {self.state.step} (train.on_collapse=stop): {signs[0]}; {where}; "
+                       f"this step's state is in {latest}. {health.ADVICE}")
 
     def save(self, rng: dict | None = None) -> Path | None:
         from accelerate.utils import gather_object
 
-        rng = rng or ckpt.rng_state()
+        rng = rng or run_folder.rng_state()
         rngs = gather_object([rng]) if self.world > 1 else [rng]
         adapter_state = sharding.full_adapter_state(self.acc, self.parts.policy)
         optimizer_state = sharding.optimizer_state(self.acc, self.parts.policy, self.parts.optimizer)
         path = None
         if self.acc.is_main_process:
-            path = ckpt.save_checkpoint(self.output_dir, self._peft_model(), optimizer_state, self.parts.scheduler,
-                                        self.state, self.cfg, rngs, self.cfg.train.save_total_limit, adapter_state)
+            path = run_folder.save_checkpoint(self.output_dir, self._peft_model(), optimizer_state, self.parts.scheduler,
+                                              self.state, self.cfg, rngs, self.cfg.train.save_total_limit, adapter_state,
+                                              protect=self.health.last_healthy_checkpoint)
+            self.health.saved(path)
         self.acc.wait_for_everyone()
         return path
+
+    def _health_prompts(self):
+        if self.cfg.train.health_prompts and sharding.uses_fsdp(self.acc):
+            # Generating under FSDP needs every process in every forward; not done yet.
+            self.progress.message("[yellow]note: generation health is off under FSDP[/]")
+            return None
+        return health.pick_prompts(self.parts.eval_data, self.cfg.train.health_prompts, self.cfg.train.seed)
 
     def _peft_model(self):
         return self.acc.unwrap_model(self.parts.policy).model
@@ -190,19 +216,23 @@ class Trainer:
         total = self.parts.total_steps  # the length the learning-rate schedule was built for
         train_cfg = self.cfg.train
         resumed = self.parts.resumed_from is not None
-        self.metrics = MetricsLog(self.output_dir / "metrics.jsonl", self.state.step if resumed else None)
+        resume_step = self.state.step if resumed else None
+        self.metrics = run_folder.JsonLines(self.output_dir / run_folder.METRICS, resume_step)
+        self.samples = run_folder.JsonLines(self.output_dir / run_folder.SAMPLES, resume_step)
+        previous_evals = [r for r in run_folder.read_metrics(self.metrics.path) if "eval_loss" in r]
         self.progress = Progress(total, self.state.step, self.quiet, enabled=self.acc.is_main_process)
+        self.health = health.HealthMonitor(self._health_prompts(), train_cfg, previous_evals)
         started = time.perf_counter()
         first_eval = None if resumed else self.evaluate()
         last_eval = first_eval
         self.parts.policy.train()
         if resumed:
-            ckpt.set_rng_state(self.parts.resume_rng)
+            run_folder.set_rng_state(self.parts.resume_rng)
         step_rng, rng_step = None, -1
         try:
             while self.state.step < total:
                 # The RNG as of the last completed step: an interrupted step must be replayed from it.
-                step_rng, rng_step = ckpt.rng_state(), self.state.step
+                step_rng, rng_step = run_folder.rng_state(), self.state.step
                 record = self.train_step()
                 if record is None:
                     continue
@@ -219,21 +249,19 @@ class Trainer:
             path = self.save(rng=step_rng if self.state.step == rng_step else None)
             self.progress.close()
             raise RunError(f"interrupted at step {self.state.step}; checkpoint saved to {path}; "
-                           f"continue with: simpo-lite train --config {self.output_dir / 'config.yaml'} --resume",
+                           f"continue with: simpo-lite train --config {self.output_dir / run_folder.CONFIG} --resume",
                            exit_code=130) from None
         finally:
             self.progress.close()
         return self.finish(first_eval, last_eval, time.perf_counter() - started)
 
     def finish(self, first_eval: dict | None, last_eval: dict | None, seconds: float) -> dict:
-        from simpo_lite.summary import print_summary, save_final_adapter, write_summary
-
         summary = {"steps": self.state.step, "skipped_steps": self.state.skipped_steps, "train_seconds": seconds,
                    "peak_mem_mb": peak_memory_mb(), "start_eval": first_eval, "end_eval": last_eval}
         adapter_state = sharding.full_adapter_state(self.acc, self.parts.policy)
         if self.acc.is_main_process:
-            save_final_adapter(self.output_dir / "adapter", self._peft_model(), self.parts.tokenizer, adapter_state)
-            summary = write_summary(self.output_dir, summary)
+            run_folder.save_final_adapter(self.output_dir, self._peft_model(), self.parts.tokenizer, adapter_state)
+            summary = run_folder.write_summary(self.output_dir, summary)
             print_summary(summary, self.output_dir)
         self.acc.wait_for_everyone()
         self.acc.end_training()
@@ -243,17 +271,17 @@ class Trainer:
 def run_training(cfg: Config, resume: str | None = None, overwrite: bool = False, quiet: bool = False) -> dict:
     """Train to the end (or resume), writing checkpoints, metrics.jsonl, the adapter and a summary."""
     output_dir = Path(cfg.train.output_dir)
-    check_output_dir(output_dir, resume, overwrite)
+    run_folder.check_output_dir(output_dir, resume, overwrite)
     _interrupt_on_sigterm()
     if quiet:
         _hide_library_progress_bars()
-    resume_path = ckpt.find_checkpoint(output_dir, resume) if resume else None
+    resume_path = run_folder.find_checkpoint(output_dir, resume) if resume else None
     with warnings.catch_warnings():
         # Deprecation chatter from transformers/peft internals says nothing the user can act on.
         warnings.filterwarnings("ignore", category=FutureWarning)
         parts = build_run_parts(cfg, resume_path, quiet)
         if parts.accelerator.is_main_process:
-            save_config(cfg, output_dir / "config.yaml")
+            save_config(cfg, output_dir / run_folder.CONFIG)
         return Trainer(cfg, parts, quiet).fit()
 
 

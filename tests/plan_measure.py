@@ -137,7 +137,7 @@ def measure(settings: list[tuple[int, int, int, int]], threads: int = 2, device:
     import torch
 
     from simpo_lite.model import load_model
-    from simpo_lite.objective import ConcatenatedPolicy, batch_metrics
+    from simpo_lite.policy import ConcatenatedPolicy, batch_objective
     from simpo_lite.optim import build_optimizer
     from simpo_lite.plan import plan_summary
 
@@ -155,7 +155,7 @@ def measure(settings: list[tuple[int, int, int, int]], threads: int = 2, device:
     def step(batch: dict) -> float:
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast:
-            loss, _ = batch_metrics(policy, batch, cfg.simpo)
+            loss, _ = batch_objective(policy, batch, cfg.simpo)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -1,14 +1,12 @@
 """`simpo-lite eval` on a model folder and on a run.
 
-simpo_lite.data, simpo_lite.logprobs and simpo_lite.loss are written in parallel; until they are on
-this branch, plain reference versions with the same interfaces stand in for them (fixture `pipeline`).
-Expected values are computed here pair by pair from full logits, independently of either.
+Expected values are computed here pair by pair from full logits, independently of simpo_lite's
+chunked log-probs and loss.
 """
 
 import json
 import subprocess
 import sys
-import types
 
 import pytest
 import torch
@@ -27,73 +25,10 @@ PAIRS = [
 ]
 
 
-# ---- stand-ins, used only while the real modules are missing -----------------------------------
-
-def _standin_logprobs():
-    def concatenated_logps(model, batch, chunk_tokens=1024):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-        labels = batch["labels"][:, 1:]
-        mask = labels != -100
-        logps = logits.log_softmax(-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        average = (logps * mask).sum(-1) / mask.sum(-1)
-        half = average.shape[0] // 2
-        return average[:half], average[half:]
-
-    return types.SimpleNamespace(concatenated_logps=concatenated_logps)
-
-
-def _standin_loss():
-    def simpo_loss(chosen, rejected, beta, gamma_beta_ratio, loss_type="sigmoid", label_smoothing=0.0):
-        logits = chosen - rejected - gamma_beta_ratio
-        return -F.logsigmoid(beta * logits), beta * chosen.detach(), beta * rejected.detach()
-
-    def preference_metrics(chosen, rejected, chosen_rewards, rejected_rewards):
-        return {"rewards/chosen": chosen_rewards.mean().item()}
-
-    return types.SimpleNamespace(simpo_loss=simpo_loss, preference_metrics=preference_metrics)
-
-
-def _standin_build_datasets(data_cfg, tokenizer, seed):
-    rows = [json.loads(line) for line in open(data_cfg.source) if line.strip()]
-    features = []
-    for row in rows:
-        prompt = tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}], tokenize=False,
-                                                         add_generation_prompt=True), add_special_tokens=False)["input_ids"]
-        feature = {}
-        for side in ("chosen", "rejected"):
-            response = tokenizer(row[side], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            feature[f"{side}_input_ids"] = prompt + response
-            feature[f"{side}_labels"] = [-100] * len(prompt) + response
-        features.append(feature)
-    held = round(len(features) * data_cfg.eval_fraction)
-    return types.SimpleNamespace(train=features[held:], eval=features[:held] or None)
-
-
-class _StandinCollator:
-    def __init__(self, pad_token_id):
-        self.pad = pad_token_id
-
-    def __call__(self, features):
-        ids = [f["chosen_input_ids"] for f in features] + [f["rejected_input_ids"] for f in features]
-        labels = [f["chosen_labels"] for f in features] + [f["rejected_labels"] for f in features]
-        width = max(map(len, ids))
-        pad = lambda rows, value: torch.tensor([r + [value] * (width - len(r)) for r in rows])  # noqa: E731
-        return {"input_ids": pad(ids, self.pad), "labels": pad(labels, -100),
-                "attention_mask": pad([[1] * len(r) for r in ids], 0)}
-
-
 @pytest.fixture
-def pipeline(monkeypatch):
+def pipeline():
     import simpo_lite.data
 
-    for name, make in (("simpo_lite.logprobs", _standin_logprobs), ("simpo_lite.loss", _standin_loss)):
-        try:
-            __import__(name)
-        except ImportError:
-            monkeypatch.setitem(sys.modules, name, make())
-    if not hasattr(simpo_lite.data, "build_datasets"):
-        monkeypatch.setattr(simpo_lite.data, "build_datasets", _standin_build_datasets, raising=False)
-        monkeypatch.setattr(simpo_lite.data, "PairCollator", _StandinCollator, raising=False)
     return simpo_lite.data
 
 
@@ -212,7 +147,6 @@ def test_unfinished_run_and_odd_folders_are_user_errors(tmp_path, pipeline):
 
 
 def test_cli_eval_of_a_missing_path_exits_2(tmp_path):
-    pytest.importorskip("simpo_lite.logprobs")  # the CLI process gets no stand-ins
     out = subprocess.run([sys.executable, "-m", "simpo_lite", "eval", str(tmp_path / "missing")],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "not found" in out.stderr and "Traceback" not in out.stderr

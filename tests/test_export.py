@@ -46,7 +46,10 @@ def run_dir(tiny_base, tmp_path_factory) -> Path:
 
     run = tmp_path_factory.mktemp("run")
     cfg = resolve(sets=[f"model.name_or_path={tiny_base}", f"train.output_dir={run}", "lora.r=4", "lora.alpha=8",
-                        "lora.dropout=0", "data.source=HuggingFaceH4/ultrafeedback_binarized", "simpo.beta=2.5"])
+                        "lora.dropout=0", "data.source=HuggingFaceH4/ultrafeedback_binarized", "simpo.beta=2.5",
+                        # Most tests check the merge against base + adapter computed independently from the
+                        # original weights; the default, dequantized, is tested on its own below.
+                        "export.merge_into=original"])
     torch.manual_seed(0)
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg)
@@ -65,7 +68,7 @@ def run_dir(tiny_base, tmp_path_factory) -> Path:
     return run
 
 
-def adapter_model_logits(run: Path, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+def adapter_model_logits(run: Path, dtype=torch.float32, ids=PROMPT_IDS) -> tuple[torch.Tensor, torch.Tensor]:
     """(base+adapter, base alone) logits, the base loaded in `dtype` and computed in fp32."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -76,18 +79,18 @@ def adapter_model_logits(run: Path, dtype=torch.float32) -> tuple[torch.Tensor, 
     base = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, dtype=dtype).float()
     model = PeftModel.from_pretrained(base, str(run / "adapter")).eval()
     with torch.no_grad():
-        with_adapter = model(input_ids=PROMPT_IDS).logits
+        with_adapter = model(input_ids=ids).logits
         with model.disable_adapter():
-            without = model(input_ids=PROMPT_IDS).logits
+            without = model(input_ids=ids).logits
     return with_adapter, without
 
 
-def plain_logits(folder: Path) -> torch.Tensor:
+def plain_logits(folder: Path, ids=PROMPT_IDS) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     with torch.no_grad():
-        return model(input_ids=PROMPT_IDS).logits
+        return model(input_ids=ids).logits
 
 
 def card_metadata(folder: Path) -> dict:
@@ -133,6 +136,29 @@ def test_fp32_export_loads_with_plain_transformers_and_matches_the_adapter_model
     assert leftovers(out.parent) == []
 
 
+def test_dequantized_export_is_the_model_the_run_trained(run_dir, fp32_export, tmp_path):
+    """export.merge_into=dequantized (the default) merges into the NF4 weights the run trained on: the
+    export's logits match the trained 4-bit model far better than a merge into the original weights."""
+    from simpo_lite.config import load_saved_config
+    from simpo_lite.dequantize import compute_in_fp32
+    from simpo_lite.model import load_for_inference
+
+    _, original = fp32_export
+    out = tmp_path / "dequantized"
+    result = export_run(run_dir, out=out, dtype="fp32", sets=["export.merge_into=dequantized"])
+    assert result.merge_into == "dequantized" and original.merge_into == "original"
+    assert result.merge_diff < 1e-4  # the merge itself, against dequantized base + adapter
+    assert result.trained_top1 == 1.0 and result.greedy_agreement >= original.greedy_agreement
+    assert result.trained_diff < original.trained_diff / 10
+    # Independently: the trained 4-bit model, made to compute in fp32, against the saved export.
+    trained = compute_in_fp32(load_for_inference(load_saved_config(run_dir / "config.yaml"), run_dir / "adapter"))
+    with torch.no_grad():
+        reference = trained(input_ids=PROMPT_IDS).logits.float()
+    # bf16 rounding of the dequantized weights (the run computes in bf16 on this CPU) is all that differs.
+    assert (plain_logits(out) - reference).abs().max().item() < 0.3 * original.trained_diff
+    assert "dequantized" in (out / "README.md").read_text()
+
+
 def test_bf16_export_is_sharded_and_checked_in_its_own_precision(run_dir, tmp_path):
     out = tmp_path / "merged"
     report = export_run(run_dir, out=out, dtype="bf16", sets=["export.max_shard_size=1MB",
@@ -143,9 +169,17 @@ def test_bf16_export_is_sharded_and_checked_in_its_own_precision(run_dir, tmp_pa
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
 
     # The reported difference is the rounding of the merged weights, measured against base+adapter with
-    # the base in bf16 too; recompute it independently.
-    with_adapter, _ = adapter_model_logits(run_dir, dtype=torch.bfloat16)
-    recomputed = (plain_logits(out) - with_adapter).abs().max().item()
+    # the base in bf16 too; recompute it independently, on the export check's own prompts.
+    from transformers import AutoTokenizer
+
+    from simpo_lite.merge import PROMPTS, encode
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    recomputed = 0.0
+    for prompt in PROMPTS:
+        ids = encode(tokenizer, prompt)["input_ids"]
+        with_adapter, _ = adapter_model_logits(run_dir, dtype=torch.bfloat16, ids=ids)
+        recomputed = max(recomputed, (plain_logits(out, ids) - with_adapter).abs().max().item())
     assert report.merge_diff == pytest.approx(recomputed, rel=0.3, abs=1e-3)
     assert 0 < report.merge_diff < report.adapter_effect
 

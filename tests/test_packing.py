@@ -17,7 +17,7 @@ from simpo_lite.data.batching import PairCollator
 from simpo_lite.data.packing import CHOSEN, PAD, PROMPT, REJECTED, PackedPairCollator, make_collator, pack_pair
 from simpo_lite.errors import UserError
 from simpo_lite.logprobs import IGNORE_INDEX, concatenated_logps
-from simpo_lite.objective import ConcatenatedPolicy
+from simpo_lite.policy import ConcatenatedPolicy
 from simpo_lite.packed import check_packable, packed_attention_mask, packed_logps
 from test_logprobs import VOCAB, close, tiny
 
@@ -57,9 +57,9 @@ def test_collator_pads_rows_and_counts_real_tokens():
     assert all(t.dtype == torch.long and t.shape == (2, 5) for t in batch.values())
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]
     assert batch["attention_mask"].sum() == 10  # each prompt once: 5 + 5 real tokens
-    short = PackedPairCollator(pad_token_id=0, pad_to_multiple_of=8)([features[0], feature([1], [2], [3])])
-    assert short["segment_ids"][1].tolist() == [PROMPT, CHOSEN, REJECTED] + [PAD] * 5
-    assert short["rejected_targets"][1].tolist() == [3] + [X] * 7
+    short = PackedPairCollator(pad_token_id=0)([features[0], feature([1], [2], [3])])  # padded to 5
+    assert short["segment_ids"][1].tolist() == [PROMPT, CHOSEN, REJECTED] + [PAD] * 2
+    assert short["rejected_targets"][1].tolist() == [3] + [X] * 4
     assert isinstance(make_collator(0, True), PackedPairCollator) and isinstance(make_collator(0, False), PairCollator)
 
 
@@ -204,7 +204,8 @@ def test_accepts_plain_llama():
     for kernel in ("sdpa", "eager"):
         model = tiny("llama")
         model.config._attn_implementation = kernel
-        check_packable(model)
+        assert check_packable(model) is None  # no refusal
+        assert ConcatenatedPolicy(model, chunk_tokens=8, pack_prompt=True).pack_prompt
 
 
 # ---- a training run ------------------------------------------------------------------------------
@@ -237,9 +238,13 @@ def test_trainer_steps_and_evals_match_unpacked(tmp_path):
     unpacked, packed = train_records(tmp_path, model, data, False), train_records(tmp_path, model, data, True)
     assert [r["step"] for r in packed] == [r["step"] for r in unpacked] == [0, 1, 2, 2]
     for ours, reference in zip(packed, unpacked):
+        # After the last update AdamW divides each gradient entry by its own running size, which turns
+        # float32 rounding of near-zero entries (packed rows sum in another order) into visible weight
+        # differences: measured 1.2e-4 relative on the step-2 eval with transformers 5.24 / peft 0.21.
+        rel = 5e-4 if ours["step"] == 2 and "eval_loss" in ours else 1e-4
         for key in ("loss", "eval_loss", "logps/chosen", "logps/rejected", "eval_logps/chosen", "grad_norm"):
             if key in reference:
-                assert ours[key] == pytest.approx(reference[key], rel=1e-4, abs=1e-5), (ours["step"], key)
+                assert ours[key] == pytest.approx(reference[key], rel=rel, abs=1e-5), (ours["step"], key)
     train = [(p, u) for p, u in zip(packed, unpacked) if "loss" in u]
     for ours, reference in train:  # the prompt counted once: fewer real tokens per step
         assert ours["tokens_per_s"] * ours["step_time_s"] < reference["tokens_per_s"] * reference["step_time_s"]

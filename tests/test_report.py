@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from simpo_lite.errors import UserError
-from simpo_lite.report import _ema, load_run, report_command, summary_lines
+from simpo_lite.run_report import _ema, load_run, report_command, summary_lines
 
 
 def _eval(step: int, progress: float) -> dict:

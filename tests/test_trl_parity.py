@@ -14,6 +14,7 @@ from transformers import PreTrainedTokenizerFast
 from simpo_lite.config import SimpoConfig
 from simpo_lite.logprobs import IGNORE_INDEX, concatenated_logps
 from simpo_lite.loss import simpo_objective
+from simpo_lite.policy import ConcatenatedPolicy, batch_objective, chosen_lengths, evaluate_dataset
 from test_logprobs import VOCAB, tiny
 
 try:  # TRL >= 1.0 keeps CPO under experimental
@@ -98,12 +99,15 @@ def test_trl_default_cpo_alpha_is_our_token_weighted_sft_term(tmp_path):
     trl_loss, trl_metrics = trainer.get_batch_loss_metrics(trainer.model, trl_batch)
 
     batch = stacked(trl_batch)
-    chosen, rejected = concatenated_logps(trainer.model, batch)
-    lengths = (batch["labels"][:2, 1:] != IGNORE_INDEX).sum(-1)
-    assert lengths.tolist() == [4, 7]  # responses of 3 and 6 words, each with its EOS
+    assert chosen_lengths(batch).tolist() == [4, 7]  # responses of 3 and 6 words, each with its EOS
     cfg = SimpoConfig(beta=2.0, gamma_beta_ratio=0.5, sft_weight=1.0)
-    loss, metrics = simpo_objective(chosen, rejected, cfg, chosen_lengths=lengths)
+    # The path a training step and an evaluation take: the policy's forward, then the one composer.
+    policy = ConcatenatedPolicy(trainer.model, chunk_tokens=3)
+    loss, metrics = batch_objective(policy, batch, cfg)
     assert loss.item() == pytest.approx(trl_loss.item(), abs=1e-9)
     assert metrics["sft_loss"] == pytest.approx(trl_metrics["nll_loss"], abs=1e-9)
+    evaluated = evaluate_dataset(policy, [batch], lambda rows: rows[0], cfg, batch_size=1)
+    assert evaluated["eval_loss"] == pytest.approx(trl_loss.item(), abs=1e-9)
+    chosen, rejected = concatenated_logps(trainer.model, batch)
     pure, _ = simpo_objective(chosen, rejected, SimpoConfig(beta=2.0, gamma_beta_ratio=0.5))
     assert abs(pure.item() - trl_loss.item()) > 1.0  # the pitfall: TRL's default is not pure SimPO

@@ -122,14 +122,14 @@ def write_config(path: Path, model_dir: Path, data_file: Path, output_dir: Path,
 
 def train_losses(run_dir: Path) -> dict[int, float]:
     """The training loss of each step of a run, from its metrics.jsonl."""
-    from simpo_lite.progress import read_metrics
+    from simpo_lite.run_folder import read_metrics
 
     return {r["step"]: r["loss"] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "loss" in r}
 
 
 def grad_norms(run_dir: Path) -> list[float]:
     """The gradient norm of each step of a run, from its metrics.jsonl."""
-    from simpo_lite.progress import read_metrics
+    from simpo_lite.run_folder import read_metrics
 
     return [r["grad_norm"] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "loss" in r]
 

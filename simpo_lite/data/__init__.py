@@ -10,8 +10,8 @@ from simpo_lite.data.batching import PairCollator, batch_indices, padding_fracti
 from simpo_lite.data.packing import PackedPairCollator, make_collator
 from simpo_lite.data.pipeline import PreparedData, build_datasets
 from simpo_lite.data.report import DataReport, SourceReport
-from simpo_lite.data.tokenize import IGNORE, PairTokenizer, ensure_pad_token
+from simpo_lite.data.tokenize import IGNORE_INDEX, PairTokenizer, ensure_pad_token
 
 __all__ = ["build_datasets", "PreparedData", "DataReport", "SourceReport", "PairCollator", "PackedPairCollator",
            "make_collator", "batch_indices",
-           "padding_fraction", "PairTokenizer", "ensure_pad_token", "IGNORE"]
+           "padding_fraction", "PairTokenizer", "ensure_pad_token", "IGNORE_INDEX"]

@@ -7,34 +7,34 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from simpo_lite.data.tokenize import IGNORE
+from simpo_lite.logprobs import IGNORE_INDEX
 
 MEGABATCH = 50  # batches per length-sorted window: enough to cut padding, small enough to stay random
 
 
-class PairCollator:
+class _Collator:
+    """A collator pads with the tokenizer's pad id; it only fills masked slots, so any id works when there is none."""
+
+    def __init__(self, pad_token_id: Optional[int]):
+        self.pad_token_id = 0 if pad_token_id is None else int(pad_token_id)
+
+
+class PairCollator(_Collator):
     """Stack [chosen; rejected] rows, right-padded to one length.
 
     Returns LongTensors input_ids, attention_mask and labels of shape [2B, L]: rows 0..B-1 chosen,
     B..2B-1 the rejected responses of the same pairs. Labels are aligned with input_ids (-100 on the
-    prompt and padding); the log-prob code shifts them itself. The pad id only fills masked slots,
-    so any id works when the tokenizer has none.
+    prompt and padding); the log-prob code shifts them itself.
     """
-
-    def __init__(self, pad_token_id: Optional[int], pad_to_multiple_of: Optional[int] = None):
-        self.pad_token_id = 0 if pad_token_id is None else int(pad_token_id)
-        self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, features: Sequence[dict]) -> dict[str, torch.Tensor]:
         ids = [f["chosen_input_ids"] for f in features] + [f["rejected_input_ids"] for f in features]
         labels = [f["chosen_labels"] for f in features] + [f["rejected_labels"] for f in features]
         length = max(len(x) for x in ids)
-        if self.pad_to_multiple_of:
-            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
         batch = {
             "input_ids": torch.full((len(ids), length), self.pad_token_id, dtype=torch.long),
             "attention_mask": torch.zeros((len(ids), length), dtype=torch.long),
-            "labels": torch.full((len(ids), length), IGNORE, dtype=torch.long),
+            "labels": torch.full((len(ids), length), IGNORE_INDEX, dtype=torch.long),
         }
         for i, (row_ids, row_labels) in enumerate(zip(ids, labels)):
             n = len(row_ids)

@@ -13,7 +13,7 @@ from rich.text import Text
 from simpo_lite.data.batching import batch_indices, padding_fraction
 from simpo_lite.data.pipeline import PreparedData, build_datasets
 from simpo_lite.data.report import ALL_RULES
-from simpo_lite.data.tokenize import IGNORE
+from simpo_lite.logprobs import IGNORE_INDEX
 from simpo_lite.errors import UserError
 
 MASKED = "dim"
@@ -31,9 +31,9 @@ def render_sequence(tokenizer, ids: list[int], labels: list[int]) -> Text:
     special = set(tokenizer.all_special_ids)
     text = Text()
     for position, (token, label) in enumerate(zip(ids, labels)):
-        if label != IGNORE and (position == 0 or labels[position - 1] == IGNORE):
+        if label != IGNORE_INDEX and (position == 0 or labels[position - 1] == IGNORE_INDEX):
             text.append("│", style="bold red")
-        style = TRAINED if label != IGNORE else MASKED
+        style = TRAINED if label != IGNORE_INDEX else MASKED
         if token in special:
             style += f" {SPECIAL}"
         text.append(_token_text(tokenizer, token), style=style)
@@ -45,7 +45,7 @@ def _example_panels(tokenizer, prepared: PreparedData, index: int) -> list[Panel
     panels = []
     for side in ("chosen", "rejected"):
         ids, labels = example[f"{side}_input_ids"], example[f"{side}_labels"]
-        trained = sum(label != IGNORE for label in labels)
+        trained = sum(label != IGNORE_INDEX for label in labels)
         title = (f"{side}: training pair {index} (source row {example['row']}), {len(ids) - trained} prompt tokens "
                  f"masked [dim](dim)[/], {trained} response tokens trained [bold green](green)[/]")
         panels.append(Panel(render_sequence(tokenizer, ids, labels), title=title, title_align="left"))

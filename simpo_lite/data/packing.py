@@ -18,8 +18,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from simpo_lite.data.batching import PairCollator
-from simpo_lite.data.tokenize import IGNORE
+from simpo_lite.data.batching import PairCollator, _Collator
+from simpo_lite.logprobs import IGNORE_INDEX
 from simpo_lite.errors import UserError
 
 PAD, PROMPT, CHOSEN, REJECTED = -1, 0, 1, 2
@@ -35,7 +35,7 @@ def prompt_length(feature: dict) -> int:
     lengths = []
     for side in ("chosen", "rejected"):
         labels = feature[f"{side}_labels"]
-        lengths.append(next((i for i, t in enumerate(labels) if t != IGNORE), len(labels)))
+        lengths.append(next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), len(labels)))
     p = lengths[0]
     if lengths[1] != p or feature["chosen_input_ids"][:p] != feature["rejected_input_ids"][:p] or p == 0:
         raise UserError("simpo.pack_prompt needs chosen and rejected to start with the same, non-empty, "
@@ -52,9 +52,9 @@ def pack_pair(feature: dict) -> dict[str, list[int]]:
     c, r = len(chosen_ids) - p, len(rejected_ids) - p
     n = p + c + r
     # Chosen keeps its unpacked indices, so its shifted labels line up as they are.
-    chosen_targets = chosen_labels[1:] + [IGNORE] * (n - len(chosen_labels) + 1)
+    chosen_targets = chosen_labels[1:] + [IGNORE_INDEX] * (n - len(chosen_labels) + 1)
     # Rejected index s of its unpacked row sits at s (prompt) or s + c (response) in the packed row.
-    rejected_targets = [IGNORE] * n
+    rejected_targets = [IGNORE_INDEX] * n
     for s, target in enumerate(rejected_labels[1:]):
         rejected_targets[s if s < p else s + c] = target
     return {"input_ids": chosen_ids + rejected_ids[p:],
@@ -64,28 +64,22 @@ def pack_pair(feature: dict) -> dict[str, list[int]]:
             "rejected_targets": rejected_targets}
 
 
-class PackedPairCollator:
+class PackedPairCollator(_Collator):
     """Pack each pair into one row and right-pad the rows to one length.
 
     Returns LongTensors of shape [B, T]: input_ids, attention_mask (1 on real tokens, for counting and
     for readers; the model side masks from segment_ids), position_ids, segment_ids (PAD on padding),
-    chosen_targets and rejected_targets (IGNORE where a position predicts nothing for that side).
+    chosen_targets and rejected_targets (IGNORE_INDEX where a position predicts nothing for that side).
     """
 
     FILL = {"input_ids": None, "attention_mask": 0, "position_ids": 0, "segment_ids": PAD,
-            "chosen_targets": IGNORE, "rejected_targets": IGNORE}
-
-    def __init__(self, pad_token_id: Optional[int], pad_to_multiple_of: Optional[int] = None):
-        self.pad_token_id = 0 if pad_token_id is None else int(pad_token_id)
-        self.pad_to_multiple_of = pad_to_multiple_of
+            "chosen_targets": IGNORE_INDEX, "rejected_targets": IGNORE_INDEX}
 
     def __call__(self, features: Sequence[dict]) -> dict[str, torch.Tensor]:
         rows = [pack_pair(f) for f in features]
         for row in rows:
             row["attention_mask"] = [1] * len(row["input_ids"])
         length = max(len(row["input_ids"]) for row in rows)
-        if self.pad_to_multiple_of:
-            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
         batch = {}
         for key, fill in self.FILL.items():
             fill = self.pad_token_id if fill is None else fill

@@ -26,6 +26,7 @@ FEATURES = Features({
     "chosen_length": Value("int32"),
     "rejected_length": Value("int32"),
     "length": Value("int32"),
+    "question": Value("string"),  # the prompt's last user message, for what people read (samples.jsonl)
 })
 
 
@@ -34,12 +35,18 @@ class _Pending(NamedTuple):
     row: int                         # row number in the source
     kind: str
     texts: tuple[str, str, str]      # prompt, chosen, rejected
+    question: str                    # the last user message
     templated: bool                  # responses cut from the chat template (else raw text + EOS)
 
 
 def _dropped(row: int, rule: str, kind: str = "") -> dict:
     return {"row": row, "drop": rule, "kind": kind, **{name: [] for name in TOKEN_COLUMNS},
-            "prompt_length": 0, "chosen_length": 0, "rejected_length": 0, "length": 0}
+            "prompt_length": 0, "chosen_length": 0, "rejected_length": 0, "length": 0, "question": ""}
+
+
+def _question(pair: Pair) -> str:
+    users = [m["content"] for m in pair.messages if m.get("role") == "user"]
+    return users[-1] if users and isinstance(users[-1], str) else ""
 
 
 class RowProcessor:
@@ -76,7 +83,8 @@ class RowProcessor:
             if not templated:
                 chosen, rejected = pair.chosen, pair.rejected
             out.append(None)
-            pending.append(_Pending(len(out) - 1, index, pair.kind, (prompt, chosen, rejected), templated))
+            pending.append(_Pending(len(out) - 1, index, pair.kind, (prompt, chosen, rejected), _question(pair),
+                                    templated))
         self._tokenize(pending, out)
         return {name: [item[name] for item in out] for name in FEATURES}
 
@@ -99,4 +107,4 @@ class RowProcessor:
                          "rejected_input_ids": rejected_ids, "rejected_labels": rejected_labels,
                          "prompt_length": len(fitted), "chosen_length": len(chosen_ids),
                          "rejected_length": len(rejected_ids),
-                         "length": max(len(chosen_ids), len(rejected_ids))}
+                         "length": max(len(chosen_ids), len(rejected_ids)), "question": item.question}

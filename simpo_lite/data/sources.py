@@ -16,7 +16,8 @@ import datasets
 from datasets import Dataset, DatasetDict, Json
 
 from simpo_lite.data.process import RAW_JSON
-from simpo_lite.errors import UserError
+from simpo_lite.errors import UserError, first_line
+from simpo_lite.files import looks_like_local_path
 
 DEMO = "demo"
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -33,15 +34,10 @@ def demo_path() -> Path:
     return Path(__file__).resolve().parent.parent / "assets" / "demo_prefs.jsonl"
 
 
-def _looks_like_path(source: str) -> bool:
-    return (Path(source).expanduser().exists() or Path(source).suffix.lower() in BUILDERS
-            or source.startswith((".", "/", "~")))
-
-
 def load_source(source: str, config_name: Optional[str], split: str) -> Source:
     if source == DEMO:
         return _load_file(demo_path(), "train", name="demo")
-    if _looks_like_path(source):
+    if looks_like_local_path(source, tuple(BUILDERS)):
         path = Path(source).expanduser()
         if not path.exists():
             raise UserError(f"data file '{source}' not found: check the path (or use a Hub dataset id)")
@@ -49,10 +45,6 @@ def load_source(source: str, config_name: Optional[str], split: str) -> Source:
             return _load_folder(path, config_name, split)
         return _load_file(path, split, name=str(source))
     return _load_hub(source, config_name, split)
-
-
-def _first_line(err: Exception) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _load_file(path: Path, split: str, name: str) -> Source:
@@ -66,7 +58,7 @@ def _load_file(path: Path, split: str, name: str) -> Source:
         dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as err:
         if builder != "json":
-            raise UserError(f"cannot read '{name}' as {builder}: {_first_line(err)}") from None
+            raise UserError(f"cannot read '{name}' as {builder}: {first_line(err)}") from None
         dataset = None
     # Columns of mixed types cannot be one Arrow type: `datasets` either fails or stores them as Json,
     # which turns strings such as "4" into numbers. Such files are kept as JSON text, checked row by row.
@@ -144,4 +136,4 @@ def _load_dataset(path: str, config_name: Optional[str], split: str, name: str) 
         raise UserError(f"cannot load dataset '{path}': it is not in the local datasets cache and the Hub "
                         f"cannot be reached; load it once online or use a local file") from None
     except Exception as err:  # datasets raises many types here (missing dataset, config or split)
-        raise UserError(f"cannot load {name}: {_first_line(err)}") from None
+        raise UserError(f"cannot load {name}: {first_line(err)}") from None

@@ -22,8 +22,8 @@ from typing import Optional
 from jinja2.exceptions import TemplateError
 
 from simpo_lite.errors import UserError
+from simpo_lite.logprobs import IGNORE_INDEX  # the label of prompt tokens
 
-IGNORE = -100
 TOO_LONG = "too_long"
 TEMPLATE_ERROR = "template_error"
 TOKENIZE_RULES = {
@@ -135,4 +135,4 @@ class PairTokenizer:
 
     @staticmethod
     def join(prompt: list[int], response: list[int]) -> tuple[list[int], list[int]]:
-        return prompt + response, [IGNORE] * len(prompt) + response
+        return prompt + response, [IGNORE_INDEX] * len(prompt) + response

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from simpo_lite.errors import UserError
-from simpo_lite.progress import read_metrics
+from simpo_lite import run_folder
 
 # (title, [(metric, label)]); train metrics are plotted as lines, their eval_ twins as markers.
 PANELS = (
@@ -18,6 +17,13 @@ PANELS = (
     ("rewards (beta x average log-prob)", [("rewards/chosen", "chosen"), ("rewards/rejected", "rejected")]),
     ("optimisation", [("lr", "learning rate"), ("grad_norm", "grad norm")]),
 )
+# Generation health (simpo_lite.health), measured at evaluations only: drawn as markers.
+HEALTH_PANELS = (
+    ("health answers: mean length (tokens)", [("health/length", "length")]),
+    ("health answers: looping / no end-of-turn", [("health/looping", "looping"), ("health/no_stop", "no end-of-turn")]),
+    ("eval log-prob drift since step 0", [("health/logps_chosen_drift", "chosen"),
+                                          ("health/logps_rejected_drift", "rejected")]),
+)
 
 
 def load_run(run_dir: Path) -> tuple[list[dict], list[dict], dict]:
@@ -25,35 +31,19 @@ def load_run(run_dir: Path) -> tuple[list[dict], list[dict], dict]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"report: run folder '{run_dir}' not found: give the output_dir of a training run")
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / run_folder.METRICS
     if not path.is_file():
         raise UserError(f"report: '{run_dir}' has no metrics.jsonl: it is not a training run's output_dir, "
                         f"or the run has not logged a step yet")
-    records = [r for r in _read_records(path) if isinstance(r, dict) and "step" in r]
+    try:
+        records = [r for r in run_folder.read_metrics(path) if isinstance(r, dict) and "step" in r]
+    except UserError as err:
+        raise UserError(f"report: {err}") from None
     if not records:
         raise UserError(f"report: {path} holds no metrics yet: train for at least one logging step")
     evals = [r for r in records if any(k.startswith("eval_") for k in r)]
     train = [r for r in records if not any(k.startswith("eval_") for k in r)]
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    return train, evals, summary
-
-
-def _read_records(path: Path) -> list[dict]:
-    """metrics.jsonl's records; a half-written last line (a run still writing, or killed) is left out."""
-    try:
-        return read_metrics(path)
-    except json.JSONDecodeError:
-        pass
-    lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
-    records = []
-    for i, (n, line) in enumerate(lines):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i < len(lines) - 1:
-                raise UserError(f"report: {path} line {n} is not JSON: fix or delete that line") from None
-    return records
+    return train, evals, run_folder.read_summary(run_dir) or {}
 
 
 def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
@@ -78,8 +68,12 @@ def plot(train: list[dict], evals: list[dict], out: Path, title: str) -> Path:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5), constrained_layout=True)
+    with_health = any("health/length" in r for r in evals)
+    fig, axes = plt.subplots(3 if with_health else 2, 3, figsize=(16, 12.5 if with_health else 8.5),
+                             constrained_layout=True)
     colors = ("tab:blue", "tab:red")
+    if with_health:
+        _plot_health(axes[2], evals, colors)
     span = max(len(train) // 20, 1)  # smooth over ~5% of the run so trends show through per-batch noise
     for ax, (panel, metrics) in zip(axes.flat, PANELS):
         twin = ax.twinx() if panel == "optimisation" else None
@@ -123,6 +117,53 @@ def plot(train: list[dict], evals: list[dict], out: Path, title: str) -> Path:
     return out
 
 
+def _plot_health(axes, evals: list[dict], colors) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    for ax, (panel, metrics) in zip(axes, HEALTH_PANELS):
+        for i, (key, label) in enumerate(metrics):
+            steps, values = _series(evals, key)
+            if steps:
+                ax.plot(steps, values, color=colors[i], marker="o", linestyle="--", markersize=5,
+                        markeredgecolor="black", label=label)
+        if "looping" in panel:
+            ax.set_ylim(-0.02, 1.02)
+        if "drift" in panel:
+            ax.axhline(0.0, color="grey", linewidth=0.8, linestyle=":")
+        ax.set_title(panel)
+        ax.set_xlabel("optimizer step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="best")
+
+
+def samples_side_by_side(run_dir: Path) -> list[tuple[str, str, str]] | None:
+    """(prompt, first answer, last answer) from samples.jsonl: what the model wrote before and after."""
+    samples = run_folder.read_metrics(Path(run_dir) / run_folder.SAMPLES)
+    if not samples:
+        return None
+    first, last = samples[0]["step"], samples[-1]["step"]
+    before = {s["prompt"]: s["output"] for s in samples if s["step"] == first}
+    after = {s["prompt"]: s["output"] for s in samples if s["step"] == last}
+    return [(prompt, before[prompt], after.get(prompt, "-")) for prompt in before]
+
+
+def _print_samples(run_dir: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = samples_side_by_side(run_dir)
+    if not rows:
+        return
+    samples = run_folder.read_metrics(Path(run_dir) / run_folder.SAMPLES)
+    table = Table("prompt", f"step {samples[0]['step']}", f"step {samples[-1]['step']}",
+                  title="what the model wrote (samples.jsonl, greedy)", show_lines=True)
+    for row in rows:
+        table.add_row(*row)
+    Console(highlight=False).print(table)
+
+
 def _fmt(value) -> str:
     return "-" if value is None else f"{value:.4g}"
 
@@ -162,6 +203,12 @@ def summary_lines(run_dir: Path, train: list[dict], evals: list[dict], summary: 
     peak = max((r["peak_mem_mb"] for r in train if isinstance(r.get("peak_mem_mb"), (int, float))), default=None)
     if speed is not None or peak is not None:
         lines.append(f"throughput {_fmt(speed)} tokens/s (mean); peak memory {_fmt(peak)} MB")
+    if evals and "health/length" in evals[-1]:
+        from simpo_lite.health import summary_line
+
+        lines.append(f"generation health at step {evals[-1]['step']}: {summary_line(evals[-1])}")
+    if summary.get("stopped") == "collapse":
+        lines.append(f"stopped for collapse; last healthy checkpoint: {summary.get('last_healthy_checkpoint')}")
     skipped = summary.get("skipped_steps")
     if skipped:
         lines.append(f"{skipped} steps were skipped for non-finite loss or gradients")
@@ -191,5 +238,6 @@ def report_command(run_dir: Path, out: Path | None = None) -> Path:
     plot(train, evals, out, title=f"simpo-lite run {run_dir.resolve().name}")
     for line in summary_lines(run_dir, train, evals, summary):
         print(line)
+    _print_samples(run_dir)
     print(f"curves written to {out}")
     return out

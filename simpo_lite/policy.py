@@ -1,0 +1,73 @@
+"""The model side of SimPO: one concatenated forward to the objective, for a training step or a whole eval set."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from simpo_lite.logprobs import IGNORE_INDEX, concatenated_logps
+from simpo_lite.loss import objective_from_sums, objective_sums, simpo_objective
+from simpo_lite.packed import check_packable, packed_logps
+
+
+class ConcatenatedPolicy(nn.Module):
+    """Wraps the model so the whole log-prob computation is one module forward.
+
+    DistributedDataParallel only synchronises gradients of work done inside its wrapped module's
+    forward, and the chunked log-probs call the decoder and the output head separately.
+    """
+
+    def __init__(self, model: nn.Module, chunk_tokens: int, pack_prompt: bool = False):
+        super().__init__()
+        self.model = model
+        self.chunk_tokens = chunk_tokens
+        self.pack_prompt = pack_prompt
+        if pack_prompt:
+            check_packable(model)  # before the first step, not in the middle of a run
+
+    def forward(self, **batch):
+        """(chosen, rejected) average log-probs of an unpacked or, with pack_prompt, a packed batch."""
+        if self.pack_prompt:
+            return packed_logps(self.model, batch, chunk_tokens=self.chunk_tokens)
+        return concatenated_logps(self.model, batch, chunk_tokens=self.chunk_tokens)
+
+
+def chosen_lengths(batch: dict) -> torch.Tensor:
+    """Labelled tokens of each chosen response, for the per-token SFT term: from a packed batch's
+    chosen_targets, or from the first half of an unpacked [chosen; rejected] batch's labels."""
+    if "chosen_targets" in batch:
+        return (batch["chosen_targets"] != IGNORE_INDEX).sum(-1)
+    labels = batch["labels"]
+    return (labels[: labels.shape[0] // 2, 1:] != IGNORE_INDEX).sum(-1)
+
+
+def batch_objective(policy, batch: dict, simpo_cfg) -> tuple[torch.Tensor, dict[str, float]]:
+    """(loss to backpropagate, metrics) of one micro-batch: what a training step computes."""
+    chosen, rejected = policy(**batch)
+    return simpo_objective(chosen, rejected, simpo_cfg, chosen_lengths(batch))
+
+
+@torch.no_grad()
+def evaluate_dataset(policy, dataset, collate, simpo_cfg, batch_size: int, rank: int = 0, world_size: int = 1,
+                     reduce_sum=None, device=None) -> dict[str, float]:
+    """The objective and metrics over every pair of `dataset`, prefixed eval_; each process takes every
+    world_size-th pair, and reduce_sum (accelerate's reduce; None for one process) adds their sums."""
+    was_training = policy.training
+    policy.eval()
+    empty = torch.zeros(0, dtype=torch.float64, device=device)
+    # Zeros to start from, also what a process without any eval pair contributes.
+    totals = {name: value.double() for name, value in objective_sums(empty, empty, simpo_cfg).items()}
+    indices = list(range(rank, len(dataset), world_size))
+    for start in range(0, len(indices), batch_size):
+        batch = collate([dataset[i] for i in indices[start:start + batch_size]])
+        batch = {k: v.to(device) if device is not None else v for k, v in batch.items()}
+        chosen, rejected = policy(**batch)
+        for name, value in objective_sums(chosen, rejected, simpo_cfg, chosen_lengths(batch)).items():
+            totals[name] = totals[name] + value.detach().double()
+    policy.train(was_training)
+    names = list(totals)
+    stacked = torch.stack([totals[name] for name in names])
+    if reduce_sum is not None:
+        stacked = reduce_sum(stacked)
+    _, metrics = objective_from_sums(dict(zip(names, stacked)), simpo_cfg)
+    return {f"eval_{name}": value for name, value in metrics.items()}

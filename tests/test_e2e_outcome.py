@@ -1,0 +1,32 @@
+"""What the trained demo model writes, on the real bundled SmolLM2: a collapse is caught, a good run keeps its facts."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def simpo_lite(*args, timeout=1200):
+    return subprocess.run([sys.executable, "-m", "simpo_lite", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.e2e
+def test_a_collapsing_learning_rate_stops_and_leaves_a_healthy_checkpoint(tmp_path):
+    run = tmp_path / "collapse"
+    train = simpo_lite("train", "--preset", "smollm2-demo", "--output-dir", str(run), "--max-steps", "12", "--quiet",
+                       "--set", "train.learning_rate=3e-3", "--set", "train.warmup_ratio=0",
+                       "--set", "train.eval_steps=2", "--set", "train.save_steps=2",
+                       "--set", "train.on_collapse=stop", "--set", "train.health_prompts=4",
+                       "--set", "train.health_max_new_tokens=32", "--set", "data.eval_max_pairs=8")
+    assert train.returncode == 1, train.stderr[-3000:]
+    assert "on_collapse=stop" in train.stderr and "Traceback" not in train.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stopped"] == "collapse" and summary["steps"] < 12
+    healthy = summary["last_healthy_checkpoint"]
+    assert healthy and healthy in train.stderr  # the error line names it
+    # The healthy checkpoint survived pruning and is a model the other commands load.
+    evaluated = simpo_lite("eval", healthy, "--out", str(tmp_path / "eval.json"))
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert {s["step"] for s in samples} >= {0, summary["steps"]}

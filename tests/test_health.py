@@ -1,0 +1,138 @@
+"""Generation health: the figures by hand, on a tiny model forced to loop, and inside a training run."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from simpo_lite.config import TrainConfig
+from simpo_lite.health import (HealthMonitor, HealthPrompts, collapse_signs, generate_answers, health_metrics,
+                               loops, repeated_ngram_share, words)
+from tiny_models import random_llama, smollm2_tokenizer, tiny_llama_config, tiny_model_folder, write_config, write_pairs
+
+
+def test_repeated_ngram_share_by_hand():
+    # a b c a b c a b c: 7 trigrams (abc bca cab abc bca cab abc), 3 distinct: 1 - 3/7
+    assert repeated_ngram_share(list("abcabcabc")) == pytest.approx(1 - 3 / 7)
+    assert repeated_ngram_share(words("The capital of Peru is Lima.")) == 0.0
+    assert repeated_ngram_share(["too", "short"]) == 0.0
+    assert loops("A perro! Ahoy! Ahoy! Ahoy! Ahoy! Ahoy! Ahoy! Ahoy!")
+    assert not loops("Arr! Th' capital o' Peru be Lima, matey! Yo-ho-ho!")
+
+
+def test_collapse_signs_name_the_metric_value_and_step():
+    limits = TrainConfig()
+    healthy = {"step": 10, "health/looping": 0.0, "health/length_ratio": 1.4,
+               "health/logps_chosen_drift": 0.3, "health/logps_rejected_drift": -2.0}
+    assert collapse_signs(healthy, limits) == []
+    broken = {"step": 20, "health/looping": 0.75, "health/length_ratio": 4.2,
+              "health/logps_chosen_drift": -1.5, "health/logps_rejected_drift": -3.0}
+    signs = collapse_signs(broken, limits)
+    assert len(signs) == 3
+    assert signs[0].startswith("health/looping 0.75 at step 20")
+    assert "health/length_ratio 4.20" in signs[1] and "health/logps_chosen_drift -1.50" in signs[2]
+
+
+def forced(token_id: int):
+    """A tiny model whose every next token is `token_id`: it repeats one word until the limit."""
+    tokenizer = smollm2_tokenizer()
+    model = random_llama(tiny_llama_config(tokenizer), seed=0)
+
+    def always(module, inputs, output):
+        logits = torch.full_like(output, -1e4)
+        logits[..., token_id] = 0.0
+        return logits
+
+    model.lm_head.register_forward_hook(always)
+    return model, tokenizer
+
+
+def prompts(tokenizer, questions):
+    ids = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                         tokenize=True, return_dict=True)["input_ids"] for q in questions]
+    return HealthPrompts(ids=ids, questions=list(questions))
+
+
+def test_a_model_forced_to_repeat_itself_reads_as_looping():
+    tokenizer = smollm2_tokenizer()
+    word = tokenizer(" Ahoy", add_special_tokens=False)["input_ids"][0]  # " Ah": "Ahoy" is two tokens
+    model, tokenizer = forced(word)
+    model.train()
+    answers = generate_answers(model, tokenizer, prompts(tokenizer, ["What is 2 plus 2?", "Name a colour."]),
+                               max_new_tokens=12, batch_size=2)
+    assert model.training  # restored after generating
+    assert all(a["tokens"] == 12 and a["truncated"] for a in answers)
+    assert answers[0]["text"].split()[:3] == ["Ah", "Ah", "Ah"]
+    metrics = health_metrics(answers)
+    assert metrics == {"health/length": 12.0, "health/no_stop": 1.0,
+                       "health/repetition": pytest.approx(1 - 1 / 10), "health/looping": 1.0}
+
+
+def test_a_model_that_ends_its_turn_is_healthy():
+    tokenizer = smollm2_tokenizer()
+    model, tokenizer = forced(tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    answers = generate_answers(model, tokenizer, prompts(tokenizer, ["Hi."]), max_new_tokens=12, batch_size=1)
+    assert health_metrics(answers) == {"health/length": 0.0, "health/no_stop": 0.0, "health/repetition": 0.0,
+                                       "health/looping": 0.0}
+
+
+def test_monitor_compares_with_the_first_evaluation_and_remembers_healthy_checkpoints():
+    tokenizer = smollm2_tokenizer()
+    model, tokenizer = forced(tokenizer(" Ahoy", add_special_tokens=False)["input_ids"][0])
+    monitor = HealthMonitor(prompts(tokenizer, ["Hi."]), TrainConfig(health_max_new_tokens=8), previous_evals=[])
+    first = {"step": 0, "eval_logps/chosen": -1.0, "eval_logps/rejected": -1.2, "health/length": 4.0}
+    assert monitor.judge(first) == []
+    monitor.saved("checkpoint-0")
+    record, samples = monitor.measure({"step": 5, "eval_logps/chosen": -2.5, "eval_logps/rejected": -3.0},
+                                      model, tokenizer)
+    assert [(s["step"], s["prompt"]) for s in samples] == [(5, "Hi.")]
+    assert samples[0]["output"].startswith("Ah Ah")
+    assert record["health/length_ratio"] == pytest.approx(8 / 4)
+    assert record["health/logps_chosen_drift"] == pytest.approx(-1.5)
+    signs = monitor.judge(record)
+    assert any(s.startswith("health/looping 1.00 at step 5") for s in signs)
+    assert any("health/logps_chosen_drift -1.50" in s for s in signs)
+    monitor.saved("checkpoint-5")
+    assert monitor.last_healthy_checkpoint == "checkpoint-0"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("health-run")
+    model, data = tiny_model_folder(root / "model", tie=True, sharpen=True), write_pairs(root / "pairs.jsonl", 20)
+    config = write_config(root / "c.yaml", model, data, root / "run", max_steps=4, eval_steps=2,
+                          health_prompts=3, health_max_new_tokens=10)
+    result = subprocess.run([sys.executable, "-m", "simpo_lite", "train", "--config", str(config), "--quiet"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "run", result.stderr
+
+
+def test_every_evaluation_measures_and_writes_what_the_model_wrote(tiny_run):
+    run, stderr = tiny_run
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line]
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    for key in ("health/length", "health/no_stop", "health/repetition", "health/looping"):
+        assert all(key in r for r in evals), key
+    assert "health/length_ratio" not in evals[0] and "health/logps_chosen_drift" in evals[-1]
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [0] * 3 + [2] * 3 + [4] * 3
+    assert {s["prompt"] for s in samples} <= {f"Tell me about {w} number {i}." for w in
+                                              ["apple", "river", "stone", "cloud", "green", "seven", "quiet", "maple",
+                                               "ocean", "lamp"] for i in range(20)}
+    assert "answers:" in stderr and "looping" in stderr  # the progress line shows the key figures
+    summary = json.loads((run / "summary.json").read_text())
+    assert "health/length" in summary["end_eval"]
+
+
+def test_report_prints_first_and_last_answers_side_by_side(tiny_run):
+    from simpo_lite.run_report import samples_side_by_side
+
+    run, _ = tiny_run
+    rows = samples_side_by_side(run)
+    assert len(rows) == 3 and all(len(row) == 3 for row in rows)
+    out = subprocess.run([sys.executable, "-m", "simpo_lite", "report", str(run)], capture_output=True, text=True)
+    assert out.returncode == 0 and "step 0" in out.stdout and "step 4" in out.stdout
+    assert "generation health at step 4" in out.stdout
