@@ -122,7 +122,8 @@ class TrainConfig:
         "checkpoint and stop (exit 1).")
     collapse_looping: float = _f(0.25, "Largest share of health answers that may repeat themselves (word 3-grams "
                                        "repeated over 30%).", ge=0.0, le=1.0)
-    collapse_length_ratio: float = _f(3.0, "Largest mean health-answer length, as a multiple of step 0's.", gt=0.0)
+    collapse_length_ratio: float = _f(2.0, "Largest mean health-answer length, as a multiple of step 0's (at most "
+                                            "health_max_new_tokens / step 0's length can be reached).", gt=0.0)
     collapse_logps_drop: float = _f(1.0, "Largest fall of eval logps/chosen since step 0 (nats per token) while "
                                          "logps/rejected falls too.", gt=0.0)
     report_to: list[str] = _f([], "Extra trackers through accelerate: 'tensorboard', 'wandb'.")

@@ -21,8 +21,9 @@ import time
 from dataclasses import dataclass
 
 LOOP_N = 3
-# A response whose 3-grams are more than this share repeats are a loop. Measured on the demo (README):
-# healthy answers of the base and of tuned runs stay at 0-0.1, "Ahoy! Ahoy! ..." collapses exceed 0.8.
+# A response more than this share of whose word 3-grams are repeats is a loop. Measured on the demo's
+# health answers (README): ordinary answers 0-0.12; loops ("a romantic partner or a romantic partner of a
+# romantic partner", "Ah, yea! Ah, yea! ...") 0.25-0.97. benchmarks/demo_judge.py uses the same rule.
 LOOP_SHARE = 0.3
 WORD = re.compile(r"[\w'-]+")
 
