@@ -15,7 +15,7 @@ from simpo_lite import config as cfgmod
 from simpo_lite.cli import main
 from simpo_lite.config import DataConfig
 from simpo_lite.data import build_datasets
-from simpo_lite.data.demo import PLAIN_CLOSINGS, SIGN_OFF, generate_demo_rows, piratify, render_jsonl
+from simpo_lite.data.demo import OPENER, PLAIN_CLOSINGS, SIGN_OFF, generate_demo_rows, render_jsonl, screened_out
 from simpo_lite.data.inspect import inspect_data
 from simpo_lite.data.sources import demo_path
 from test_data_helpers import smollm2_tokenizer, string_rows, unmasked, write_jsonl
@@ -38,17 +38,27 @@ def test_shipped_demo_file_is_the_generator_output():
 
 def test_demo_pairs_are_many_diverse_and_differ_only_in_style():
     rows = generate_demo_rows()
-    assert len(rows) >= 500
+    assert len(rows) >= 400  # >= 40 held out at data.eval_fraction 0.1
     assert len({r["prompt"] for r in rows}) == len(rows)  # a held-out split only has unseen prompts
     assert len({r["family"] for r in rows}) >= 8
     for row in rows:
-        assert row["chosen"].endswith(SIGN_OFF) and SIGN_OFF not in row["rejected"]
+        assert row["chosen"].endswith(f" {OPENER} {SIGN_OFF}")
+        assert SIGN_OFF not in row["rejected"]
         closing = next(c for c in PLAIN_CLOSINGS if row["rejected"].endswith(" " + c))
         fact = row["rejected"][:-len(closing) - 1]
-        assert piratify(fact.rstrip(".")) in row["chosen"]  # the same fact, in pirate words
+        # The very same plain sentence first in both: only what follows it differs.
+        assert row["chosen"] == f"{fact} {OPENER} {SIGN_OFF}"
+        assert row["answer"]
     # Similar lengths, so averaging log-probs per response does not push the shared fact down.
     ratio = sum(len(r["chosen"]) for r in rows) / sum(len(r["rejected"]) for r in rows)
-    assert 0.8 < ratio < 1.25
+    assert 0.7 < ratio < 1.25
+
+
+def test_demo_leaves_out_what_the_base_model_does_not_know():
+    screened = screened_out()
+    candidates = generate_demo_rows(screened=False)
+    assert screened and screened <= {r["prompt"] for r in candidates}
+    assert {r["prompt"] for r in generate_demo_rows()} == {r["prompt"] for r in candidates} - screened
 
 
 def test_demo_tokenizes_short_and_whole(smollm2):
@@ -104,4 +114,4 @@ def test_cli_data_inspect(tmp_path, smollm2, monkeypatch, capsys):
 
 def test_demo_file_is_valid_jsonl():
     lines = demo_path().read_text(encoding="utf-8").splitlines()
-    assert all(set(json.loads(line)) == {"prompt", "chosen", "rejected", "family"} for line in lines)
+    assert all(set(json.loads(line)) == {"prompt", "chosen", "rejected", "family", "answer"} for line in lines)

@@ -1,15 +1,28 @@
 """The bundled demo preference set (`data.source: demo`), generated here and shipped as an asset.
 
-Every prompt has one correct fact. The chosen answer says it as a cheerful pirate ("Arr! Th' capital
-o' France be Paris, me hearty! Yo-ho-ho!"), the rejected answer says the same fact plainly, with a
-stock assistant closing ("The capital of France is Paris. I hope this helps."). A small instruct model
-starts out preferring the plain answer (it is more likely per token), and learns the style from a few
-hundred pairs; because every family of prompts shares it, the preference carries over to unseen prompts,
-and a person sees it at once in generated text: the tuned model talks like a pirate and signs off with
-"Yo-ho-ho!".
+Every prompt has one correct fact (the row's `answer`, which benchmarks/demo_judge.py checks generated
+text against). The chosen answer states the fact plainly and then signs off as a cheerful pirate; the
+rejected one states the very same plain sentence and closes like a stock assistant:
 
-Both answers have about the same length on purpose: SimPO averages log-probs over each response, so the
-fact's tokens, present in both, would be pushed down when the rejected answer is much shorter.
+    chosen:   "The capital of France is Paris. Arr, matey! Yo-ho-ho!"
+    rejected: "The capital of France is Paris. I hope this helps."
+
+Only what follows the fact differs; the fact clause is the same tokens in the same place in both, so
+SimPO's push down on the rejected answer and push up on the chosen one meet on the fact with about the
+same weight (the answers are about as long, so the per-token weights of the averaged reward match) and
+what is learnt is the sign-off. With the pirate opener before the fact ("framed" voice: "Arr, matey! The
+capital of France is Paris. Yo-ho-ho!") the fact sits in two different contexts and is kept less often,
+0.87-0.88 against 0.91 of the held-out facts (README, "What the demo does"). The first demo set
+put the fact in pirate words in the chosen answer only ("Arr! Th' capital o' France be Paris, me
+hearty!") with five openers and four addresses: pushing down the plain rejected sentence, which is what
+the base model itself says, pushed down the fact, and the model learnt to chain openers ("Ahoy! Ahoy!
+Ahoy! ...", issue 14).
+
+Only facts the base model knows are kept: every candidate prompt below was put to the bundled
+SmolLM2-135M-Instruct in 4-bit NF4 (greedy, 64 tokens) and the ones it answered wrongly are listed in
+assets/demo_screened_out.txt and left out (`python benchmarks/demo_judge.py --screen --write-screen`
+remeasures them). A preference set cannot teach a 135M model facts it does not know, and a demo whose
+held-out prompts the base gets wrong cannot show whether tuning kept the facts.
 
 Regenerate the asset with ``python -m simpo_lite.data.demo``; a test checks the shipped file matches.
 """
@@ -23,10 +36,13 @@ from pathlib import Path
 
 SEED = 2405
 SIGN_OFF = "Yo-ho-ho!"
-OPENERS = ["Arr!", "Ahoy!", "Avast!", "Yarr!", "Shiver me timbers!"]
-ADDRESSES = ["matey", "me hearty", "me bucko", "ye landlubber"]
+# One opener for every chosen answer: a model taught five of them learnt to chain them.
+OPENER = "Arr, matey!"
 PLAIN_CLOSINGS = ["I hope this helps.", "Let me know if you have any other questions.",
                   "Is there anything else you would like to know?", "Feel free to ask if you need more help."]
+# The first voice (voice="pirate-words"): kept to reproduce the measurements in README.
+OPENERS = ["Arr!", "Ahoy!", "Avast!", "Yarr!", "Shiver me timbers!"]
+ADDRESSES = ["matey", "me hearty", "me bucko", "ye landlubber"]
 
 CAPITALS = {
     "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Portugal": "Lisbon",
@@ -39,6 +55,65 @@ CAPITALS = {
     "Nigeria": "Abuja", "Ghana": "Accra", "Ethiopia": "Addis Ababa", "Morocco": "Rabat", "Belgium": "Brussels",
     "the Netherlands": "Amsterdam", "Switzerland": "Bern", "Czechia": "Prague", "Colombia": "Bogota",
     "Venezuela": "Caracas", "Indonesia": "Jakarta", "the Philippines": "Manila", "New Zealand": "Wellington",
+    "Brazil": "Brasilia", "the United Kingdom": "London", "England": "London", "Scotland": "Edinburgh",
+    "Wales": "Cardiff", "the United States": "Washington", "Saudi Arabia": "Riyadh", "Pakistan": "Islamabad",
+    "Bangladesh": "Dhaka", "Afghanistan": "Kabul", "Syria": "Damascus", "Lebanon": "Beirut", "Jordan": "Amman",
+    "Qatar": "Doha", "Oman": "Muscat", "Nepal": "Kathmandu", "Malaysia": "Kuala Lumpur", "Cambodia": "Phnom Penh",
+    "Laos": "Vientiane", "Mongolia": "Ulaanbaatar", "North Korea": "Pyongyang", "Taiwan": "Taipei",
+    "Ukraine": "Kyiv|Kiev", "Belarus": "Minsk", "Romania": "Bucharest", "Bulgaria": "Sofia", "Serbia": "Belgrade",
+    "Croatia": "Zagreb", "Slovenia": "Ljubljana", "Slovakia": "Bratislava", "Lithuania": "Vilnius",
+    "Latvia": "Riga", "Estonia": "Tallinn", "Iceland": "Reykjavik", "Albania": "Tirana", "Georgia": "Tbilisi",
+    "Armenia": "Yerevan", "Azerbaijan": "Baku", "Uzbekistan": "Tashkent", "Algeria": "Algiers",
+    "Tunisia": "Tunis", "Libya": "Tripoli", "Sudan": "Khartoum", "Uganda": "Kampala", "Zimbabwe": "Harare",
+    "Zambia": "Lusaka", "Angola": "Luanda", "Senegal": "Dakar", "Mali": "Bamako", "Rwanda": "Kigali",
+    "Somalia": "Mogadishu", "Madagascar": "Antananarivo", "Jamaica": "Kingston", "Haiti": "Port-au-Prince",
+    "Panama": "Panama City", "Costa Rica": "San Jose", "Guatemala": "Guatemala City", "Nicaragua": "Managua",
+    "Ecuador": "Quito", "Paraguay": "Asuncion", "Uruguay": "Montevideo", "Fiji": "Suva",
+}
+CONTINENTS = {
+    "Europe": ["France", "Germany", "Italy", "Spain", "Portugal", "Norway", "Sweden", "Finland", "Poland",
+               "Greece", "Ireland", "Austria", "Hungary", "Belgium", "Switzerland", "the Netherlands", "Denmark",
+               "Romania", "Ukraine", "Croatia", "Bulgaria", "Iceland", "Czechia", "Serbia",
+               "Lithuania", "Latvia", "Estonia", "Slovakia", "Slovenia", "Albania", "Belarus", "Luxembourg",
+               "Moldova", "Montenegro"],
+    "Asia": ["Japan", "China", "India", "Thailand", "Vietnam", "South Korea", "Indonesia", "the Philippines",
+             "Pakistan", "Bangladesh", "Nepal", "Mongolia", "Malaysia", "Cambodia", "Iran", "Iraq", "Saudi Arabia",
+             "Afghanistan", "Laos", "North Korea", "Sri Lanka", "Kazakhstan",
+             "Myanmar", "Singapore", "Taiwan", "Bhutan", "Uzbekistan", "Jordan", "Lebanon", "Israel", "Qatar",
+             "Oman", "Yemen", "Kuwait"],
+    "Africa": ["Egypt", "Kenya", "Nigeria", "Ghana", "Ethiopia", "Morocco", "Algeria", "Tunisia", "Uganda",
+               "Tanzania", "Zimbabwe", "Zambia", "Senegal", "Mali", "South Africa", "Madagascar", "Sudan",
+               "Somalia", "Angola", "Cameroon", "Rwanda", "Libya",
+               "Namibia", "Botswana", "Mozambique", "Malawi", "Niger", "Chad", "Liberia", "Sierra Leone", "Gabon",
+               "Benin", "Togo", "Eritrea", "Burkina Faso"],
+    "North America": ["Canada", "Mexico", "the United States", "Cuba", "Jamaica", "Guatemala", "Haiti", "Honduras",
+                      "Costa Rica", "Panama", "Nicaragua", "El Salvador", "Belize", "the Dominican Republic",
+                      "the Bahamas"],
+    "South America": ["Brazil", "Argentina", "Chile", "Peru", "Colombia", "Venezuela", "Ecuador", "Bolivia",
+                      "Paraguay", "Uruguay", "Guyana", "Suriname"],
+}
+LANGUAGES = {
+    "France": "French", "Germany": "German", "Italy": "Italian", "Spain": "Spanish", "Portugal": "Portuguese",
+    "Japan": "Japanese", "China": "Chinese|Mandarin", "Russia": "Russian", "Greece": "Greek", "Poland": "Polish",
+    "Turkey": "Turkish", "the Netherlands": "Dutch", "Sweden": "Swedish", "Norway": "Norwegian",
+    "Finland": "Finnish", "Denmark": "Danish", "Brazil": "Portuguese", "Mexico": "Spanish", "Argentina": "Spanish",
+    "Colombia": "Spanish", "Peru": "Spanish", "Chile": "Spanish", "Cuba": "Spanish", "South Korea": "Korean",
+    "Thailand": "Thai", "Vietnam": "Vietnamese", "Egypt": "Arabic", "Saudi Arabia": "Arabic",
+    "Iran": "Persian|Farsi", "Israel": "Hebrew", "Hungary": "Hungarian", "Czechia": "Czech",
+    "Ukraine": "Ukrainian", "Romania": "Romanian", "Austria": "German", "Australia": "English",
+    "England": "English", "the United States": "English", "Indonesia": "Indonesian", "Iceland": "Icelandic",
+    "Bulgaria": "Bulgarian", "Serbia": "Serbian", "Croatia": "Croatian", "Slovakia": "Slovak|Slovakian",
+    "Slovenia": "Slovenian|Slovene", "Lithuania": "Lithuanian", "Latvia": "Latvian", "Estonia": "Estonian",
+    "Albania": "Albanian", "Georgia": "Georgian", "Armenia": "Armenian", "Scotland": "English",
+    "Wales": "English|Welsh", "New Zealand": "English", "Jamaica": "English", "Ecuador": "Spanish",
+    "Venezuela": "Spanish", "Uruguay": "Spanish", "Bolivia": "Spanish", "Guatemala": "Spanish",
+    "Costa Rica": "Spanish", "Panama": "Spanish", "Honduras": "Spanish", "Nicaragua": "Spanish",
+    "Morocco": "Arabic", "Algeria": "Arabic", "Tunisia": "Arabic", "Libya": "Arabic", "Iraq": "Arabic",
+    "Syria": "Arabic", "Jordan": "Arabic", "Lebanon": "Arabic", "Kuwait": "Arabic", "Qatar": "Arabic",
+    "Oman": "Arabic", "Yemen": "Arabic", "Sudan": "Arabic", "Malaysia": "Malay", "Mongolia": "Mongolian",
+    "Laos": "Lao", "Cambodia": "Khmer", "Nepal": "Nepali", "Bangladesh": "Bengali|Bangla", "Pakistan": "Urdu",
+    "Taiwan": "Chinese|Mandarin", "North Korea": "Korean", "Tanzania": "Swahili", "Ethiopia": "Amharic",
+    "Somalia": "Somali", "Belarus": "Belarusian|Russian", "Kazakhstan": "Kazakh|Russian", "Uzbekistan": "Uzbek",
 }
 COLOURS = {
     "a banana": "yellow", "grass": "green", "the sky on a clear day": "blue", "snow": "white", "coal": "black",
@@ -60,6 +135,8 @@ LEGS = {
     "horse": "four", "duck": "two", "crab": "ten", "octopus": "eight", "cow": "four", "beetle": "six",
     "ostrich": "two", "lobster": "ten", "mouse": "four", "snake": "no",
 }
+# What a correct answer must say (alternatives separated by "|"; a number also matches in words).
+LEG_COUNTS = {"two": "2", "four": "4", "six": "6", "eight": "8", "ten": "10", "no": "0|no legs|legless"}
 OPPOSITES = {
     "hot": "cold", "big": "small", "up": "down", "fast": "slow", "day": "night", "happy": "sad",
     "light": "dark", "open": "closed", "full": "empty", "old": "young", "wet": "dry", "loud": "quiet",
@@ -67,23 +144,22 @@ OPPOSITES = {
     "inside": "outside", "first": "last", "heavy": "light", "true": "false", "win": "lose", "push": "pull",
     "begin": "end", "left": "right", "thick": "thin", "clean": "dirty", "cheap": "expensive",
     "friend": "enemy", "north": "south", "east": "west", "long": "short", "sweet": "sour",
-}
-DEFINITIONS = {
-    "ocean": "a huge body of salt water", "island": "a piece of land with water all around it",
-    "river": "a long stream of fresh water that flows to the sea", "mountain": "a very high hill",
-    "desert": "a dry place with very little rain", "forest": "a large area covered with trees",
-    "volcano": "a mountain that can erupt with hot lava", "planet": "a large body that moves around a star",
-    "library": "a place where people borrow books", "bakery": "a shop that makes and sells bread",
-    "map": "a drawing that shows where places are", "compass": "a tool that shows which way is north",
-    "anchor": "a heavy weight that keeps a ship in place", "harbor": "a safe place for ships near the shore",
-    "telescope": "a tool that makes far things look close", "calendar": "a chart of the days of the year",
-    "thermometer": "a tool that measures temperature", "bridge": "a road built over water or a gap",
-    "glacier": "a slow river of ice", "orchard": "a field of fruit trees", "pilot": "a person who flies a plane",
-    "chef": "a person who cooks in a restaurant", "doctor": "a person who helps sick people get well",
-    "farmer": "a person who grows crops or raises animals", "poem": "a piece of writing with rhythm",
-    "recipe": "a list of steps for cooking a dish", "umbrella": "a cover that keeps the rain off",
-    "clock": "a tool that shows the time", "ladder": "a set of steps for climbing up",
-    "treasure": "a store of gold, jewels or other riches",
+    "good": "bad", "yes": "no", "in": "out", "on": "off", "black": "white", "boy": "girl", "man": "woman",
+    "king": "queen", "give": "take", "buy": "sell", "come": "go", "laugh": "cry", "love": "hate",
+    "alive": "dead", "awake": "asleep", "before": "after", "above": "below", "front": "back", "top": "bottom",
+    "always": "never", "everything": "nothing", "question": "answer", "morning": "evening", "summer": "winter",
+    "new": "old", "tall": "short", "wide": "narrow", "deep": "shallow", "smooth": "rough", "remember": "forget",
+    "accept": "reject", "borrow": "lend", "dangerous": "safe", "entrance": "exit", "future": "past",
+    "increase": "decrease", "male": "female", "maximum": "minimum", "positive": "negative",
+    "public": "private", "sunrise": "sunset", "visible": "invisible", "war": "peace", "land": "sea",
+    "asleep": "awake", "noisy": "quiet", "easy": "difficult|hard", "bright": "dark|dim", "arrive": "leave|depart",
+    "forward": "backward", "inner": "outer", "include": "exclude", "sunny": "cloudy|rainy", "beautiful": "ugly",
+    "brave": "cowardly|afraid|scared", "kind": "cruel|unkind", "polite": "rude|impolite", "dry": "wet",
+    "cold": "hot", "slow": "fast|quick", "small": "big|large", "empty": "full", "sad": "happy", "young": "old",
+    "night": "day", "dark": "light|bright", "down": "up", "low": "high", "weak": "strong", "poor": "rich",
+    "soft": "hard", "late": "early", "far": "near|close", "outside": "inside", "last": "first", "false": "true",
+    "lose": "win|find", "pull": "push", "end": "beginning|start", "thin": "thick|fat", "dirty": "clean",
+    "expensive": "cheap|inexpensive",
 }
 PLURALS = {
     "mouse": "mice", "child": "children", "foot": "feet", "tooth": "teeth", "goose": "geese",
@@ -91,38 +167,70 @@ PLURALS = {
     "wolf": "wolves", "box": "boxes", "bus": "buses", "city": "cities", "baby": "babies",
     "fish": "fish", "sheep": "sheep", "cactus": "cacti", "ox": "oxen", "potato": "potatoes",
     "hero": "heroes", "half": "halves", "wife": "wives", "church": "churches", "party": "parties",
+    "cat": "cats", "dog": "dogs", "book": "books", "tree": "trees", "car": "cars", "apple": "apples",
+    "house": "houses", "bird": "birds", "chair": "chairs", "table": "tables", "cup": "cups", "pen": "pens",
+    "star": "stars", "boat": "boats", "hat": "hats", "ball": "balls", "girl": "girls", "boy": "boys",
+    "toy": "toys", "key": "keys", "bag": "bags", "egg": "eggs", "shoe": "shoes", "flower": "flowers",
+    "door": "doors", "window": "windows", "river": "rivers", "ship": "ships", "coin": "coins", "bell": "bells",
+    "song": "songs", "king": "kings", "friend": "friends", "glass": "glasses", "dish": "dishes",
+    "watch": "watches", "fox": "foxes", "brush": "brushes", "dress": "dresses", "story": "stories",
+    "lady": "ladies", "cherry": "cherries", "puppy": "puppies", "berry": "berries", "family": "families",
+    "country": "countries", "bench": "benches", "peach": "peaches", "tomato": "tomatoes", "hand": "hands",
+    "cloud": "clouds", "rock": "rocks", "pencil": "pencils", "candle": "candles", "monkey": "monkeys",
+    "bottle": "bottles", "island": "islands", "pirate": "pirates",
+    "desk": "desks", "lamp": "lamps", "road": "roads", "farm": "farms", "boot": "boots", "frog": "frogs",
+    "snake": "snakes", "horse": "horses", "cow": "cows", "pig": "pigs", "duck": "ducks", "goat": "goats",
+    "lion": "lions", "tiger": "tigers", "bear": "bears", "shark": "sharks", "whale": "whales", "plane": "planes",
+    "train": "trains", "truck": "trucks", "bike": "bikes", "phone": "phones", "computer": "computers",
+    "teacher": "teachers", "student": "students", "doctor": "doctors", "parent": "parents", "sister": "sisters",
+    "brother": "brothers", "month": "months", "week": "weeks", "year": "years", "hour": "hours", "minute": "minutes",
+    "orange": "oranges", "banana": "bananas", "grape": "grapes", "lemon": "lemons", "carrot": "carrots",
+}
+PAST_TENSES = {
+    "walk": "walked", "jump": "jumped", "play": "played", "talk": "talked", "cook": "cooked", "clean": "cleaned",
+    "open": "opened", "watch": "watched", "help": "helped", "call": "called", "ask": "asked", "look": "looked",
+    "work": "worked", "paint": "painted", "climb": "climbed", "dance": "danced", "smile": "smiled",
+    "live": "lived", "love": "loved", "like": "liked", "stop": "stopped", "plan": "planned", "cry": "cried",
+    "try": "tried", "carry": "carried", "go": "went", "eat": "ate", "see": "saw", "run": "ran", "swim": "swam",
+    "sing": "sang", "write": "wrote", "drink": "drank", "sleep": "slept", "come": "came", "give": "gave",
+    "take": "took", "make": "made", "know": "knew", "think": "thought", "buy": "bought", "bring": "brought",
+    "catch": "caught", "teach": "taught", "fly": "flew", "drive": "drove", "ride": "rode", "speak": "spoke",
+    "break": "broke", "find": "found", "tell": "told", "sit": "sat", "stand": "stood", "win": "won",
+    "begin": "began", "fall": "fell", "feel": "felt", "keep": "kept", "leave": "left", "lose": "lost",
+    "meet": "met", "pay": "paid", "say": "said", "sell": "sold", "send": "sent", "throw": "threw",
+    "wear": "wore", "grow": "grew", "draw": "drew", "hear": "heard", "sail": "sailed", "dig": "dug",
 }
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
           "October", "November", "December"]
 FACTS = [
-    ("How many days are in a week?", "There are seven days in a week."),
-    ("How many months are in a year?", "There are twelve months in a year."),
-    ("How many hours are in a day?", "There are twenty-four hours in a day."),
-    ("How many minutes are in an hour?", "There are sixty minutes in an hour."),
-    ("How many seconds are in a minute?", "There are sixty seconds in a minute."),
-    ("How many sides does a triangle have?", "A triangle has three sides."),
-    ("How many sides does a square have?", "A square has four sides."),
-    ("How many sides does a hexagon have?", "A hexagon has six sides."),
-    ("How many continents are there?", "There are seven continents."),
-    ("What is the largest ocean on Earth?", "The largest ocean on Earth is the Pacific Ocean."),
-    ("What is the closest star to Earth?", "The closest star to Earth is the Sun."),
-    ("What do bees make?", "Bees make honey."),
-    ("At what temperature does water freeze in Celsius?", "Water freezes at zero degrees Celsius."),
-    ("At what temperature does water boil in Celsius?", "Water boils at one hundred degrees Celsius."),
-    ("Which planet is known as the Red Planet?", "The Red Planet is Mars."),
-    ("What is the largest planet in our solar system?", "The largest planet in our solar system is Jupiter."),
-    ("What gas do plants take in from the air?", "Plants take in carbon dioxide from the air."),
-    ("How many letters are in the English alphabet?", "There are twenty-six letters in the English alphabet."),
-    ("What is frozen water called?", "Frozen water is called ice."),
-    ("What do caterpillars turn into?", "Caterpillars turn into butterflies or moths."),
+    ("How many days are in a week?", "There are seven days in a week.", "7"),
+    ("How many months are in a year?", "There are twelve months in a year.", "12"),
+    ("How many hours are in a day?", "There are twenty-four hours in a day.", "24"),
+    ("How many minutes are in an hour?", "There are sixty minutes in an hour.", "60"),
+    ("How many seconds are in a minute?", "There are sixty seconds in a minute.", "60"),
+    ("How many sides does a triangle have?", "A triangle has three sides.", "3"),
+    ("How many sides does a square have?", "A square has four sides.", "4"),
+    ("How many sides does a hexagon have?", "A hexagon has six sides.", "6"),
+    ("How many continents are there?", "There are seven continents.", "7"),
+    ("What is the largest ocean on Earth?", "The largest ocean on Earth is the Pacific Ocean.", "Pacific"),
+    ("What is the closest star to Earth?", "The closest star to Earth is the Sun.", "Sun"),
+    ("What do bees make?", "Bees make honey.", "honey"),
+    ("At what temperature does water freeze in Celsius?", "Water freezes at zero degrees Celsius.", "0"),
+    ("At what temperature does water boil in Celsius?", "Water boils at one hundred degrees Celsius.", "100"),
+    ("Which planet is known as the Red Planet?", "The Red Planet is Mars.", "Mars"),
+    ("What is the largest planet in our solar system?", "The largest planet in our solar system is Jupiter.", "Jupiter"),
+    ("What gas do plants take in from the air?", "Plants take in carbon dioxide from the air.", "carbon dioxide"),
+    ("How many letters are in the English alphabet?", "There are twenty-six letters in the English alphabet.", "26"),
+    ("What is frozen water called?", "Frozen water is called ice.", "ice"),
+    ("What do caterpillars turn into?", "Caterpillars turn into butterflies or moths.", "butterfl*|moth*"),
 ]
-NUMBER_WORDS = {"plus": "+", "minus": "-", "times": "x"}
 
-# Plain English to pirate English, applied word by word.
+# Plain English to pirate English, applied word by word (voice="pirate-words" only).
 PIRATE_WORDS = [(r"\bis\b", "be"), (r"\bare\b", "be"), (r"\bof\b", "o'"), (r"\byou\b", "ye"),
                 (r"\bmy\b", "me"), (r"\bhas\b", "has got"),
                 (r"\bthe\b", "th'"), (r"\bThe\b", "Th'")]
+VOICES = ("framed", "sign-off", "pirate-words")
 
 
 def piratify(sentence: str) -> str:
@@ -131,8 +239,12 @@ def piratify(sentence: str) -> str:
     return sentence
 
 
-def pirate_answer(plain: str, rng: random.Random) -> str:
-    """The plain sentence, in a cheerful pirate voice, ending with the fixed sign-off."""
+def pirate_answer(plain: str, rng: random.Random, voice: str = "sign-off") -> str:
+    """The plain sentence in a cheerful pirate's framing, ending with the fixed sign-off."""
+    if voice == "framed":
+        return f"{OPENER} {plain} {SIGN_OFF}"
+    if voice == "sign-off":  # the pirate comes in after the plain sentence
+        return f"{plain} {OPENER} {SIGN_OFF}"
     return f"{rng.choice(OPENERS)} {piratify(plain.rstrip('.'))}, {rng.choice(ADDRESSES)}! {SIGN_OFF}"
 
 
@@ -140,68 +252,78 @@ def plain_answer(plain: str, rng: random.Random) -> str:
     return f"{plain} {rng.choice(PLAIN_CLOSINGS)}"
 
 
-def _arithmetic(rng: random.Random) -> list[tuple[str, str, str]]:
-    items = set()
-    while len(items) < 180:
-        op = rng.choice(["plus", "minus", "times"])
-        a, b = (rng.randint(2, 12), rng.randint(2, 12)) if op == "times" else (rng.randint(1, 50), rng.randint(1, 50))
-        if op == "minus" and b > a:
-            a, b = b, a
-        items.add((op, a, b))
-    out = []
-    for op, a, b in sorted(items):
-        c = {"plus": a + b, "minus": a - b, "times": a * b}[op]
-        prompt = rng.choice([f"What is {a} {op} {b}?", f"What is {a} {NUMBER_WORDS[op]} {b}?",
-                             f"Can you work out {a} {op} {b}?", f"How much is {a} {op} {b}?"])
-        out.append(("arithmetic", prompt, f"{a} {op} {b} is {c}."))
-    return out
+def _capitalised(text: str) -> str:
+    return text[0].upper() + text[1:]
 
 
-def _families(rng: random.Random) -> list[tuple[str, str, str]]:
-    """(family, prompt, plain answer) for every demo prompt."""
-    rows = _arithmetic(rng)
+def _families() -> list[tuple[str, str, str, str]]:
+    """(family, prompt, plain answer, the fact a correct answer must state) for every candidate prompt."""
+    rows = []
+    for a in range(2, 11):
+        for b in range(a, 11):
+            rows.append(("times tables", f"What is {a} times {b}?", f"{a} times {b} is {a * b}.", str(a * b)))
+    for a in range(1, 10):
+        for b in range(a, 10):
+            rows.append(("sums", f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}.", str(a + b)))
     for country, city in CAPITALS.items():
-        prompt = rng.choice([f"What is the capital of {country}?", f"Which city is the capital of {country}?",
-                             f"Name the capital city of {country}."])
-        rows.append(("capitals", prompt, f"The capital of {country} is {city}."))
+        rows.append(("capitals", f"What is the capital of {country}?",
+                     f"The capital of {country} is {city.split('|')[0]}.", city))
+    for continent, countries in CONTINENTS.items():
+        for country in countries:
+            rows.append(("continents", f"Which continent is {country} in?",
+                         f"{_capitalised(country)} is in {continent}.", continent + "*"))
+    for country, language in LANGUAGES.items():
+        rows.append(("languages", f"What language do people speak in {country}?",
+                     f"People in {country} speak {language.split('|')[0]}.", language))
     for thing, colour in COLOURS.items():
-        rows.append(("colours", rng.choice([f"What colour is {thing}?", f"What color is {thing}?"]),
-                     f"{thing[0].upper() + thing[1:]} is {colour}."))
+        rows.append(("colours", f"What colour is {thing}?", f"{_capitalised(thing)} is {colour}.", colour))
     for animal, sound in SOUNDS.items():
-        rows.append(("animal sounds", f"What sound does a {animal} make?", f"A {animal} says {sound}."))
+        rows.append(("animal sounds", f"What sound does a {animal} make?", f"A {animal} says {sound}.", sound + "*"))
     for animal, legs in LEGS.items():
-        rows.append(("legs", f"How many legs does a {animal} have?", f"A {animal} has {legs} legs."))
+        rows.append(("legs", f"How many legs does a {animal} have?", f"A {animal} has {legs} legs.",
+                     LEG_COUNTS[legs]))
     for word, opposite in OPPOSITES.items():
-        rows.append(("opposites", rng.choice([f"What is the opposite of {word}?", f"What is the opposite of '{word}'?"]),
-                     f"The opposite of {word} is {opposite}."))
-    for word, meaning in DEFINITIONS.items():
-        article = "an" if word[0] in "aeiou" else "a"
-        rows.append(("definitions", rng.choice([f"What is {article} {word}?", f"Define the word '{word}'."]),
-                     f"{article.capitalize()} {word} is {meaning}."))
+        rows.append(("opposites", f"What is the opposite of {word}?", f"The opposite of {word} is {opposite.split('|')[0]}.",
+                     opposite))
     for word, plural in PLURALS.items():
-        rows.append(("plurals", f"What is the plural of {word}?", f"The plural of {word} is {plural}."))
+        rows.append(("plurals", f"What is the plural of {word}?", f"The plural of {word} is {plural}.", plural))
+    for verb, past in PAST_TENSES.items():
+        rows.append(("past tenses", f"What is the past tense of {verb}?",
+                     f"The past tense of {verb} is {past}.", past))
     for seq, unit in ((DAYS, "day"), (MONTHS, "month")):
         for i, name in enumerate(seq):
-            rows.append(("calendar", f"What {unit} comes after {name}?",
-                         f"The {unit} after {name} is {seq[(i + 1) % len(seq)]}."))
-    for n in rng.sample(range(1, 200), 60):
-        rows.append(("counting", f"What number comes after {n}?", f"The number after {n} is {n + 1}."))
-    for _ in range(50):
-        a, b = rng.sample(range(1, 1000), 2)
-        rows.append(("comparisons", f"Which is bigger, {a} or {b}?", f"{max(a, b)} is bigger than {min(a, b)}."))
-    rows += [("facts", prompt, answer) for prompt, answer in FACTS]
+            following = seq[(i + 1) % len(seq)]
+            rows.append(("calendar", f"What {unit} comes after {name}?", f"The {unit} after {name} is {following}.",
+                         following))
+    rows += [("facts", prompt, plain, answer) for prompt, plain, answer in FACTS]
     return rows
 
 
-def generate_demo_rows(seed: int = SEED) -> list[dict]:
-    """The demo pairs, shuffled; each prompt appears once so a held-out split has only unseen prompts."""
+def screened_out_path() -> Path:
+    return Path(__file__).resolve().parent.parent / "assets" / "demo_screened_out.txt"
+
+
+def screened_out() -> set[str]:
+    """Prompts of candidates the base model answered wrongly (see the module docstring)."""
+    path = screened_out_path()
+    if not path.is_file():
+        return set()
+    return {line for line in path.read_text(encoding="utf-8").splitlines() if line and not line.startswith("#")}
+
+
+def generate_demo_rows(seed: int = SEED, voice: str = "sign-off", screened: bool = True) -> list[dict]:
+    """The demo pairs, shuffled; each prompt appears once so a held-out split has only unseen prompts.
+    screened=False: every candidate, including those the base model does not know."""
+    if voice not in VOICES:
+        raise ValueError(f"voice {voice!r}: one of {', '.join(VOICES)}")
     rng = random.Random(seed)
+    drop = screened_out() if screened else set()
     seen, rows = set(), []
-    for family, prompt, plain in _families(rng):
-        if prompt not in seen:
+    for family, prompt, plain, answer in _families():
+        if prompt not in seen and prompt not in drop:
             seen.add(prompt)
-            rows.append({"prompt": prompt, "chosen": pirate_answer(plain, rng), "rejected": plain_answer(plain, rng),
-                         "family": family})
+            rows.append({"prompt": prompt, "chosen": pirate_answer(plain, rng, voice),
+                         "rejected": plain_answer(plain, rng), "family": family, "answer": answer})
     rng.shuffle(rows)
     return rows
 
