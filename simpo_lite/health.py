@@ -120,8 +120,8 @@ def collapse_signs(record: dict, limits) -> list[str]:
     return signs
 
 
-ADVICE = ("lower train.learning_rate (the first thing the SimPO authors advise), add --set simpo.sft_weight=0.1 "
-          "or more, or train fewer steps; read the answers in samples.jsonl")
+ADVICE = ("lower train.learning_rate (what the SimPO authors advise first), raise simpo.sft_weight (the NLL term "
+          "on the chosen answers; the demo preset uses 1), or train fewer steps; read the answers in samples.jsonl")
 
 
 def summary_line(record: dict) -> str:

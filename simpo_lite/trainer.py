@@ -183,7 +183,7 @@ class Trainer:
         where = (f"the last healthy checkpoint is {healthy} (read its answers: simpo-lite generate {healthy} "
                  f"--prompts FILE --out answers.json)" if healthy else "no checkpoint was saved while the run was healthy")
         raise RunError(f"stopped at step {self.state.step} (train.on_collapse=stop): {signs[0]}; {where}; "
-                       f"this step's state is in {latest}. {health.ADVICE}")
+                       f"this step's state is in {latest}. Try: {health.ADVICE}")
 
     def save(self, rng: dict | None = None) -> Path | None:
         from accelerate.utils import gather_object

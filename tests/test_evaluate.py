@@ -99,7 +99,9 @@ def test_eval_of_a_run_uses_its_config_and_adapter(tmp_path, model_dir, pairs_fi
     from simpo_lite.evaluate import evaluate_command
 
     run = tiny_run_folder(tmp_path / "run", model_dir,
-                          sets=[f"data.source={pairs_file}", "data.eval_fraction=0.5", "simpo.beta=3.0"])
+                          # sft_weight 0: the independent reference computes the pure SimPO loss.
+                          sets=[f"data.source={pairs_file}", "data.eval_fraction=0.5", "simpo.beta=3.0",
+                                "simpo.sft_weight=0"])
     result = evaluate_command(str(run))
     assert result["beta"] == 3.0 and "4-bit NF4" in result["model"] and "adapter" in result["model"]
     _check(result, str(run), [], pipeline)
