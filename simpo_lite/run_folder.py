@@ -32,8 +32,8 @@ import torch
 from simpo_lite import sharding
 from simpo_lite.config import Config, save_config
 from simpo_lite.errors import UserError
-from simpo_lite.files import (append_line, check_safetensors, check_torch_file, missing_path, read_text, write_folder,
-                              write_json, write_text)
+from simpo_lite.files import (append_line, check_safetensors, check_torch_file, folder_size, missing_path, read_text,
+                              write_folder, write_json, write_text)
 
 CONFIG, METRICS, SAMPLES = "config.yaml", "metrics.jsonl", "samples.jsonl"
 ADAPTER, SUMMARY = "adapter", "summary.json"
@@ -203,9 +203,12 @@ def save_checkpoint(output_dir: Path, model, optimizer_state: dict, scheduler, s
         save_config(cfg, tmp / CONFIG)
         (tmp / TRAINER_STATE).write_text(json.dumps(asdict(state), indent=2))
 
+    # What it needs: as much as the last checkpoint took (the same tensors), else the tensors' bytes.
     weights = adapter_state if adapter_state is not None else _peft_state(model)
+    earlier = checkpoints(output_dir)
+    estimate = max(tensor_bytes([weights, optimizer_state]), folder_size(earlier[-1]) if earlier else 0)
     path = write_folder(Path(output_dir) / f"checkpoint-{state.step}", fill, what=f"checkpoint-{state.step}",
-                        estimate=tensor_bytes([weights, optimizer_state]))
+                        estimate=estimate)
     for old in checkpoints(output_dir)[:-keep]:
         if protect is None or old.resolve() != Path(protect).resolve():
             shutil.rmtree(old, ignore_errors=True)

@@ -131,5 +131,5 @@ class DataReport:
         skipped = sum(s.bad for s in self.sources)
         truncated = sum(s.truncated for s in self.sources)
         rules = ", ".join(f"{rule} {n}" for rule, n in sorted(self.dropped.items(), key=lambda kv: -kv[1]))
-        return (f"data: {self.train_pairs} train + {self.eval_pairs} eval pairs kept, {skipped} rows skipped by rule"
-                f"{f' ({rules})' if rules else ''}, {truncated} with the prompt truncated to data.max_prompt_length")
+        return (f"data: {self.train_pairs} train + {self.eval_pairs} eval pairs kept; skipped by rule: {skipped}"
+                f"{f' ({rules})' if rules else ''}; prompt truncated to data.max_prompt_length: {truncated}")
