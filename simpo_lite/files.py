@@ -28,7 +28,7 @@ from simpo_lite.errors import DiskFull, UserError
 
 DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 # Libraries that do not pass the OS error on (torch.save says 'unexpected pos' or 'iostream error'):
-# their failure counts as a full disk when less than this is left.
+# their I/O or runtime error counts as a full disk when less than this is left.
 LOW_SPACE = 1 << 20
 
 
@@ -54,7 +54,7 @@ def folder_size(path: Path) -> int:
 
 def is_disk_full(err: BaseException, where: Path) -> bool:
     """Whether `err` (or an error it was raised from) is a full disk or an exhausted quota."""
-    seen = 0
+    first, seen = err, 0
     while err is not None and seen < 10:
         if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
             return True
@@ -62,6 +62,8 @@ def is_disk_full(err: BaseException, where: Path) -> bool:
         if "No space left" in text or "os error 28" in text or "Disk quota exceeded" in text:
             return True
         err, seen = err.__cause__ or err.__context__, seen + 1
+    if not isinstance(first, (OSError, RuntimeError)):
+        return False  # the project's own errors and a library's value errors are never the disk
     free = free_bytes(where)
     return free is not None and free < LOW_SPACE
 
@@ -220,7 +222,7 @@ def check_safetensors(path: Path) -> str | None:
         with path.open("rb") as handle:
             (length,) = struct.unpack("<Q", handle.read(8))
             if 8 + length > size:
-                raise ValueError
+                return f"{path.name} is truncated ({size} bytes, less than its {8 + length}-byte header)"
             header = json.loads(handle.read(length))
         end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
     except (struct.error, ValueError, KeyError, TypeError, IndexError):

@@ -66,9 +66,9 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def resolve_model_source(name_or_path: str, need: str = "weights") -> str:
+def resolve_model_source(name_or_path: str, need: str = "config") -> str:
     """A bundled model name becomes its cached Hugging Face folder; a local folder is checked for what
-    loading it needs (`need`: "weights" or "tokenizer"); a Hub id passes through."""
+    loading it needs (`need`: "config", "weights" or "tokenizer"); a Hub id passes through."""
     if name_or_path not in BUNDLED_MODELS:
         if looks_like_local_path(name_or_path):
             check_model_folder(Path(name_or_path).expanduser(), name_or_path, need)
@@ -99,6 +99,8 @@ def check_model_folder(folder: Path, name: str, need: str) -> None:
     if need == "tokenizer":
         return  # some tokenizers need no files of their own: judged when loading fails (tokenizer_problem)
     _check_model_config(folder / "config.json", name)
+    if need != "weights":
+        return
     for index in WEIGHT_INDEXES:
         if (folder / index).is_file():
             try:
@@ -260,7 +262,7 @@ def load_base_model(model_cfg: ModelConfig, quantize: bool | None = None, dtype:
         kwargs["attn_implementation"] = model_cfg.attn_implementation
     if quantize:
         kwargs["quantization_config"] = quantization_config(model_cfg)
-    source = resolve_model_source(model_cfg.name_or_path)
+    source = resolve_model_source(model_cfg.name_or_path, need="weights")
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as err:

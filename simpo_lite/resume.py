@@ -76,9 +76,13 @@ def prepare_resume(cfg: Config, resume: str, say=_stderr) -> Path:
     check_resume_config(cfg, checkpoint, resume)
     for path, problem in damaged:
         aside = _set_aside(path)
-        say(f"{path} is damaged ({problem}); kept as {aside.name}")
+        say(f"{path} cannot be resumed from: {problem}; kept as {aside.name}")
     step = checkpoint_step(checkpoint)
     say(f"resuming from {checkpoint} (step {step}){', the newest intact checkpoint' if damaged else ''}")
+    before = load_saved_config(checkpoint / CONFIG).train.max_steps
+    if cfg.train.max_steps != before:
+        say(f"train.max_steps {before} -> {cfg.train.max_steps}: the learning-rate schedule is rebuilt for the "
+            f"new length and goes on from step {step}")
     return checkpoint
 
 
@@ -126,7 +130,9 @@ def check_resume_config(cfg: Config, checkpoint: Path, resume: str) -> None:
                "data.num_proc, data.max_bad_fraction and export.*")
     changes = config_changes(cfg, saved)
     if changes:
-        listed = ", ".join(f"{k} ({_short(a)} now, {_short(b)} in the checkpoint)" for k, a, b in changes)
+        listed = ", ".join(f"{k} ({_short(a)} now, {_short(b)} in the checkpoint)" for k, a, b in changes[:6])
+        if len(changes) > 6:
+            listed += f", and {len(changes) - 6} more: {', '.join(k for k, _, _ in changes[6:])}"
         raise UserError(f"--resume: {checkpoint} was trained with a different config: {listed}. Resume with the "
                         f"saved config: simpo-lite train --config {config} {flag} ({allowed}, e.g. --set "
                         f"train.max_steps={max(2 * step, 1)}); or start a new run in another --output-dir")

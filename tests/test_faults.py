@@ -268,7 +268,7 @@ def test_resume_passes_over_a_truncated_newest_checkpoint_and_keeps_it(tiny, ref
     assert "adapter_model.safetensors is truncated" in line and f"--resume {run / 'checkpoint-2'}" in line, line
     result = cli("train", "--config", str(config), "--resume")
     assert result.returncode == 0, result.stderr
-    assert "checkpoint-4 is damaged (adapter_model.safetensors is truncated" in result.stderr
+    assert "checkpoint-4 cannot be resumed from: adapter_model.safetensors is truncated" in result.stderr
     assert f"resuming from {run / 'checkpoint-2'} (step 2), the newest intact checkpoint" in result.stderr
     assert (run / "checkpoint-4.damaged" / "adapter_model.safetensors").read_bytes() == damaged
     assert train_losses(run) == pytest.approx(train_losses(reference), rel=1e-5, abs=1e-6)
@@ -414,3 +414,39 @@ def test_the_data_counts_line_names_kept_skipped_and_truncated(tmp_path):
     line = build_datasets(cfg, smollm2_tokenizer(), seed=0).report.counts_line()
     assert line.startswith("data: 9 train + 0 eval pairs kept; skipped by rule: 1 (")
     assert line.endswith("; prompt truncated to data.max_prompt_length: 1"), line
+
+
+def test_a_full_disk_while_replacing_a_folder_keeps_the_old_one(tmp_path):
+    target = tmp_path / "merged"
+    files.write_folder(target, lambda tmp: (tmp / "model.safetensors").write_bytes(b"old"))
+
+    def fill(tmp):
+        (tmp / "model.safetensors").write_bytes(b"new" * 1000)
+        _enospc()
+
+    with pytest.raises(DiskFull, match=r"writing the merged export .*needs more than 3.0 KB.*run the export again"):
+        files.write_folder(target, fill, what="the merged export", hint="run the export again")
+    assert (target / "model.safetensors").read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]
+
+
+def test_a_full_dataset_cache_is_one_line(tmp_path, monkeypatch):
+    import datasets
+
+    from simpo_lite.data.sources import load_source
+
+    path = tmp_path / "d.csv"
+    path.write_text("prompt,chosen,rejected\na,b,c\n")
+
+    def full(*args, **kwargs):
+        raise datasets.exceptions.DatasetGenerationError("An error occurred") from OSError(errno.ENOSPC, "full")
+
+    monkeypatch.setattr(datasets, "load_dataset", full)
+    with pytest.raises(DiskFull, match=r"writing the dataset cache .*HF_DATASETS_CACHE"):
+        load_source(str(path), None, "train")
+
+
+def test_errors_that_are_not_the_disk_pass_through(tmp_path):
+    with pytest.raises(ValueError, match="not the disk"):
+        with files.guard("x", tmp_path):
+            raise ValueError("not the disk")
