@@ -195,7 +195,8 @@ def check_utf8(path: Path, expects: str, name: str | None = None) -> None:
     if bad is None:
         return
     offset, line, byte = bad
-    head = Path(path).open("rb").read(2)
+    with Path(path).open("rb") as handle:
+        head = handle.read(2)
     looks = " (it looks like UTF-16)" if head in (b"\xff\xfe", b"\xfe\xff") else ""
     raise UserError(f"'{name or path}' is not UTF-8 text{looks}: byte 0x{byte:02x} at line {line} (byte offset "
                     f"{offset}); {expects}, in UTF-8: convert it, e.g. iconv -f latin1 -t utf-8 {path} > "

@@ -19,6 +19,7 @@ containers only go through ``torch.save``; loading uses ``weights_only=True``.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
@@ -31,7 +32,7 @@ import torch
 
 from simpo_lite import sharding
 from simpo_lite.config import Config, save_config
-from simpo_lite.errors import UserError
+from simpo_lite.errors import DiskFull, UserError
 from simpo_lite.files import (append_line, check_safetensors, check_torch_file, folder_size, missing_path, read_text,
                               write_folder, write_json, write_text)
 
@@ -67,9 +68,9 @@ def run_kind(path: Path) -> tuple[str, Path, Path] | None:
     if not (path / CONFIG).is_file():
         return None
     if (path / ADAPTER / "adapter_config.json").is_file():
-        return "run", path / CONFIG, path / ADAPTER
+        return "run", path / CONFIG, check_adapter(path / ADAPTER)
     if (path / "adapter_config.json").is_file():
-        return "checkpoint", path / CONFIG, path
+        return "checkpoint", path / CONFIG, check_adapter(path)
     raise UserError(f"'{path}' has a config.yaml but no adapter/: the run has not finished; use one of its "
                     f"checkpoint-N folders, or finish it with: simpo-lite train --config {path / CONFIG} --resume")
 
@@ -84,7 +85,17 @@ def finished_run(run: Path) -> Path:
     if not (run / ADAPTER / "adapter_config.json").is_file():
         raise UserError(f"'{run}' has no trained adapter (adapter/adapter_config.json): finish or resume the run "
                         f"with 'simpo-lite train --config {run / CONFIG} --resume'")
+    check_adapter(run / ADAPTER)
     return run
+
+
+def check_adapter(folder: Path) -> Path:
+    """`folder` if its adapter weights are whole; else a UserError naming the file and the way on."""
+    problem = check_safetensors(folder / "adapter_model.safetensors")
+    if problem:
+        raise UserError(f"adapter in '{folder}' cannot be used: {problem}; use one of the run's checkpoint-N "
+                        f"folders, or write it again: simpo-lite train --config {folder.parent / CONFIG} --resume")
+    return folder
 
 
 def read_summary(run: Path) -> dict | None:
@@ -281,6 +292,22 @@ def way_forward(output_dir: Path) -> str:
         return "no checkpoint was written yet: free space, then run the same command again"
     return (f"no checkpoint was written yet: free space, then start again with: "
             f"simpo-lite train --config {config} --overwrite")
+
+
+def names_way_forward(run):
+    """Decorates run(cfg, ...): a full disk inside the run folder names the intact checkpoint and the
+    command that goes on."""
+    @functools.wraps(run)
+    def wrapper(cfg: Config, *args, **kwargs):
+        try:
+            return run(cfg, *args, **kwargs)
+        except DiskFull as err:
+            output_dir = Path(cfg.train.output_dir).resolve()
+            if Path(err.path).resolve().is_relative_to(output_dir):
+                err.with_hint(way_forward(Path(cfg.train.output_dir)))
+            raise
+
+    return wrapper
 
 
 def run_summary(output_dir: Path, state: TrainerState, seconds: float, peak_mem_mb: float,

@@ -20,7 +20,7 @@ import torch
 
 from simpo_lite import health, run_folder, sharding
 from simpo_lite.config import Config, save_config
-from simpo_lite.errors import DiskFull, RunError
+from simpo_lite.errors import RunError
 from simpo_lite.progress import Progress, peak_memory_mb, print_summary
 from simpo_lite.resume import prepare_resume
 from simpo_lite.run_setup import RunParts, build_run_parts
@@ -274,6 +274,7 @@ class Trainer:
         return summary
 
 
+@run_folder.names_way_forward
 def run_training(cfg: Config, resume: str | None = None, overwrite: bool = False, quiet: bool = False) -> dict:
     """Train to the end (or resume), writing checkpoints, metrics.jsonl, the adapter and a summary."""
     output_dir = Path(cfg.train.output_dir)
@@ -281,20 +282,14 @@ def run_training(cfg: Config, resume: str | None = None, overwrite: bool = False
     _interrupt_on_sigterm()
     if quiet:
         _hide_library_progress_bars()
-    # Every check of a resume runs before anything in the run folder changes.
-    resume_path = prepare_resume(cfg, resume) if resume else None
-    try:
-        with warnings.catch_warnings():
-            # Deprecation chatter from transformers/peft internals says nothing the user can act on.
-            warnings.filterwarnings("ignore", category=FutureWarning)
-            parts = build_run_parts(cfg, resume_path, quiet)
-            if parts.accelerator.is_main_process:
-                save_config(cfg, output_dir / run_folder.CONFIG)
-            return Trainer(cfg, parts, quiet).fit()
-    except DiskFull as err:
-        if Path(err.path).resolve().is_relative_to(output_dir.resolve()):
-            err.with_hint(run_folder.way_forward(output_dir))
-        raise
+    resume_path = prepare_resume(cfg, resume) if resume else None  # checks before the folder changes
+    with warnings.catch_warnings():
+        # Deprecation chatter from transformers/peft internals says nothing the user can act on.
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        parts = build_run_parts(cfg, resume_path, quiet)
+        if parts.accelerator.is_main_process:
+            save_config(cfg, output_dir / run_folder.CONFIG)
+        return Trainer(cfg, parts, quiet).fit()
 
 
 def _interrupt_on_sigterm() -> None:

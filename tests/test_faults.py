@@ -450,3 +450,15 @@ def test_errors_that_are_not_the_disk_pass_through(tmp_path):
     with pytest.raises(ValueError, match="not the disk"):
         with files.guard("x", tmp_path):
             raise ValueError("not the disk")
+
+
+def test_a_truncated_final_adapter_is_named_by_export_and_eval(reference, tmp_path):
+    from simpo_lite.export import export_run
+    from simpo_lite.target import resolve_target
+
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    truncate(run / "adapter" / "adapter_model.safetensors")
+    for read in (lambda: export_run(run), lambda: resolve_target(str(run))):
+        with pytest.raises(UserError, match=r"adapter_model.safetensors is truncated.*checkpoint-N"):
+            read()
