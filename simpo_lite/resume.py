@@ -8,6 +8,7 @@ checkpoint is named, passed over for the newest intact one and kept (renamed), n
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -74,6 +75,8 @@ def prepare_resume(cfg: Config, resume: str, say=_stderr) -> Path:
     output_dir = Path(cfg.train.output_dir)
     checkpoint, damaged = find_checkpoint(output_dir, resume)
     check_resume_config(cfg, checkpoint, resume)
+    if os.environ.get("RANK", "0") != "0":
+        return checkpoint  # under torchrun the first process moves and tells, before any process saves
     for path, problem in damaged:
         aside = _set_aside(path)
         say(f"{path} cannot be resumed from: {problem}; kept as {aside.name}")
