@@ -19,7 +19,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from simpo_lite.errors import ConfigError, UserError
-from simpo_lite.files import write_text
+from simpo_lite.files import missing_path, read_text, write_text
 
 
 def _f(default: Any, help: str, *, ge: float | None = None, gt: float | None = None,
@@ -368,9 +368,9 @@ def preset_path(name: str) -> Path:
 
 def read_yaml(path: Path, what: str) -> Any:
     if not path.is_file():
-        raise UserError(f"{what} '{path}' not found: check the path")
+        raise UserError(missing_path(str(path), what))
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(read_text(path, f"a {what} is YAML text"))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -10,14 +10,15 @@ from simpo_lite.errors import UserError
 def evaluate_command(model_or_run: str, preset: str | None = None, config=None, data: str | None = None,
                      sets: list[str] | None = None, out=None) -> dict:
     """Metrics of a base model, a run's adapter or an exported model on an eval split."""
-    from simpo_lite.data import build_datasets, make_collator
     from simpo_lite.files import write_json
-    from simpo_lite.policy import ConcatenatedPolicy, evaluate_dataset
     from simpo_lite.target import load_target_model, load_target_tokenizer, model_device, resolve_target
 
     if out is not None and Path(out).suffix.lower() != ".json":
         raise UserError(f"--out '{out}' must end in .json")
     target = resolve_target(model_or_run, preset=preset, config=config, data=data, sets=sets)
+    from simpo_lite.data import build_datasets, make_collator  # torch and datasets: after the cheap checks
+    from simpo_lite.policy import ConcatenatedPolicy, evaluate_dataset
+
     cfg = target.cfg
     tokenizer = load_target_tokenizer(target)
     # The same seed, split and hold-out as training, so a run is scored on the pairs it was evaluated on.

@@ -16,7 +16,7 @@ from pathlib import Path
 from simpo_lite import hub, run_folder
 from simpo_lite.config import Config, resolve
 from simpo_lite.errors import UserError
-from simpo_lite.files import write_folder
+from simpo_lite.files import folder_size, write_folder
 
 
 @dataclass
@@ -54,14 +54,18 @@ def export_run(run_dir: Path, out: Path | None = None, dtype: str | None = None,
     result = ExportResult(out=target, adapter_only=adapter_only, dtype=None if adapter_only else dtype,
                           hub_repo=push_to_hub)
     summary = run_folder.read_summary(run)
+    kept = f"{target} is as it was before" if target.exists() else f"no {target} was made"
+    hint = f"free some space there (or choose another --out) and run the export again; {kept}"
     if adapter_only:
         if dtype_given:
             _say(f"--dtype {dtype} has no effect with --adapter-only: the adapter keeps its trained weights.")
-        write_folder(target, lambda tmp: _fill_adapter_only(tmp, run, cfg, summary, result))
+        write_folder(target, lambda tmp: _fill_adapter_only(tmp, run, cfg, summary, result),
+                     what="the adapter export", estimate=folder_size(run / run_folder.ADAPTER), hint=hint)
     else:
         from simpo_lite.merge import fill_merged
 
-        write_folder(target, lambda tmp: fill_merged(tmp, run, cfg, dtype, summary, result, say=_say))
+        write_folder(target, lambda tmp: fill_merged(tmp, run, cfg, dtype, summary, result, say=_say),
+                     what="the merged export", hint=hint)
     _say(f"exported to {target}")
     if push_to_hub:
         result.hub_url = hub.push_folder(target, push_to_hub, token, private=private or cfg.export.hub_private,

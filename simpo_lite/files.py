@@ -1,49 +1,156 @@
-"""Writing files so that a crash or a full disk never leaves a half-written one, and telling paths from ids.
+"""Reading and writing files so that a fault is one clear line and never a half-written file.
+
+Every writer of the project goes through `write_text`, `write_json`, `append_line` or `write_folder`:
+each writes through a temporary file or folder and renames it (readers see the old or the new
+version), and turns a full disk into `errors.DiskFull` (what was being written, how much it needs,
+the space left). `guard` gives the same to writers that cannot go through these (a library's cache).
+Readers of user files check them here too: `read_text`/`check_utf8` (text that is not UTF-8),
+`check_safetensors`/`check_torch_file` (truncated weights), `missing_path` (a mistyped path).
 
 Torch-free: the config layer uses it too.
 """
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+import errno
 import json
 import os
 import shutil
+import struct
 import tempfile
+import zipfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
+
+from simpo_lite.errors import DiskFull, UserError
+
+DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+# Libraries that do not pass the OS error on (torch.save says 'unexpected pos' or 'iostream error'):
+# their I/O or runtime error counts as a full disk when less than this is left.
+LOW_SPACE = 1 << 20
 
 
-def write_text(path: Path, text: str) -> Path:
-    """Write through a temporary file in the same folder and rename it: readers see the old or the new file."""
+# ---- a full disk --------------------------------------------------------------------------------
+
+def free_bytes(path: Path) -> int | None:
+    """Free space on the file system that holds `path` (or its nearest existing folder)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def folder_size(path: Path) -> int:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+def is_disk_full(err: BaseException, where: Path) -> bool:
+    """Whether `err` (or an error it was raised from) is a full disk or an exhausted quota."""
+    first, seen = err, 0
+    while err is not None and seen < 10:
+        if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
+            return True
+        text = str(err)
+        if "No space left" in text or "os error 28" in text or "Disk quota exceeded" in text:
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    if not isinstance(first, (OSError, RuntimeError)):
+        return False  # the project's own errors and a library's value errors are never the disk
+    free = free_bytes(where)
+    return free is not None and free < LOW_SPACE
+
+
+@contextlib.contextmanager
+def guard(what: str, where: Path, needed: int | Callable[[], int] | None = None,
+          estimate: int | None = None, hint: str | None = None) -> Iterator[None]:
+    """Turn a full disk inside the block into DiskFull. `needed`: bytes the write had reached (or a
+    function giving them at the moment of failure); `estimate`: what the whole write needs, if known."""
+    try:
+        yield
+    except DiskFull:
+        raise
+    except Exception as err:
+        if not is_disk_full(err, where):
+            raise
+        written = (needed() if callable(needed) else needed) or 0
+        size = max(written, estimate or 0)
+        raise DiskFull(what, where, size or None, more_than=not estimate or written > estimate,
+                       free=free_bytes(where), hint=hint) from err
+
+
+# ---- writers ------------------------------------------------------------------------------------
+
+def write_file(path: Path, fill: Callable[[Path], None], what: str | None = None,
+               estimate: int | None = None) -> Path:
+    """fill(tmp) writes the file (any library's writer), which is then renamed to `path`: readers see
+    the old or the new file, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with guard(what or path.name, path, needed=lambda: folder_size(tmp), estimate=estimate):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fill(tmp)
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return path
 
 
-def write_json(path: Path, value: Any) -> Path:
-    return write_text(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+def write_text(path: Path, text: str, what: str | None = None) -> Path:
+    data = text.encode("utf-8")
+    return write_file(path, lambda tmp: tmp.write_bytes(data), what, estimate=len(data))
 
 
-def write_folder(target: Path, fill: Callable[[Path], None]) -> Path:
+def write_json(path: Path, value: Any, what: str | None = None) -> Path:
+    return write_text(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n", what)
+
+
+def append_line(path: Path, line: str, what: str | None = None) -> None:
+    """Append one line; a write that fails is cut back off, so the file keeps only whole lines."""
+    path = Path(path)
+    data = (line.rstrip("\n") + "\n").encode("utf-8")
+    with guard(what or path.name, path, estimate=len(data)):
+        with path.open("ab") as handle:
+            start = handle.tell()
+            try:
+                handle.write(data)
+                handle.flush()
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    handle.truncate(start)
+                raise
+
+
+def write_folder(target: Path, fill: Callable[[Path], None], what: str | None = None,
+                 estimate: int | None = None, hint: str | None = None) -> Path:
     """Build a folder with fill(tmp) and rename it to target, so a failure leaves no partial target
-    (and an existing target stays as it was until the new one is complete)."""
+    (and an existing target stays as it was until the new one is complete). `estimate`: the bytes
+    it will take, and `hint`: the way forward, for the message when the disk fills up."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    with guard(what or target.name, target, estimate=estimate, hint=hint):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        fill(tmp)
-        _apply_umask(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
+        with guard(what or target.name, target, needed=lambda: folder_size(tmp), estimate=estimate, hint=hint):
+            fill(tmp)
+            _apply_umask(tmp)
+            if target.exists():
+                old = target.with_name(f".{target.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                target.rename(old)
+                tmp.rename(target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -59,9 +166,114 @@ def _apply_umask(folder: Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
+# ---- readers ------------------------------------------------------------------------------------
+
+def first_non_utf8(path: Path) -> tuple[int, int, int] | None:
+    """(byte offset, line, byte) of the first byte of `path` that is not UTF-8 text; None if all is."""
+    offset, line, carry = 0, 1, b""
+    with Path(path).open("rb") as handle:
+        while True:
+            chunk = handle.read(1 << 22)
+            data = carry + chunk
+            if not data:
+                return None
+            try:
+                data.decode("utf-8")
+                good, carry = len(data), b""
+            except UnicodeDecodeError as err:
+                if chunk and err.reason == "unexpected end of data" and err.end == len(data):
+                    good, carry = err.start, data[err.start:]  # a character split by the chunk boundary
+                else:
+                    return offset + err.start, line + data[:err.start].count(b"\n"), data[err.start]
+            line += data[:good].count(b"\n")
+            offset += good
+
+
+def check_utf8(path: Path, expects: str, name: str | None = None) -> None:
+    """UserError naming the line and byte offset where `path` stops being UTF-8 text."""
+    bad = first_non_utf8(path)
+    if bad is None:
+        return
+    offset, line, byte = bad
+    with Path(path).open("rb") as handle:
+        head = handle.read(2)
+    looks = " (it looks like UTF-16)" if head in (b"\xff\xfe", b"\xfe\xff") else ""
+    raise UserError(f"'{name or path}' is not UTF-8 text{looks}: byte 0x{byte:02x} at line {line} (byte offset "
+                    f"{offset}); {expects}, in UTF-8: convert it, e.g. iconv -f latin1 -t utf-8 {path} > "
+                    f"{Path(path).stem}.utf8{Path(path).suffix}")
+
+
+def read_text(path: Path, expects: str, name: str | None = None) -> str:
+    """A user's text file; one line naming where it is not UTF-8 instead of a UnicodeDecodeError."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        check_utf8(path, expects, name)
+        raise
+
+
+def check_safetensors(path: Path) -> str | None:
+    """What is wrong with a safetensors file (missing, truncated, a broken header); None when whole.
+    Reads only the header: its offsets say how long the file must be."""
+    path = Path(path)
+    if not path.is_file():
+        return f"{path.name} is missing"
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if 8 + length > size:
+                return f"{path.name} is truncated ({size} bytes, less than its {8 + length}-byte header)"
+            header = json.loads(handle.read(length))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (struct.error, ValueError, KeyError, TypeError, IndexError):
+        return f"{path.name} is damaged ({size} bytes, its header is unreadable)"
+    if 8 + length + end > size:
+        return f"{path.name} is truncated ({size} of {8 + length + end} bytes)"
+    return None
+
+
+def check_torch_file(path: Path) -> str | None:
+    """What is wrong with a torch.save file (a zip archive): missing, truncated or not an archive."""
+    path = Path(path)
+    if not path.is_file():
+        return f"{path.name} is missing"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            size = path.stat().st_size
+            if any(i.header_offset + i.compress_size > size for i in archive.infolist()):
+                raise zipfile.BadZipFile
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return f"{path.name} is damaged or truncated ({path.stat().st_size} bytes)"
+    return None
+
+
+# ---- paths --------------------------------------------------------------------------------------
+
 def looks_like_local_path(name: str, suffixes: tuple[str, ...] = ()) -> bool:
     """Whether a name given for a model or dataset means a local file or folder rather than a Hub id:
-    it exists, starts like a path, or ends in one of `suffixes` (data files). Hub ids are never tried
+    it exists, starts like a path, has more parts than a Hub id's 'owner/name', its first part is a
+    local folder (`runs/...`), or it ends in one of `suffixes` (data files). Hub ids are never tried
     for these, so a mistyped path is 'not found' at once instead of a network lookup."""
-    return (name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
-            or (bool(suffixes) and Path(name).suffix.lower() in suffixes))
+    path = Path(name).expanduser()
+    parts = name.replace("\\", "/").strip("/").split("/")
+    return (name.startswith((".", "/", "~")) or "\\" in name or path.exists() or len(parts) > 2
+            or (len(parts) == 2 and Path(parts[0]).is_dir())
+            or (bool(suffixes) and path.suffix.lower() in suffixes))
+
+
+def missing_path(name: str, what: str, how: str = "check the path") -> str:
+    """"<what> 'X' not found", suggesting the existing name nearest to its first missing part."""
+    path = Path(name).expanduser()
+    missing, parent = path, path.parent
+    while not parent.exists() and parent != parent.parent:
+        missing, parent = parent, parent.parent
+    if parent.is_dir():
+        try:
+            names = [p.name for p in parent.iterdir() if not p.name.startswith(".")]
+        except OSError:
+            names = []
+        close = difflib.get_close_matches(missing.name, names, n=1, cutoff=0.6)
+        if close:
+            return f"{what} '{name}' not found; did you mean '{parent / close[0] / path.relative_to(missing)}'?"
+    return f"{what} '{name}' not found; {how}"

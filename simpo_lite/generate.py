@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from simpo_lite.errors import UserError
-from simpo_lite.files import write_json
+from simpo_lite.files import missing_path, read_text, write_json
 
 
 def _prompt_text(item, where: str) -> str:
@@ -34,8 +34,8 @@ def read_prompts(path: Path) -> list[dict]:
     """[{instruction, and 'dataset' when given}] from a JSON list or a JSON-lines file."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"--prompts '{path}' not found: give a JSON list or JSON-lines file of prompts")
-    text = path.read_text(encoding="utf-8")
+        raise UserError(missing_path(str(path), "--prompts", "give a JSON list or JSON-lines file of prompts"))
+    text = read_text(path, "--prompts takes a JSON list or a JSON-lines file of prompts", f"--prompts {path}")
     try:
         if path.suffix.lower() == ".jsonl":
             items = [(f"{path} line {i}", json.loads(line)) for i, line in enumerate(text.splitlines(), 1) if line.strip()]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from simpo_lite.config import Config
 from simpo_lite.errors import UserError, first_line
-from simpo_lite.files import looks_like_local_path
+from simpo_lite.files import looks_like_local_path, write_text
 
 # The bundled models' Hub ids, for the card's base_model and the adapter's base_model_name_or_path
 # (the run itself only knows the local folder the bundled GGUF was converted into).
@@ -139,11 +139,11 @@ def rewrite_adapter_base(adapter_config: Path, name_or_path: str) -> None:
         return
     data = json.loads(adapter_config.read_text())
     data["base_model_name_or_path"] = hub_id
-    adapter_config.write_text(json.dumps(data, indent=2) + "\n")
+    write_text(adapter_config, json.dumps(data, indent=2) + "\n")
 
 
 def write_model_card(folder: Path, cfg: Config, summary: dict | None, result) -> None:
     from simpo_lite.card import render_card
 
-    (folder / "README.md").write_text(render_card(cfg, summary, result, hub_base_model(cfg.model.name_or_path),
-                                                  hub_datasets(cfg)))
+    write_text(folder / "README.md", render_card(cfg, summary, result, hub_base_model(cfg.model.name_or_path),
+                                                 hub_datasets(cfg)))

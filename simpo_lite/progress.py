@@ -84,6 +84,8 @@ def print_summary(summary: dict, output_dir: Path) -> None:
             table.add_row(key, fmt(start.get(key)), fmt(end.get(key)))
     table.add_row("steps", "", str(summary["steps"]))
     table.add_row("train time", "", f"{summary['train_seconds']:.0f} s")
+    if summary.get("resumed_from"):
+        table.add_row("resumed from", "", str(summary["resumed_from"]))
     table.add_row("peak memory", "", f"{summary['peak_mem_mb']:.0f} MB")
     console = Console(stderr=True)
     console.print(table)

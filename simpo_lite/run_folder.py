@@ -9,18 +9,21 @@
       adapter/           the final LoRA adapter and tokenizer
       summary.json       start and end evaluation, steps, time, peak memory
 
-Every folder is written to a temporary folder and renamed, every file through a temporary file, so a
-crash or a full disk leaves the previous checkpoint intact. Tensors and plain containers only go
-through ``torch.save``; loading uses ``weights_only=True``.
+Every folder is written to a temporary folder and renamed, every file through a temporary file
+(simpo_lite.files), so a crash or a full disk leaves the previous checkpoint intact, and a full disk is
+one line naming the intact checkpoint and the resume command (`way_forward`). Tensors and plain
+containers only go through ``torch.save``; loading uses ``weights_only=True``.
+
+`checkpoint_problem` checks a checkpoint's files before a resume (simpo_lite.resume) uses it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
 import shutil
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,14 +31,17 @@ import numpy as np
 import torch
 
 from simpo_lite import sharding
-from simpo_lite.config import Config, load_saved_config, save_config
-from simpo_lite.errors import UserError
-from simpo_lite.files import write_folder, write_json
+from simpo_lite.config import Config, save_config
+from simpo_lite.errors import DiskFull, UserError
+from simpo_lite.files import (append_line, check_safetensors, check_torch_file, folder_size, missing_path, read_text,
+                              write_folder, write_json, write_text)
 
 CONFIG, METRICS, SAMPLES = "config.yaml", "metrics.jsonl", "samples.jsonl"
 ADAPTER, SUMMARY = "adapter", "summary.json"
 TRAINER_STATE = "trainer_state.json"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+CHECKPOINT_FILES = ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt",
+                    "rng_state_0.pt", TRAINER_STATE, CONFIG)
 # What --overwrite removes: everything a run writes, the temporary folders of interrupted writes included.
 ARTIFACTS = ("checkpoint-*", ADAPTER, METRICS, SAMPLES, CONFIG, SUMMARY, ".checkpoint-*", f".{ADAPTER}.tmp-*")
 
@@ -62,9 +68,9 @@ def run_kind(path: Path) -> tuple[str, Path, Path] | None:
     if not (path / CONFIG).is_file():
         return None
     if (path / ADAPTER / "adapter_config.json").is_file():
-        return "run", path / CONFIG, path / ADAPTER
+        return "run", path / CONFIG, check_adapter(path / ADAPTER)
     if (path / "adapter_config.json").is_file():
-        return "checkpoint", path / CONFIG, path
+        return "checkpoint", path / CONFIG, check_adapter(path)
     raise UserError(f"'{path}' has a config.yaml but no adapter/: the run has not finished; use one of its "
                     f"checkpoint-N folders, or finish it with: simpo-lite train --config {path / CONFIG} --resume")
 
@@ -72,26 +78,36 @@ def run_kind(path: Path) -> tuple[str, Path, Path] | None:
 def finished_run(run: Path) -> Path:
     """`run` if it is a finished run folder (config.yaml and the final adapter); else a UserError."""
     if not run.is_dir():
-        raise UserError(f"run folder '{run}' not found: give the output_dir of a 'simpo-lite train' run")
+        raise UserError(missing_path(str(run), "run folder", "give the output_dir of a 'simpo-lite train' run"))
     if not (run / CONFIG).is_file():
         raise UserError(f"'{run}' has no config.yaml, so it is not a simpo-lite run folder: "
                         f"give the output_dir of a 'simpo-lite train' run")
     if not (run / ADAPTER / "adapter_config.json").is_file():
         raise UserError(f"'{run}' has no trained adapter (adapter/adapter_config.json): finish or resume the run "
                         f"with 'simpo-lite train --config {run / CONFIG} --resume'")
+    check_adapter(run / ADAPTER)
     return run
+
+
+def check_adapter(folder: Path) -> Path:
+    """`folder` if its adapter weights are whole; else a UserError naming the file and the way on."""
+    problem = check_safetensors(folder / "adapter_model.safetensors")
+    if problem:
+        raise UserError(f"adapter in '{folder}' cannot be used: {problem}; use one of the run's checkpoint-N "
+                        f"folders, or write it again: simpo-lite train --config {folder.parent / CONFIG} --resume")
+    return folder
 
 
 def read_summary(run: Path) -> dict | None:
     path = Path(run) / SUMMARY
     try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except json.JSONDecodeError:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError: a damaged summary is no summary
         return None
 
 
 def write_summary(run: Path, summary: dict) -> dict:
-    write_json(Path(run) / SUMMARY, summary)
+    write_json(Path(run) / SUMMARY, summary, what=SUMMARY)
     return summary
 
 
@@ -100,7 +116,8 @@ def read_metrics(path: Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         return []
-    lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    text = read_text(path, "metrics.jsonl holds one JSON object per line")
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     records = []
     for i, (n, line) in enumerate(lines):
         try:
@@ -121,11 +138,10 @@ class JsonLines:
             # Lines after the checkpoint come back on resume; an eval at its step ran before the save
             # and does not run again.
             kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept), what=self.path.name)
 
     def write(self, record: dict) -> None:
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        append_line(self.path, json.dumps(record), what=self.path.name)
 
 
 # ---- checkpoints --------------------------------------------------------------------------------
@@ -136,6 +152,7 @@ class TrainerState:
     epoch: int                # epoch the next micro-batch comes from
     batch_in_epoch: int       # micro-batches of that epoch already consumed (all processes together)
     skipped_steps: int = 0    # steps dropped by the non-finite guard
+    train_seconds: float = 0.0  # wall time of the run up to this checkpoint, earlier resumed parts included
 
 
 def rng_state() -> dict:
@@ -197,7 +214,12 @@ def save_checkpoint(output_dir: Path, model, optimizer_state: dict, scheduler, s
         save_config(cfg, tmp / CONFIG)
         (tmp / TRAINER_STATE).write_text(json.dumps(asdict(state), indent=2))
 
-    path = write_folder(Path(output_dir) / f"checkpoint-{state.step}", fill)
+    # What it needs: as much as the last checkpoint took (the same tensors), else the tensors' bytes.
+    weights = adapter_state if adapter_state is not None else _peft_state(model)
+    earlier = checkpoints(output_dir)
+    estimate = max(tensor_bytes([weights, optimizer_state]), folder_size(earlier[-1]) if earlier else 0)
+    path = write_folder(Path(output_dir) / f"checkpoint-{state.step}", fill, what=f"checkpoint-{state.step}",
+                        estimate=estimate)
     for old in checkpoints(output_dir)[:-keep]:
         if protect is None or old.resolve() != Path(protect).resolve():
             shutil.rmtree(old, ignore_errors=True)
@@ -210,63 +232,90 @@ def save_final_adapter(output_dir: Path, model, tokenizer, adapter_state: dict |
         sharding.save_adapter(model, tmp, adapter_state)
         tokenizer.save_pretrained(tmp)
 
-    return write_folder(Path(output_dir) / ADAPTER, fill)
+    weights = adapter_state if adapter_state is not None else _peft_state(model)
+    return write_folder(Path(output_dir) / ADAPTER, fill, what="the final adapter", estimate=tensor_bytes(weights))
 
 
-def _load_torch(path: Path):
-    return torch.load(path, map_location="cpu", weights_only=True)
+def _peft_state(model) -> dict:
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model)
 
 
-# ---- resume, in the order a resumed run does it ---------------------------------------------
-
-def find_checkpoint(output_dir: Path, resume: str) -> Path:
-    """'latest' means the newest complete checkpoint in output_dir; anything else is a folder path."""
-    if resume == "latest":
-        found = checkpoints(output_dir)
-        if not found:
-            raise UserError(f"--resume: no checkpoint in '{output_dir}'; start without --resume or give a checkpoint folder")
-        return found[-1]
-    path = Path(resume)
-    if not (path / TRAINER_STATE).is_file():
-        raise UserError(f"--resume: '{resume}' is not a simpo-lite checkpoint (no {TRAINER_STATE}); "
-                        f"use 'latest' or a checkpoint-N folder")
-    return path
+def tensor_bytes(value) -> int:
+    """Bytes of the tensors in nested dicts and lists: about what torch.save / safetensors write."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
 
 
-def warn_config_drift(cfg: Config, checkpoint: Path) -> None:
-    saved = load_saved_config(checkpoint / CONFIG).to_dict()
-    now = cfg.to_dict()
-    changed = [f"{section}.{key}" for section in now for key in now[section]
-               if now[section][key] != saved[section][key] and key not in ("max_steps", "output_dir")]
-    if changed:
-        warnings.warn(f"resuming {checkpoint} with settings that differ from its saved config: "
-                      f"{', '.join(changed)}", stacklevel=2)
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """What makes a checkpoint unusable (a missing, truncated or unreadable file); None when it is whole."""
+    checkpoint = Path(checkpoint)
+    for name in CHECKPOINT_FILES:
+        if not (checkpoint / name).is_file():
+            return f"{name} is missing"
+    problem = check_safetensors(checkpoint / "adapter_model.safetensors")
+    for file in sorted(checkpoint.glob("*.pt")):
+        problem = problem or check_torch_file(file)
+    for name in (TRAINER_STATE, "adapter_config.json"):
+        try:
+            json.loads((checkpoint / name).read_text(encoding="utf-8"))
+        except (ValueError, OSError):
+            problem = problem or f"{name} is damaged (not JSON)"
+    return problem
 
 
-def load_adapter_weights(model, checkpoint: Path) -> None:
-    """The checkpoint's adapter into the fresh peft model, before any wrapping (FSDP shards it after)."""
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    file = checkpoint / "adapter_model.safetensors"
-    if not file.is_file():
-        raise UserError(f"--resume: {checkpoint} has no adapter_model.safetensors; it is not a complete checkpoint")
-    saved = load_file(str(file))
-    # A file without some of the adapter's weights would load "successfully" and silently restart them.
-    missing = set(get_peft_model_state_dict(model)) - set(saved)
-    result = set_peft_model_state_dict(model, saved)
-    if missing or getattr(result, "unexpected_keys", None):
-        raise UserError(f"--resume: adapter weights in {checkpoint} do not fit this model/LoRA config "
-                        f"({len(missing)} missing, {len(getattr(result, 'unexpected_keys', []))} unexpected)")
+def checkpoint_step(checkpoint: Path) -> int:
+    return json.loads((Path(checkpoint) / TRAINER_STATE).read_text())["step"]
 
 
-def restore_training_state(checkpoint: Path, acc, policy, optimizer, scheduler) -> tuple[TrainerState, dict]:
-    """Optimizer and scheduler state into the prepared objects; (data position, this process's RNG state)."""
-    sharding.load_optimizer_state(acc, policy, optimizer, _load_torch(checkpoint / "optimizer.pt"), checkpoint)
-    scheduler.load_state_dict(_load_torch(checkpoint / "scheduler.pt"))
-    state = TrainerState(**json.loads((checkpoint / TRAINER_STATE).read_text()))
-    rng_file = checkpoint / f"rng_state_{acc.process_index}.pt"
-    if not rng_file.is_file():
-        raise UserError(f"--resume: {checkpoint} was written by fewer processes than this run has "
-                        f"({acc.num_processes}); resume with the same number of processes")
-    return state, _load_torch(rng_file)
+def newest_intact(output_dir: Path) -> Path | None:
+    return next((p for p in reversed(checkpoints(output_dir)) if checkpoint_problem(p) is None), None)
+
+
+# ---- after a fault, and at the end -------------------------------------------------------------
+
+def way_forward(output_dir: Path) -> str:
+    """After a fault in the run folder: which checkpoint is intact and the command that goes on."""
+    output_dir = Path(output_dir)
+    config = output_dir / CONFIG
+    intact = newest_intact(output_dir)
+    if intact is not None:
+        return (f"{intact} (step {checkpoint_step(intact)}) is intact: free space, then continue with: "
+                f"simpo-lite train --config {config} --resume")
+    if not config.is_file():
+        return "no checkpoint was written yet: free space, then run the same command again"
+    return (f"no checkpoint was written yet: free space, then start again with: "
+            f"simpo-lite train --config {config} --overwrite")
+
+
+def names_way_forward(run):
+    """Decorates run(cfg, ...): a full disk inside the run folder names the intact checkpoint and the
+    command that goes on."""
+    @functools.wraps(run)
+    def wrapper(cfg: Config, *args, **kwargs):
+        try:
+            return run(cfg, *args, **kwargs)
+        except DiskFull as err:
+            output_dir = Path(cfg.train.output_dir).resolve()
+            if Path(err.path).resolve().is_relative_to(output_dir):
+                err.with_hint(way_forward(Path(cfg.train.output_dir)))
+            raise
+
+    return wrapper
+
+
+def run_summary(output_dir: Path, state: TrainerState, seconds: float, peak_mem_mb: float,
+                first_eval: dict | None, last_eval: dict | None, resumed_from: Path | None) -> dict:
+    """summary.json of a run; a resumed run takes its start from metrics.jsonl and keeps its earlier time."""
+    evals = [r for r in read_metrics(Path(output_dir) / METRICS) if "eval_loss" in r and r["step"] <= state.step]
+    start = first_eval or next((r for r in evals if r["step"] == 0), None)
+    end = last_eval or (evals[-1] if evals else None)
+    return {"steps": state.step, "skipped_steps": state.skipped_steps, "train_seconds": seconds,
+            "peak_mem_mb": peak_mem_mb, "start_eval": start, "end_eval": end,
+            "resumed_from": str(resumed_from) if resumed_from else None}

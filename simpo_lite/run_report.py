@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 from simpo_lite.errors import UserError
+from simpo_lite.files import write_file
 from simpo_lite import run_folder
 
 # (title, [(metric, label)]); train metrics are plotted as lines, their eval_ twins as markers.
@@ -111,8 +112,7 @@ def plot(train: list[dict], evals: list[dict], out: Path, title: str) -> Path:
         else:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="grey")
     fig.suptitle(title, fontsize=13)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    write_file(out, lambda tmp: fig.savefig(tmp, dpi=110, format=out.suffix.lstrip(".") or "png"), what="the report plot")
     plt.close(fig)
     return out
 

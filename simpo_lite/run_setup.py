@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import torch
 
-from simpo_lite import run_folder, sharding
+from simpo_lite import resume, run_folder, sharding
 from simpo_lite.config import Config
 from simpo_lite.errors import UserError
 
@@ -138,7 +138,7 @@ def build_policy(cfg: Config, acc, resume_path: Path | None, sample_ids: list[in
     model = reuse.base.load_model(cfg) if reuse else load_model(cfg)
     check_log_probs(model, sample_ids)
     if resume_path:
-        run_folder.load_adapter_weights(model, resume_path)
+        resume.load_adapter_weights(model, resume_path)
     if sharding.uses_fsdp(acc):
         sharding.wrap_lora_separately(acc, model)
     policy = ConcatenatedPolicy(model, cfg.simpo.logp_chunk_tokens, cfg.simpo.pack_prompt)
@@ -174,12 +174,10 @@ def build_run_parts(cfg: Config, resume_path: Path | None, quiet: bool, reuse: R
     acc = make_accelerator(cfg)
     sharding.check_fsdp_setup(acc, cfg.model)
     set_seed(cfg.train.seed)
-    if resume_path:
-        run_folder.warn_config_drift(cfg, resume_path)
     tokenizer = load_tokenizer(cfg.model)
     prepared = reuse.data(cfg, tokenizer, acc) if reuse else load_data(cfg, tokenizer, acc)
-    if acc.is_main_process and not quiet:
-        print(prepared.report.summary(), flush=True)
+    if acc.is_main_process:
+        print(prepared.report.counts_line() if quiet else prepared.report.summary(), flush=True)
     batches_for_epoch = batch_order(cfg, prepared.train, acc.num_processes)
     policy, trainable = build_policy(cfg, acc, resume_path, prepared.train[0]["chosen_input_ids"], reuse)
     optimizer = acc.prepare_optimizer(build_optimizer(trainable, cfg.train))
@@ -188,7 +186,7 @@ def build_run_parts(cfg: Config, resume_path: Path | None, quiet: bool, reuse: R
     scheduler = build_scheduler(optimizer, cfg.train, total)
     state, resume_rng = run_folder.TrainerState(step=0, epoch=0, batch_in_epoch=0), None
     if resume_path:
-        state, resume_rng = run_folder.restore_training_state(resume_path, acc, policy, optimizer, scheduler)
+        state, resume_rng = resume.restore_training_state(resume_path, acc, policy, optimizer, scheduler)
     collate = make_collator(tokenizer.pad_token_id, cfg.simpo.pack_prompt)
     return RunParts(acc, tokenizer, prepared.train, prepared.eval, collate, batches_for_epoch, policy, optimizer,
                     scheduler, total, trainable, state, resume_path, resume_rng)

@@ -17,7 +17,7 @@ from typing import Optional
 from simpo_lite import config as cfgmod
 from simpo_lite.config import Config
 from simpo_lite.errors import UserError
-from simpo_lite.files import looks_like_local_path
+from simpo_lite.files import looks_like_local_path, missing_path
 
 
 @dataclass
@@ -56,8 +56,9 @@ def classify(name: str) -> tuple[str, Optional[Path], Optional[Path]]:
             return "folder", None, None
         raise UserError(f"'{name}' is neither a run folder (config.yaml + adapter/) nor a model folder "
                         f"(config.json): check the path")
-    if looks_like_local_path(name):
-        raise UserError(f"'{name}' not found: give a run folder, a model folder, a Hub id or 'smollm2-135m-instruct'")
+    if looks_like_local_path(name):  # never looked up on the Hub: a mistyped path fails at once
+        raise UserError(missing_path(name, "model or run", "give a run folder, a model folder, a Hub id or "
+                                                           "'smollm2-135m-instruct'"))
     return "hub", None, None
 
 

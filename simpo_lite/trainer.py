@@ -22,6 +22,7 @@ from simpo_lite import health, run_folder, sharding
 from simpo_lite.config import Config, save_config
 from simpo_lite.errors import RunError
 from simpo_lite.progress import Progress, peak_memory_mb, print_summary
+from simpo_lite.resume import prepare_resume
 from simpo_lite.run_setup import RunParts, build_run_parts
 
 
@@ -189,6 +190,7 @@ class Trainer:
         from accelerate.utils import gather_object
 
         rng = rng or run_folder.rng_state()
+        self.state.train_seconds = self.train_seconds()
         rngs = gather_object([rng]) if self.world > 1 else [rng]
         adapter_state = sharding.full_adapter_state(self.acc, self.parts.policy)
         optimizer_state = sharding.optimizer_state(self.acc, self.parts.policy, self.parts.optimizer)
@@ -200,6 +202,10 @@ class Trainer:
             self.health.saved(path)
         self.acc.wait_for_everyone()
         return path
+
+    def train_seconds(self) -> float:
+        """This run's time so far, the parts before earlier resumes included."""
+        return self.seconds_before + time.perf_counter() - self.started
 
     def _health_prompts(self):
         if self.cfg.train.health_prompts and sharding.uses_fsdp(self.acc):
@@ -222,7 +228,7 @@ class Trainer:
         previous_evals = [r for r in run_folder.read_metrics(self.metrics.path) if "eval_loss" in r]
         self.progress = Progress(total, self.state.step, self.quiet, enabled=self.acc.is_main_process)
         self.health = health.HealthMonitor(self._health_prompts(), train_cfg, previous_evals)
-        started = time.perf_counter()
+        self.started, self.seconds_before = time.perf_counter(), self.state.train_seconds
         first_eval = None if resumed else self.evaluate()
         last_eval = first_eval
         self.parts.policy.train()
@@ -253,11 +259,11 @@ class Trainer:
                            exit_code=130) from None
         finally:
             self.progress.close()
-        return self.finish(first_eval, last_eval, time.perf_counter() - started)
+        return self.finish(first_eval, last_eval, self.train_seconds())
 
     def finish(self, first_eval: dict | None, last_eval: dict | None, seconds: float) -> dict:
-        summary = {"steps": self.state.step, "skipped_steps": self.state.skipped_steps, "train_seconds": seconds,
-                   "peak_mem_mb": peak_memory_mb(), "start_eval": first_eval, "end_eval": last_eval}
+        summary = run_folder.run_summary(self.output_dir, self.state, seconds, peak_memory_mb(), first_eval, last_eval,
+                                         self.parts.resumed_from)
         adapter_state = sharding.full_adapter_state(self.acc, self.parts.policy)
         if self.acc.is_main_process:
             run_folder.save_final_adapter(self.output_dir, self._peft_model(), self.parts.tokenizer, adapter_state)
@@ -268,6 +274,7 @@ class Trainer:
         return summary
 
 
+@run_folder.names_way_forward
 def run_training(cfg: Config, resume: str | None = None, overwrite: bool = False, quiet: bool = False,
                  reuse=None) -> dict:
     """Train to the end (or resume), writing checkpoints, metrics.jsonl, the adapter and a summary.
@@ -277,7 +284,7 @@ def run_training(cfg: Config, resume: str | None = None, overwrite: bool = False
     _interrupt_on_sigterm()
     if quiet:
         _hide_library_progress_bars()
-    resume_path = run_folder.find_checkpoint(output_dir, resume) if resume else None
+    resume_path = prepare_resume(cfg, resume) if resume else None  # checks before the folder changes
     with warnings.catch_warnings():
         # Deprecation chatter from transformers/peft internals says nothing the user can act on.
         warnings.filterwarnings("ignore", category=FutureWarning)

@@ -11,7 +11,7 @@ from datasets import Dataset
 from simpo_lite.data.formats import resolve_columns
 from simpo_lite.data.process import FEATURES, RowProcessor
 from simpo_lite.data.report import DataReport, SourceReport, split_lengths
-from simpo_lite.data.sources import Source, load_source
+from simpo_lite.data.sources import Source, cache_guard, load_source
 from simpo_lite.data.tokenize import PairTokenizer, ensure_pad_token
 from simpo_lite.errors import UserError
 
@@ -32,15 +32,17 @@ def _tokenize(source: Source, data_cfg, pair_tokenizer: PairTokenizer, role: str
     columns = resolve_columns(source.columns, data_cfg.columns, source.name)
     processor = RowProcessor(pair_tokenizer, columns, data_cfg.system_prompt)
     num_proc = min(data_cfg.num_proc, source.dataset.num_rows)
-    mapped = source.dataset.map(processor, batched=True, with_indices=True, features=FEATURES,
-                                remove_columns=source.dataset.column_names,
-                                num_proc=num_proc if num_proc > 1 else None,
-                                desc=f"Tokenizing {role} data")
+    with cache_guard():  # datasets writes the tokenized rows next to a file source's cache
+        mapped = source.dataset.map(processor, batched=True, with_indices=True, features=FEATURES,
+                                    remove_columns=source.dataset.column_names,
+                                    num_proc=num_proc if num_proc > 1 else None,
+                                    desc=f"Tokenizing {role} data")
     drops = mapped["drop"]
-    report = SourceReport.from_columns(source.name, role, columns.describe(), mapped["row"], drops, mapped["kind"])
+    report = SourceReport.from_columns(source.name, role, columns.describe(), mapped["row"], drops, mapped["kind"],
+                                       mapped["truncated"])
     report.check(data_cfg.max_bad_fraction)
     kept = mapped.select([i for i, d in enumerate(drops) if not d])
-    return kept.remove_columns(["drop", "kind"]), report
+    return kept.remove_columns(["drop", "kind", "truncated"]), report
 
 
 def _subset(dataset: Dataset, limit: Optional[int], seed: int) -> Dataset:

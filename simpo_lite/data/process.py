@@ -21,6 +21,7 @@ FEATURES = Features({
     "row": Value("int64"),
     "drop": Value("string"),
     "kind": Value("string"),
+    "truncated": Value("bool"),  # the prompt was cut to data.max_prompt_length to fit data.max_length
     **{name: List(Value("int32")) for name in TOKEN_COLUMNS},
     "prompt_length": Value("int32"),
     "chosen_length": Value("int32"),
@@ -40,7 +41,7 @@ class _Pending(NamedTuple):
 
 
 def _dropped(row: int, rule: str, kind: str = "") -> dict:
-    return {"row": row, "drop": rule, "kind": kind, **{name: [] for name in TOKEN_COLUMNS},
+    return {"row": row, "drop": rule, "kind": kind, "truncated": False, **{name: [] for name in TOKEN_COLUMNS},
             "prompt_length": 0, "chosen_length": 0, "rejected_length": 0, "length": 0, "question": ""}
 
 
@@ -102,7 +103,7 @@ class RowProcessor:
                 continue
             chosen_ids, chosen_labels = self.pairs.join(fitted, chosen)
             rejected_ids, rejected_labels = self.pairs.join(fitted, rejected)
-            out[item.slot] = {"row": index, "drop": "", "kind": item.kind,
+            out[item.slot] = {"row": index, "drop": "", "kind": item.kind, "truncated": len(fitted) < len(prompt),
                          "chosen_input_ids": chosen_ids, "chosen_labels": chosen_labels,
                          "rejected_input_ids": rejected_ids, "rejected_labels": rejected_labels,
                          "prompt_length": len(fitted), "chosen_length": len(chosen_ids),

@@ -28,11 +28,13 @@ class SourceReport:
     dropped: dict[str, int] = field(default_factory=dict)
     first_rows: dict[str, list[int]] = field(default_factory=dict)
     kinds: dict[str, int] = field(default_factory=dict)
+    truncated: int = 0  # kept pairs whose prompt was cut to data.max_prompt_length
 
     @classmethod
     def from_columns(cls, name: str, role: str, columns: str, rows: Sequence[int], drops: Sequence[str],
-                     kinds: Sequence[str]) -> "SourceReport":
-        report = cls(name=name, role=role, columns=columns, rows_read=len(drops))
+                     kinds: Sequence[str], truncated: Sequence[bool] = ()) -> "SourceReport":
+        report = cls(name=name, role=role, columns=columns, rows_read=len(drops),
+                     truncated=sum(bool(t) for t, d in zip(truncated, drops) if not d))
         for row, rule in zip(rows, drops):
             if rule:
                 report.dropped[rule] = report.dropped.get(rule, 0) + 1
@@ -111,6 +113,8 @@ class DataReport:
         for s in self.sources:
             lines.append(f"{s.role} data {s.name}: {s.rows_read} rows read, {s.rows_kept} kept "
                          f"(columns {s.columns})")
+            if s.truncated:
+                lines.append(f"  prompt truncated to data.max_prompt_length: {s.truncated}")
             lines += [f"  format: {kind}: {count}" for kind, count in s.kinds.items()]
             lines += [f"  skipped {line}" for line in s.drop_lines()]
         lines.append(f"pairs: {self.train_pairs} train, {self.eval_pairs} eval ({self.eval_origin}); "
@@ -120,4 +124,12 @@ class DataReport:
                 if stats:
                     lines.append(f"  {split} {name} tokens: min {stats['min']:.0f}, mean {stats['mean']:.1f}, "
                                  f"p95 {stats['p95']:.0f}, max {stats['max']:.0f}")
-        return "\n".join(lines)
+        return "\n".join(lines + [self.counts_line()])
+
+    def counts_line(self) -> str:
+        """The one line a run always prints after preparing its data (--quiet too)."""
+        skipped = sum(s.bad for s in self.sources)
+        truncated = sum(s.truncated for s in self.sources)
+        rules = ", ".join(f"{rule} {n}" for rule, n in sorted(self.dropped.items(), key=lambda kv: -kv[1]))
+        return (f"data: {self.train_pairs} train + {self.eval_pairs} eval pairs kept; skipped by rule: {skipped}"
+                f"{f' ({rules})' if rules else ''}; prompt truncated to data.max_prompt_length: {truncated}")

@@ -16,11 +16,15 @@ import datasets
 from datasets import Dataset, DatasetDict, Json
 
 from simpo_lite.data.process import RAW_JSON
-from simpo_lite.errors import UserError, first_line
-from simpo_lite.files import looks_like_local_path
+from simpo_lite.errors import DiskFull, UserError, first_line
+from simpo_lite.files import check_utf8, guard, looks_like_local_path, missing_path, read_text
 
 DEMO = "demo"
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+# What a text file of each kind must hold, for the message when it is not UTF-8 text.
+EXPECTS = {".jsonl": "simpo-lite reads .jsonl files as JSON Lines (one JSON object per line)",
+           ".json": "simpo-lite reads .json files as one JSON list of row objects",
+           ".csv": "simpo-lite reads .csv files as comma-separated text with a header row"}
 
 
 @dataclass
@@ -40,7 +44,7 @@ def load_source(source: str, config_name: Optional[str], split: str) -> Source:
     if looks_like_local_path(source, tuple(BUILDERS)):
         path = Path(source).expanduser()
         if not path.exists():
-            raise UserError(f"data file '{source}' not found: check the path (or use a Hub dataset id)")
+            raise UserError(missing_path(source, "data file", "check the path (or use a Hub dataset id)"))
         if path.is_dir():
             return _load_folder(path, config_name, split)
         return _load_file(path, split, name=str(source))
@@ -54,8 +58,13 @@ def _load_file(path: Path, split: str, name: str) -> Source:
     if split != "train":
         raise UserError(f"'{name}' is a single file without a '{split}' split: give evaluation data with "
                         f"data.eval_source or hold some out with data.eval_fraction")
+    if path.suffix.lower() in EXPECTS:
+        check_utf8(path, EXPECTS[path.suffix.lower()], name)
     try:
-        dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
+        with cache_guard():
+            dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except DiskFull:
+        raise
     except Exception as err:
         if builder != "json":
             raise UserError(f"cannot read '{name}' as {builder}: {first_line(err)}") from None
@@ -77,7 +86,7 @@ def _has_json_feature(feature) -> bool:
 
 
 def _read_json_rows(path: Path, name: str) -> list:
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, EXPECTS.get(path.suffix.lower(), "a text file"), name)
     if path.suffix.lower() == ".json":
         try:
             rows = json.loads(text)
@@ -119,6 +128,9 @@ def _load_folder(path: Path, config_name: Optional[str], split: str) -> Source:
     if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
         dataset = _pick_split(datasets.load_from_disk(str(path)), split, str(path))  # save_to_disk output
     else:
+        for file in sorted(path.rglob("*")):
+            if file.suffix.lower() in EXPECTS and file.is_file():
+                check_utf8(file, EXPECTS[file.suffix.lower()])
         dataset = _load_dataset(str(path), config_name, split, name)  # a folder of data files, as in a Hub repo
     return Source(dataset, list(dataset.column_names), name)
 
@@ -131,9 +143,24 @@ def _load_hub(dataset_id: str, config_name: Optional[str], split: str) -> Source
 
 def _load_dataset(path: str, config_name: Optional[str], split: str, name: str) -> Dataset:
     try:
-        return datasets.load_dataset(path, config_name, split=split)
+        with cache_guard():
+            return datasets.load_dataset(path, config_name, split=split)
+    except DiskFull:
+        raise
     except ConnectionError:
         raise UserError(f"cannot load dataset '{path}': it is not in the local datasets cache and the Hub "
                         f"cannot be reached; load it once online or use a local file") from None
     except Exception as err:  # datasets raises many types here (missing dataset, config or split)
         raise UserError(f"cannot load {name}: {first_line(err)}") from None
+
+
+def _cache_dir() -> Path:
+    return Path(datasets.config.HF_DATASETS_CACHE)
+
+
+def cache_guard():
+    """A full disk while `datasets` fills its cache (Arrow copies of the data, the tokenized splits)."""
+    return guard("the dataset cache", _cache_dir(),
+                 hint="free some space there, or point HF_DATASETS_CACHE at a disk with room, and run the "
+                      "command again")
+
