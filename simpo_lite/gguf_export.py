@@ -10,7 +10,11 @@ quantizer, q4_k_m from llama.cpp's (its K-quant mixes are llama.cpp's choice, so
 from __future__ import annotations
 
 import math
+import os
 import shutil
+import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -256,7 +260,6 @@ def _stored_float32(model_dir: Path) -> bool:
 
 def llama_cpp_quantize(source: Path, target: Path, quant: str) -> None:
     import ctypes
-    import os
 
     import llama_cpp
 
@@ -269,25 +272,15 @@ def llama_cpp_quantize(source: Path, target: Path, quant: str) -> None:
         raise RunError(f"llama.cpp's quantizer failed on {source.name} (status {status}); nothing was written")
 
 
-class _quiet_native_output:
+@contextmanager
+def _quiet_native_output():
     """llama.cpp prints its progress from C to file descriptor 2; keep it off the user's screen."""
-
-    def __enter__(self):
-        import os
-        import sys
-        import tempfile
-
-        sys.stderr.flush()
-        self._saved = os.dup(2)
-        self._log = tempfile.TemporaryFile()
-        os.dup2(self._log.fileno(), 2)
-        return self
-
-    def __exit__(self, *exc):
-        import os
-
-        os.dup2(self._saved, 2)
-        os.close(self._saved)
-        self._log.close()
-        return False
-
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)

@@ -136,13 +136,27 @@ def _greedy(llm, eos_ids: list[int]) -> list[int]:
 
 
 def load_llama(path: Path):
+    """llama.cpp's model on the CPU, without the repacked weight buffers: their AMX kernels crash (segfault)
+    on this project's AVX512/AMX CPU for any quantized file, even llama.cpp's own; plain kernels only cost speed."""
     import os
 
-    from llama_cpp import Llama
+    import llama_cpp.llama as llama_module
 
     threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or (os.cpu_count() or 1)
-    return Llama(model_path=str(path), n_ctx=CONTEXT, logits_all=True, verbose=False, n_threads=threads,
-                 n_threads_batch=threads)
+    defaults = llama_module.llama_cpp.llama_model_default_params
+
+    def without_repacking():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    # Llama() takes its model parameters from this function and has no argument for the field.
+    llama_module.llama_cpp.llama_model_default_params = without_repacking
+    try:
+        return llama_module.Llama(model_path=str(path), n_ctx=CONTEXT, logits_all=True, verbose=False,
+                                  n_threads=threads, n_threads_batch=threads)
+    finally:
+        llama_module.llama_cpp.llama_model_default_params = defaults
 
 
 def _llama_cpp_installed() -> bool:

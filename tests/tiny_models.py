@@ -145,17 +145,17 @@ def save_run_folder(run: Path, cfg, model, tokenizer) -> Path:
     return run
 
 
-def randomize_lora_b(model, seed: int = 1):
+def randomize_lora_b(model, seed: int = 1, std: float = 0.5):
     """Random non-zero LoRA B matrices: they start at zero, a trained adapter's do not."""
     torch.manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
-                param.normal_(0, 0.5)
+                param.normal_(0, std)
     return model
 
 
-def tiny_run_folder(run: Path, base: Path, sets: list[str] | None = None, seed: int = 1) -> Path:
+def tiny_run_folder(run: Path, base: Path, sets: list[str] | None = None, seed: int = 1, std: float = 0.5) -> Path:
     """A finished run's folder on the base model folder `base`: the smollm2-demo preset with `sets`,
     and an adapter with random non-zero LoRA weights."""
     from peft import get_peft_model
@@ -165,7 +165,7 @@ def tiny_run_folder(run: Path, base: Path, sets: list[str] | None = None, seed: 
 
     cfg = resolve("smollm2-demo", sets=[f"model.name_or_path={base}", f"train.output_dir={run}", "lora.r=4",
                                         *(sets or [])])
-    model = randomize_lora_b(get_peft_model(load_base_model(cfg.model), lora_config(cfg.lora)), seed=seed)
+    model = randomize_lora_b(get_peft_model(load_base_model(cfg.model), lora_config(cfg.lora)), seed=seed, std=std)
     return save_run_folder(run, cfg, model, smollm2_tokenizer())
 
 
