@@ -91,7 +91,7 @@ def export(
     format: str = typer.Option("safetensors", "--format", help="safetensors (a transformers model folder) or gguf "
                                "(one file for llama.cpp and Ollama, with a Modelfile)."),
     quant: Optional[str] = typer.Option(None, "--quant", help="With --format gguf: f16, bf16, q8_0 (default) or "
-                                        "q4_k_m (needs llama-cpp-python: pip install 'simpo-lite[gguf]')."),
+                                        "q4_k_m (needs llama-cpp-python, the package's gguf extra)."),
     sets: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Override a key of the run's saved config, "
                                              "e.g. --set export.verify_tolerance=0.1 (repeatable)."),
 ):

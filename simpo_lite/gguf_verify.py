@@ -76,8 +76,14 @@ def transformers_check(path: Path, ids: list[torch.Tensor], reference: list[torc
 
     from simpo_lite.merge import logits
 
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
-                                                 device_map="cpu")
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # its dequantizing bar is not ours to show
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                     device_map="cpu")
+    finally:
+        logging.enable_progress_bar()
     got = logits(model, ids)
     del model
     gc.collect()
