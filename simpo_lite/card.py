@@ -10,7 +10,7 @@ EVAL_SHOWN = tuple(f"eval_{name}" for name in METRIC_NAMES)
 
 def render_card(cfg: Config, summary: dict | None, result, base_id: str | None, datasets: list[str]) -> str:
     return "\n".join([_front_matter(result, base_id, datasets), _intro(cfg, result, base_id),
-                      _training(cfg, summary), _evaluation(summary), _export_check(result),
+                      _training(cfg, summary), _evaluation(summary), _export_check(result), _gguf_check(result),
                       _usage(result, base_id)])
 
 
@@ -19,7 +19,10 @@ def _front_matter(result, base_id: str | None, datasets: list[str]) -> str:
 
     tags = ["simpo", "simpo-lite", "preference-optimization", "lora"]
     tags += ["peft"] if result.adapter_only else ["merged"]
-    data = ModelCardData(base_model=base_id, library_name="peft" if result.adapter_only else "transformers",
+    gguf = getattr(result, "gguf", None)
+    tags += ["gguf", "llama.cpp", "ollama"] if gguf else []
+    library = "peft" if result.adapter_only else "gguf" if gguf else "transformers"
+    data = ModelCardData(base_model=base_id, library_name=library,
                          pipeline_tag="text-generation", tags=tags, datasets=datasets or None)
     return f"---\n{data.to_yaml()}\n---\n"
 
@@ -32,6 +35,10 @@ def _intro(cfg: Config, result, base_id: str | None) -> str:
     what = ("This repository holds the LoRA adapter alone; load it on top of the base model."
             if result.adapter_only else
             f"The adapters are merged into {result.dtype} weights of the base: this is a plain transformers model.")
+    if getattr(result, "gguf", None):
+        what = (f"The adapters are merged into {result.dtype} weights of the base, converted to one GGUF file "
+                f"(`{result.gguf['file']}`, {result.gguf['quant']}) for llama.cpp, Ollama and LM Studio, with an "
+                f"Ollama `Modelfile`.")
     return (f"# {name}\n\n{base} preference-tuned with [SimPO](https://arxiv.org/abs/2405.14734) "
             f"(reference-free, length-normalized rewards) by simpo-lite: {how}. {what}\n")
 
@@ -86,8 +93,29 @@ def _export_check(result) -> str:
             f"prompts.\n\n" + _table(("comparison", "max abs logit diff"), rows) + "\n")
 
 
+def _gguf_check(result) -> str:
+    gguf = getattr(result, "gguf", None)
+    if not gguf:
+        return ""
+    rows = []
+    for reader, label in (("transformers", "transformers' GGUF loader"), ("llama_cpp", "llama.cpp")):
+        found = gguf.get(reader)
+        if found:
+            extra = (f"; greedy continuations repeat {found['greedy_agreement']:.0%} of the merged model's tokens"
+                     if "greedy_agreement" in found else "")
+            rows.append((label, f"{found['top1']:.1%}", f"{found['max_logit_diff']:.3g}{extra}"))
+    return (f"## GGUF check\n\n`{gguf['file']}` read back and run on the export check prompts, against the merged "
+            f"model in fp32 ({gguf['transformers']['positions']} positions).\n\n"
+            + _table(("reader", "same top token", "max abs logit diff"), rows) + "\n")
+
+
 def _usage(result, base_id: str | None) -> str:
     name = result.hub_repo or str(result.out)
+    gguf = getattr(result, "gguf", None)
+    if gguf:
+        code = (f"llama-cli -m {gguf['file']} -cnv    # llama.cpp\n"
+                f"ollama create my-model -f Modelfile && ollama run my-model")
+        return f"## Use\n\n```bash\n{code}\n```\n"
     if result.adapter_only:
         code = (f"from peft import AutoPeftModelForCausalLM\n\n"
                 f"model = AutoPeftModelForCausalLM.from_pretrained(\"{name}\")")

@@ -88,6 +88,10 @@ def export(
     push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="Also upload to this Hub repo id."),
     private: bool = typer.Option(False, "--private", help="Create the Hub repo as private."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --out folder."),
+    format: str = typer.Option("safetensors", "--format", help="safetensors (a transformers model folder) or gguf "
+                               "(one file for llama.cpp and Ollama, with a Modelfile)."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="With --format gguf: f16, bf16, q8_0 (default) or "
+                                        "q4_k_m (needs llama-cpp-python, the package's gguf extra)."),
     sets: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Override a key of the run's saved config, "
                                              "e.g. --set export.verify_tolerance=0.1 (repeatable)."),
 ):
@@ -95,7 +99,7 @@ def export(
     from simpo_lite.export import export_run
 
     export_run(run_dir, out=out, dtype=dtype, adapter_only=adapter_only, push_to_hub=push_to_hub,
-               private=private, force=force, sets=sets or [])
+               private=private, force=force, sets=sets or [], format=format, quant=quant)
 
 
 @presets_app.command("list")

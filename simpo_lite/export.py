@@ -36,23 +36,30 @@ class ExportResult:
     seconds: float = 0.0
     hub_repo: str | None = None
     hub_url: str | None = None
+    format: str = "safetensors"
+    gguf: dict | None = None             # the GGUF file and its checks by transformers and llama.cpp (gguf_verify)
 
 
 def export_run(run_dir: Path, out: Path | None = None, dtype: str | None = None, adapter_only: bool = False,
                push_to_hub: str | None = None, private: bool = False, force: bool = False,
-               sets: list[str] | None = None) -> ExportResult:
-    """Export a run folder (merged model or adapter alone) to `out`, optionally uploading it to the Hub."""
+               sets: list[str] | None = None, format: str = "safetensors", quant: str | None = None) -> ExportResult:
+    """Export a run folder (merged model, GGUF file or adapter alone) to `out`, optionally uploading it to the Hub."""
     started = time.perf_counter()
+    quant = _check_format(format, quant, adapter_only)
     run = run_folder.finished_run(Path(run_dir))
     cfg = resolve(saved=run / run_folder.CONFIG, sets=sets or [])
+    target = Path(out) if out else run / ("adapter-export" if adapter_only else "gguf" if quant else "merged")
+    check_target(target, run, cfg, force)
+    if quant:
+        from simpo_lite.gguf_export import check_request
+
+        check_request(quant, run, cfg)
     dtype_given = dtype is not None
     dtype = _dtype_name(dtype or cfg.export.dtype, cfg)
-    target = Path(out) if out else run / ("adapter-export" if adapter_only else "merged")
-    check_target(target, run, cfg, force)
     # Fail on a missing token or an unreachable Hub now, not after minutes of merging.
     token = hub.check_push_access(push_to_hub) if push_to_hub else None
     result = ExportResult(out=target, adapter_only=adapter_only, dtype=None if adapter_only else dtype,
-                          hub_repo=push_to_hub)
+                          hub_repo=push_to_hub, format=format)
     summary = run_folder.read_summary(run)
     kept = f"{target} is as it was before" if target.exists() else f"no {target} was made"
     hint = f"free some space there (or choose another --out) and run the export again; {kept}"
@@ -61,6 +68,11 @@ def export_run(run_dir: Path, out: Path | None = None, dtype: str | None = None,
             _say(f"--dtype {dtype} has no effect with --adapter-only: the adapter keeps its trained weights.")
         write_folder(target, lambda tmp: _fill_adapter_only(tmp, run, cfg, summary, result),
                      what="the adapter export", estimate=folder_size(run / run_folder.ADAPTER), hint=hint)
+    elif quant:
+        from simpo_lite.gguf_export import fill_gguf
+
+        write_folder(target, lambda tmp: fill_gguf(tmp, run, cfg, dtype, quant, summary, result, say=_say),
+                     what="the GGUF export", hint=hint)
     else:
         from simpo_lite.merge import fill_merged
 
@@ -74,6 +86,19 @@ def export_run(run_dir: Path, out: Path | None = None, dtype: str | None = None,
     result.seconds = time.perf_counter() - started
     _say(f"done in {result.seconds:.1f} s")
     return result
+
+
+def _check_format(format: str, quant: str | None, adapter_only: bool) -> str | None:
+    """The GGUF quant type (q8_0 when --quant is not given), or None for the safetensors export."""
+    if format not in ("safetensors", "gguf"):
+        raise UserError(f"--format '{format}' is not supported: use safetensors (the default) or gguf")
+    if format != "gguf":
+        if quant is not None:
+            raise UserError(f"--quant {quant} applies to GGUF files only: add --format gguf")
+        return None
+    if adapter_only:
+        raise UserError("--format gguf holds the merged model, not an adapter: drop --adapter-only")
+    return quant or "q8_0"
 
 
 def _dtype_name(name: str, cfg: Config) -> str:

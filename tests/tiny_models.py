@@ -145,17 +145,17 @@ def save_run_folder(run: Path, cfg, model, tokenizer) -> Path:
     return run
 
 
-def randomize_lora_b(model, seed: int = 1):
+def randomize_lora_b(model, seed: int = 1, std: float = 0.5):
     """Random non-zero LoRA B matrices: they start at zero, a trained adapter's do not."""
     torch.manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
-                param.normal_(0, 0.5)
+                param.normal_(0, std)
     return model
 
 
-def tiny_run_folder(run: Path, base: Path, sets: list[str] | None = None, seed: int = 1) -> Path:
+def tiny_run_folder(run: Path, base: Path, sets: list[str] | None = None, seed: int = 1, std: float = 0.5) -> Path:
     """A finished run's folder on the base model folder `base`: the smollm2-demo preset with `sets`,
     and an adapter with random non-zero LoRA weights."""
     from peft import get_peft_model
@@ -165,5 +165,63 @@ def tiny_run_folder(run: Path, base: Path, sets: list[str] | None = None, seed: 
 
     cfg = resolve("smollm2-demo", sets=[f"model.name_or_path={base}", f"train.output_dir={run}", "lora.r=4",
                                         *(sets or [])])
-    model = randomize_lora_b(get_peft_model(load_base_model(cfg.model), lora_config(cfg.lora)), seed=seed)
+    model = randomize_lora_b(get_peft_model(load_base_model(cfg.model), lora_config(cfg.lora)), seed=seed, std=std)
     return save_run_folder(run, cfg, model, smollm2_tokenizer())
+
+
+# ---- the other architectures a GGUF export supports ----------------------------------------------
+
+# Sentences that give a small BPE vocabulary every check prompt can be spelled in (the rest falls back to bytes).
+_CORPUS = ["What is the capital of France? Paris is the capital of France.",
+           "Write a haiku about autumn leaves. Red leaves fall softly.",
+           "Explain in one sentence why the sky is blue. Air scatters blue light more than red light.",
+           "The quick brown fox jumps over the lazy dog, and then it sleeps."] * 4
+_SPM_FAMILIES = {
+    # family -> (tokenizer class, special tokens in id order, chat template)
+    "mistral": ("LlamaTokenizer", ["<unk>", "<s>", "</s>"],
+                "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + "
+                "' [/INST]' }}{% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}"),
+    "gemma2": ("GemmaTokenizer", ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"],
+               "{{ bos_token }}{% for m in messages %}{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' "
+               "else m['role']) + '\n' + m['content'] + '<end_of_turn>\n' }}{% endfor %}"
+               "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"),
+}
+
+
+def spm_tokenizer(family: str, vocab_size: int = 320):
+    """A small SentencePiece-style tokenizer (BPE over '▁'-joined text with byte fallback), as Mistral's and
+    Gemma-2's are, trained on a few sentences, with the family's special tokens and chat template."""
+    import transformers
+    from tokenizers import Tokenizer, models, normalizers, trainers
+
+    class_name, specials, template = _SPM_FAMILIES[family]
+    raw = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    raw.normalizer = normalizers.Replace(" ", "\u2581")
+    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
+    raw.train_from_iterator(_CORPUS, trainers.BpeTrainer(vocab_size=len(specials) + 256 + vocab_size,
+                                                         special_tokens=specials + byte_tokens, show_progress=False))
+    merges = json.loads(raw.to_str())["model"]["merges"]
+    tokenizer = getattr(transformers, class_name)(vocab=raw.get_vocab(), merges=[tuple(m) for m in merges])
+    turns = [t for t in specials if "_of_turn" in t]
+    if turns:  # Gemma's turn markers are special tokens, matched whole
+        tokenizer.add_special_tokens({"additional_special_tokens": turns})
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def tiny_arch_model(family: str, tokenizer, seed: int = 0):
+    """A 2-layer random model of `family` (llama, mistral, qwen2, gemma2) over the tokenizer's vocabulary.
+    Gemma-2's heads are 256 wide, as in Gemma-2 2B/9B: llama.cpp scales its queries by the head width."""
+    import transformers
+
+    fields = dict(TINY_LLAMA, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, initializer_range=0.2)
+    config_class, model_class = {
+        "llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
+        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "gemma2": ("Gemma2Config", "Gemma2ForCausalLM")}[family]
+    if family == "gemma2":
+        fields.update(num_attention_heads=2, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256)
+    if family in ("llama", "mistral", "qwen2"):
+        fields.update(tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return getattr(transformers, model_class)(getattr(transformers, config_class)(**fields))
