@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -161,7 +163,7 @@ def build_run_parts(cfg: Config, resume_path: Path | None, quiet: bool) -> RunPa
     tokenizer = load_tokenizer(cfg.model)
     prepared = load_data(cfg, tokenizer, acc)
     if acc.is_main_process and not quiet:
-        print(prepared.report.summary(), flush=True)
+        print(prepared.report.summary(), file=sys.stderr, flush=True)
     batches_for_epoch = batch_order(cfg, prepared.train, acc.num_processes)
     policy, trainable = build_policy(cfg, acc, resume_path, prepared.train[0]["chosen_input_ids"])
     optimizer = acc.prepare_optimizer(build_optimizer(trainable, cfg.train))

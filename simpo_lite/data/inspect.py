@@ -104,8 +104,9 @@ def inspect_data(cfg, index: int = 0, tokenizer=None, console: Optional[Console]
     console.print(Group(*_example_panels(tokenizer, prepared, index)))
     console.print(Text("│ marks where the response starts; tokens after it are what the loss trains. "
                        "Magenta tokens are special tokens; ↵ is a newline.", style="italic"))
-    kinds = ", ".join(f"{kind}: {count}" for s in prepared.report.sources for kind, count in s.kinds.items())
-    console.print(f"Formats detected: {kinds}")
+    for source in prepared.report.sources:
+        kinds = ", ".join(f"{kind} ({count} rows)" for kind, count in source.kinds.items()) or "no usable rows"
+        console.print(escape(f"Format of {source.role} data {source.name}: {kinds}"))
     console.print(escape(f"Pairs: {prepared.report.train_pairs} train, {prepared.report.eval_pairs} eval "
                          f"({prepared.report.eval_origin})"))
     console.print(_drops_table(prepared))
