@@ -268,7 +268,7 @@ def plan(
     finding about the run, like grep finding nothing, not a mistake on the command line).
     """
     cfg = _resolve(preset, config, sets, model=model)
-    from simpo_lite.plan import plan_command
+    from simpo_lite.plan_report import plan_command
 
     plan_command(cfg, gpu_memory=gpu_memory)
 

@@ -100,7 +100,7 @@ def inspect_data(cfg, index: int = 0, tokenizer=None, console: Optional[Console]
     n = prepared.train.num_rows
     if not 0 <= index < n:
         raise UserError(f"--index {index} is out of range: the training split has {n} pairs (0 to {n - 1})")
-    console = console or Console()
+    console = console or Console(soft_wrap=True)
     console.print(Group(*_example_panels(tokenizer, prepared, index)))
     console.print(Text("│ marks where the response starts; tokens after it are what the loss trains. "
                        "Magenta tokens are special tokens; ↵ is a newline.", style="italic"))
