@@ -112,9 +112,21 @@ def test_sampling_is_seeded(tmp_path, model_dir):
     assert runs[0] == runs[1]
 
 
+def test_without_prompts_the_eval_split_of_the_data_is_answered(tmp_path, model_dir):
+    from tiny_models import write_pairs
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 8)
+    records = generate_command(str(model_dir), out=tmp_path / "eval.json", data=str(pairs), max_new_tokens=4,
+                               sets=["data.eval_fraction=0.5"])
+    questions = {json.loads(line)["prompt"] for line in pairs.read_text().splitlines()}
+    assert len(records) == 4 and all(r["instruction"] in questions for r in records)
+    assert {r["dataset"] for r in records} == {str(pairs)}
+
+
 @pytest.mark.parametrize("kwargs, fragment", [
     (dict(max_new_tokens=0), "--max-new-tokens"),
     (dict(temperature=-1.0), "--temperature"),
+    (dict(top_p=1.5), "--top-p"),
     (dict(out="answers.txt"), "must end in .json"),
 ])
 def test_generate_rejects_bad_options(tmp_path, model_dir, kwargs, fragment):

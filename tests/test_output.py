@@ -75,3 +75,14 @@ def test_a_long_message_line_is_not_broken_when_piped(tmp_path, model_dir):
     out = simpo_lite("export", str(run), "--adapter-only")
     assert out.returncode == 0, out.stderr
     assert any(line.endswith(f"exported to {run / 'adapter-export'}") for line in out.stderr.splitlines())
+
+
+def test_export_overwrite_and_its_deprecated_name_force(tmp_path, model_dir):
+    run = tiny_run_folder(tmp_path / "run", model_dir)
+    assert simpo_lite("export", str(run), "--adapter-only").returncode == 0
+    again = simpo_lite("export", str(run), "--adapter-only")
+    assert again.returncode == 2 and "add --overwrite to replace it" in again.stderr
+    assert simpo_lite("export", str(run), "--adapter-only", "--overwrite=true").returncode == 0
+    forced = simpo_lite("export", str(run), "--adapter-only", "--force")
+    assert forced.returncode == 0 and "--force is now --overwrite" in forced.stderr
+    assert "--force" not in simpo_lite("export", "-h").stdout
