@@ -48,7 +48,10 @@ class ChatSession:
     history: list[dict] = field(default_factory=list)
 
     def messages(self, extra: list[dict]) -> list[dict]:
-        return ([{"role": "system", "content": self.system}] if self.system else []) + self.history + extra
+        return self._with(self.history, *extra)
+
+    def _with(self, history: list[dict], *extra: dict) -> list[dict]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + history + list(extra)
 
     def fit(self, user: dict) -> tuple[list[int], int]:
         """Prompt ids of the history plus `user`, after dropping the fewest oldest turns that make it
@@ -56,20 +59,22 @@ class ChatSession:
         from simpo_lite.generate import render_messages
 
         room = self.context - self.generation.max_new_tokens
-        dropped = 0
+        history = self.history
         while True:
-            ids = render_messages(self.tokenizer, self.messages([user]))
+            ids = render_messages(self.tokenizer, self._with(history, user))
             if len(ids) <= room:
+                dropped = (len(self.history) - len(history)) // 2
+                self.history = history
                 return ids, dropped
-            if not self.history:
+            if not history:  # the history stays as it was: the message is not sent
                 raise TurnTooLong(f"this message takes {len(ids)} tokens: with room for an answer of "
                                   f"--max-new-tokens {self.generation.max_new_tokens} the context of "
                                   f"{self.context} tokens holds {room}; shorten it or lower --max-new-tokens")
-            self.history = self.history[2:]  # one user turn and its answer
-            dropped += 1
+            history = history[2:]  # one user turn and its answer
 
-    def reply(self, text: str, write: Callable[[str], None]) -> dict:
-        """Stream the answer to `text` through `write`; keep the turn in the history.
+    def reply(self, text: str, write: Callable[[str], None], before: Callable[[int], None] = lambda dropped: None) -> dict:
+        """Stream the answer to `text` through `write`; keep the turn in the history. `before(dropped)` is
+        called once the history fits, before the answer starts.
 
         {text, tokens, truncated, dropped}. Ctrl-C during the answer propagates and keeps no part of it.
         """
@@ -80,6 +85,7 @@ class ChatSession:
 
         user = {"role": "user", "content": text}
         ids, dropped = self.fit(user)
+        before(dropped)
         streamer = _Streamer(self.tokenizer, write)
         device = model_device(self.model)
         with torch.no_grad():
@@ -128,6 +134,12 @@ def _write(text: str) -> None:
 def run_loop(session: ChatSession, say: Callable[[str], None], read: Callable[[str], str] = _read_line,
              write: Callable[[str], None] = _write) -> int:
     """Read messages until /exit, end of input or Ctrl-C at the prompt; returns the turns answered."""
+    def before(dropped: int) -> None:
+        if dropped:
+            say(f"the conversation outgrew the context of {session.context} tokens: dropped the oldest "
+                f"{dropped} turn{'s' if dropped != 1 else ''} to make room")
+        write("model> ")
+
     answered = 0
     while True:
         try:
@@ -147,10 +159,8 @@ def run_loop(session: ChatSession, say: Callable[[str], None], read: Callable[[s
             say(f"unknown command {text}: {RESET} clears the history, {EXIT} quits")
             continue
         try:
-            write("model> ")
-            answer = session.reply(text, write)
+            answer = session.reply(text, write, before)
         except TurnTooLong as err:
-            write("\n")
             say(str(err))
             continue
         except KeyboardInterrupt:
@@ -158,9 +168,6 @@ def run_loop(session: ChatSession, say: Callable[[str], None], read: Callable[[s
             say("interrupted: this answer is not kept in the history")
             continue
         answered += 1
-        if answer["dropped"]:
-            say(f"the conversation outgrew the context of {session.context} tokens: dropped the oldest "
-                f"{answer['dropped']} turn{'s' if answer['dropped'] != 1 else ''} to make room")
         if answer["truncated"]:
             say(f"answer cut at --max-new-tokens {session.generation.max_new_tokens}")
 

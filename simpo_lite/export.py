@@ -130,8 +130,6 @@ def _fill_adapter_only(tmp: Path, run: Path, cfg: Config, summary: dict | None, 
 
 
 def _say(message: str) -> None:
-    from rich.console import Console
-    from rich.text import Text
+    from simpo_lite.console import info
 
-    # Text, not markup: model output and paths may contain [brackets].
-    Console(stderr=True, soft_wrap=True).print(Text.assemble(("simpo-lite", "bold cyan"), ": ", message))
+    info(message)

@@ -80,12 +80,16 @@ def test_oldest_turns_are_dropped_when_the_context_is_full_and_the_user_is_told(
     assert chat.history[:2] == roomy.history[2:]  # the second turn, kept as it was
 
 
-def test_a_message_longer_than_the_context_is_refused_not_sent(loaded):
-    chat, said = session(loaded, context=30), []
-    run_loop(chat, said.append, scripted(["word " * 200]), lambda text: None)
-    assert chat.history == [] and any("shorten it" in line for line in said)
+def test_a_message_longer_than_the_context_is_refused_and_the_history_kept(loaded):
+    model, tokenizer = loaded
+    first = len(render_messages(tokenizer, [{"role": "user", "content": "Hi"}]))
+    chat, said = session(loaded, context=first + 6 + 40), []
+    run_loop(chat, said.append, scripted(["Hi", "word " * 200]), lambda text: None)
+    assert [m["content"] for m in chat.history if m["role"] == "user"] == ["Hi"]
+    assert any("shorten it or lower --max-new-tokens" in line for line in said)
     with pytest.raises(TurnTooLong):
         chat.fit({"role": "user", "content": "word " * 200})
+    assert len(chat.history) == 2
 
 
 @pytest.mark.parametrize("kwargs, fragment", [
