@@ -17,7 +17,6 @@ from typing import Callable, Optional
 from simpo_lite.errors import UserError
 
 RESET, EXIT = "/reset", "/exit"
-COMMANDS = (RESET, EXIT, "/quit")
 
 
 def context_length(model, tokenizer) -> int:
@@ -86,7 +85,7 @@ class ChatSession:
         user = {"role": "user", "content": text}
         ids, dropped = self.fit(user)
         before(dropped)
-        streamer = _Streamer(self.tokenizer, write)
+        streamer = _streamer(self.tokenizer, write)
         device = model_device(self.model)
         with torch.no_grad():
             out = self.model.generate(input_ids=torch.tensor([ids], device=device),
@@ -101,7 +100,7 @@ class ChatSession:
         self.history = []
 
 
-def _Streamer(tokenizer, write: Callable[[str], None]):
+def _streamer(tokenizer, write: Callable[[str], None]):
     """transformers' TextStreamer, writing through `write` instead of print."""
     from transformers import TextStreamer
 

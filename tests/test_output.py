@@ -16,7 +16,14 @@ NOISE = re.compile(r"Warning\b|warnings\.warn|Loading weights|\d+%\||it/s\]|kern
 
 
 def simpo_lite(*args, timeout=1200):
-    return subprocess.run([sys.executable, "-m", "simpo_lite", *args], capture_output=True, text=True, timeout=timeout)
+    import os
+
+    from simpo_lite.console import QUIET_ENV
+
+    # Tests that ran main() in this process set the quiet variables here; a user's shell has none.
+    env = {k: v for k, v in os.environ.items() if k not in QUIET_ENV}
+    return subprocess.run([sys.executable, "-m", "simpo_lite", *args], capture_output=True, text=True, timeout=timeout,
+                          env=env)
 
 
 def noise(text: str) -> list[str]:
