@@ -273,6 +273,51 @@ def plan(
     plan_command(cfg, gpu_memory=gpu_memory)
 
 
+@app.command()
+def sweep(
+    preset: Optional[str] = PresetOpt,
+    config: Optional[Path] = ConfigOpt,
+    sets: Optional[List[str]] = SetOpt,
+    grid: List[str] = typer.Option(..., "--grid", metavar="KEY=[VALUES]", help="Values to try: --grid 'train.learning_rate=[1e-5,3e-5]' "
+                                   "(repeatable; trials are every combination)."),
+    max_steps: int = typer.Option(..., "--max-steps", min=1, metavar="N", help="Optimizer steps of every trial."),
+    train_pairs: Optional[int] = typer.Option(None, "--train-pairs", min=1, metavar="K", help="Train every trial on the "
+                                              "same first K training pairs (default: all)."),
+    output_dir: Path = typer.Option(..., "--output-dir", "-o", metavar="DIR", help="Sweep folder: one run folder per trial, "
+                                    "sweep.json/.csv/.png and best.yaml."),
+    trials: Optional[int] = typer.Option(None, "--trials", min=1, metavar="N", help="Run only this many combinations, "
+                                         "drawn at random (seeded by train.seed)."),
+    budget_minutes: Optional[float] = typer.Option(None, "--budget-minutes", min=0.0, metavar="MINUTES",
+                                                   help="Start no trial that would end after this many minutes."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="Continue the sweep in --output-dir (bare "
+                                         "--resume): finished trials are kept, an interrupted one starts again."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh in a non-empty --output-dir."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Plain log lines instead of live progress bars."),
+):
+    """Short runs over a grid of settings, ranked by held-out reward accuracy; collapsed trials disqualified."""
+    from simpo_lite import config as cfgmod
+    from simpo_lite import sweep as sweepmod
+    from simpo_lite.errors import ConfigError as _ConfigError
+
+    if resume not in (None, "latest"):
+        raise UserError(f"--resume takes no value in sweep (got {resume!r}): it continues the sweep in --output-dir")
+    if preset is None and config is None:
+        preset = cfgmod.DEFAULT_PRESET
+        _info(f"No --preset or --config given: using the embedded default preset '{preset}'.")
+    parsed, problems = sweepmod.parse_grid(grid)
+    try:
+        base = cfgmod.resolve(preset, config, None, sets or [])
+    except _ConfigError as err:
+        problems += err.problems
+    if problems:
+        raise _ConfigError(problems)
+    plan = sweepmod.Sweep(preset, str(config) if config else None, list(sets or []), parsed, max_steps, train_pairs,
+                          trials, sweepmod.grid_trials(parsed, trials, base.train.seed))
+    result = sweepmod.run_sweep(plan, output_dir, resume=resume is not None, overwrite=overwrite,
+                                budget_minutes=budget_minutes, quiet=quiet or not sys.stderr.isatty(), say=_info)
+    sweepmod.print_ranking(plan, result, output_dir)
+
+
 GLOBAL_FLAGS = ("--debug", "--verbose")
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 

@@ -207,8 +207,12 @@ def lora_config(lora_cfg: LoraConfig):
 
 def load_model(cfg: Config):
     """Base model (4-bit unless model.quantize is false) with fresh trainable LoRA adapters."""
-    from peft import get_peft_model
+    return with_fresh_lora(prepared_base(cfg), cfg)
 
+
+def prepared_base(cfg: Config):
+    """The frozen base as training runs it: 4-bit unless model.quantize is false, frozen weights in
+    training's dtype, gradient checkpointing as configured, no KV cache."""
     model = load_base_model(cfg.model)
     checkpointing = cfg.model.gradient_checkpointing
     # Re-entrant checkpointing needs inputs that require grad and breaks with frozen embeddings;
@@ -221,10 +225,38 @@ def load_model(cfg: Config):
     if checkpointing and cfg.model.uncheckpointed_layers:
         recompute_all_but_last(model, cfg.model.uncheckpointed_layers)
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    return model
+
+
+def with_fresh_lora(base, cfg: Config):
+    """`base` with new LoRA adapters, initialised from train.seed alone: whatever ran before in this
+    process (loading the base, an earlier sweep trial), the same config gives the same adapters."""
+    from accelerate.utils import set_seed
+    from peft import get_peft_model
+
+    set_seed(cfg.train.seed)
     try:
-        return get_peft_model(model, lora_config(cfg.lora))
+        return get_peft_model(base, lora_config(cfg.lora))
     except ValueError as err:  # e.g. target modules that the model does not have
         raise UserError(f"lora.target_modules {cfg.lora.target_modules}: {err}") from None
+
+
+class LoadedBase:
+    """Keeps one prepared base between runs in one process (the trials of a sweep): a run whose model
+    section is the same gets it back with new adapters instead of loading and quantizing it again."""
+
+    def __init__(self):
+        self._model_section = None
+        self._model = None
+
+    def load_model(self, cfg: Config):
+        if self._model is not None and self._model_section == cfg.model:
+            base = self._model.unload()  # the previous run's adapters removed, base layers restored
+        else:
+            self._model = None
+            base = prepared_base(cfg)
+        self._model, self._model_section = with_fresh_lora(base, cfg), cfg.model
+        return self._model
 
 
 def load_for_inference(cfg: Config, adapter_dir: Path | None = None):

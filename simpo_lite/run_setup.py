@@ -82,6 +82,24 @@ def load_data(cfg: Config, tokenizer, accelerator):
     return prepared
 
 
+class Reuse:
+    """What consecutive runs in one process (a sweep's trials) share instead of rebuilding: the
+    prepared data of the same data section, model and seed, and the loaded base of the same model."""
+
+    def __init__(self):
+        from simpo_lite.model import LoadedBase
+
+        self.base = LoadedBase()
+        self._data_key = None
+        self._data = None
+
+    def data(self, cfg: Config, tokenizer, accelerator):
+        key = (cfg.data, cfg.model, cfg.train.seed)
+        if key != self._data_key:
+            self._data, self._data_key = load_data(cfg, tokenizer, accelerator), key
+        return self._data
+
+
 def row_lengths(train, pack_prompt: bool) -> list[int]:
     """Each pair's row length in its batch, which length-grouping evens out: the longer side's row,
     or with packing the one row that holds the prompt once and both responses."""
@@ -110,7 +128,7 @@ def batch_order(cfg: Config, train, processes: int) -> Callable[[int], list]:
     return batches_for_epoch
 
 
-def build_policy(cfg: Config, acc, resume_path: Path | None, sample_ids: list[int]):
+def build_policy(cfg: Config, acc, resume_path: Path | None, sample_ids: list[int], reuse: Reuse | None = None):
     """(prepared ConcatenatedPolicy, its trainable parameters): model, resumed adapter, FSDP wrapping.
 
     sample_ids: a training sequence, on which the chunked log-probs are checked once against the
@@ -119,7 +137,7 @@ def build_policy(cfg: Config, acc, resume_path: Path | None, sample_ids: list[in
     from simpo_lite.model import load_model
     from simpo_lite.policy import ConcatenatedPolicy
 
-    model = load_model(cfg)
+    model = reuse.base.load_model(cfg) if reuse else load_model(cfg)
     check_log_probs(model, sample_ids)
     if resume_path:
         run_folder.load_adapter_weights(model, resume_path)
@@ -148,7 +166,7 @@ def check_log_probs(model, sample_ids: list[int]) -> None:
         model.train(was_training)
 
 
-def build_run_parts(cfg: Config, resume_path: Path | None, quiet: bool) -> RunParts:
+def build_run_parts(cfg: Config, resume_path: Path | None, quiet: bool, reuse: Reuse | None = None) -> RunParts:
     from accelerate.utils import set_seed
 
     from simpo_lite.data import make_collator
@@ -161,11 +179,11 @@ def build_run_parts(cfg: Config, resume_path: Path | None, quiet: bool) -> RunPa
     if resume_path:
         run_folder.warn_config_drift(cfg, resume_path)
     tokenizer = load_tokenizer(cfg.model)
-    prepared = load_data(cfg, tokenizer, acc)
+    prepared = reuse.data(cfg, tokenizer, acc) if reuse else load_data(cfg, tokenizer, acc)
     if acc.is_main_process and not quiet:
         print(prepared.report.summary(), file=sys.stderr, flush=True)
     batches_for_epoch = batch_order(cfg, prepared.train, acc.num_processes)
-    policy, trainable = build_policy(cfg, acc, resume_path, prepared.train[0]["chosen_input_ids"])
+    policy, trainable = build_policy(cfg, acc, resume_path, prepared.train[0]["chosen_input_ids"], reuse)
     optimizer = acc.prepare_optimizer(build_optimizer(trainable, cfg.train))
     per_step = acc.num_processes * cfg.train.gradient_accumulation_steps
     total = total_steps(cfg.train, len(batches_for_epoch(0)) // per_step)

@@ -268,8 +268,10 @@ class Trainer:
         return summary
 
 
-def run_training(cfg: Config, resume: str | None = None, overwrite: bool = False, quiet: bool = False) -> dict:
-    """Train to the end (or resume), writing checkpoints, metrics.jsonl, the adapter and a summary."""
+def run_training(cfg: Config, resume: str | None = None, overwrite: bool = False, quiet: bool = False,
+                 reuse=None) -> dict:
+    """Train to the end (or resume), writing checkpoints, metrics.jsonl, the adapter and a summary.
+    reuse: a run_setup.Reuse shared by the runs of one process (sweep trials)."""
     output_dir = Path(cfg.train.output_dir)
     run_folder.check_output_dir(output_dir, resume, overwrite)
     _interrupt_on_sigterm()
@@ -279,7 +281,7 @@ def run_training(cfg: Config, resume: str | None = None, overwrite: bool = False
     with warnings.catch_warnings():
         # Deprecation chatter from transformers/peft internals says nothing the user can act on.
         warnings.filterwarnings("ignore", category=FutureWarning)
-        parts = build_run_parts(cfg, resume_path, quiet)
+        parts = build_run_parts(cfg, resume_path, quiet, reuse)
         if parts.accelerator.is_main_process:
             save_config(cfg, output_dir / run_folder.CONFIG)
         return Trainer(cfg, parts, quiet).fit()

@@ -1,0 +1,370 @@
+"""`simpo-lite sweep`: short runs over a grid of settings, ranked by held-out reward accuracy and
+margin, with trials whose generation health crossed a guardrail disqualified.
+
+Every trial is an ordinary run folder (DIR/trial-NN) of the same config plus its grid values,
+`train.max_steps` and `data.max_train_pairs` fixed for all, so every trial trains on the same pairs
+and is evaluated on the same held-out pairs. Trials run one after another in this process and share
+the prepared data and the loaded 4-bit base (run_setup.Reuse); only the adapters and the optimizer
+are new, and a trial equals `simpo-lite train --config DIR/trial-NN/config.yaml` exactly.
+
+DIR holds sweep.json (the definition and every finished trial), sweep.csv, sweep.png and best.yaml:
+the winner's settings at the length of the full run, to train from.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import random
+import shlex
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from simpo_lite import config as cfgmod
+from simpo_lite.errors import ConfigError, RunError, UserError
+from simpo_lite.files import write_json, write_text
+
+SWEEP_FILE = "sweep.json"
+RANKED = ("eval_rewards/accuracies", "eval_rewards/margins")
+COLUMNS = ("trial", "status", "eval_rewards/accuracies", "eval_rewards/margins", "eval_loss",
+           "health/length_ratio", "health/looping", "train_seconds")
+
+
+@dataclass
+class Sweep:
+    """What a sweep is: the same on --resume, or the resume is refused."""
+
+    preset: str | None
+    config_file: str | None
+    sets: list[str]
+    grid: dict[str, list]
+    max_steps: int
+    train_pairs: int | None
+    drawn: int | None                      # --trials: that many combinations drawn at random
+    trials: list[dict]                     # each: {key: value} of the grid
+    results: dict[str, dict] = field(default_factory=dict)   # trial name -> its outcome
+
+    def definition(self) -> dict:
+        return {"preset": self.preset, "config_file": self.config_file, "sets": self.sets, "grid": self.grid,
+                "max_steps": self.max_steps, "train_pairs": self.train_pairs, "drawn": self.drawn,
+                "trials": self.trials}
+
+    def command(self, out_dir: Path) -> str:
+        """The command line of this sweep, to repeat it (with --resume)."""
+        args = ["simpo-lite", "sweep", *(["--preset", self.preset] if self.preset else []),
+                *(["--config", self.config_file] if self.config_file else [])]
+        args += [a for s in self.sets for a in ("--set", s)]
+        args += [a for k, v in self.grid.items() for a in ("--grid", f"{k}={_yaml_value(v)}")]
+        args += ["--max-steps", str(self.max_steps), *(["--train-pairs", str(self.train_pairs)] if self.train_pairs else []),
+                 *(["--trials", str(self.drawn)] if self.drawn else []), "--output-dir", str(out_dir)]
+        return shlex.join(args)
+
+
+def parse_grid(specs: list[str]) -> tuple[dict[str, list], list[str]]:
+    """'section.key=[v1,v2]' (YAML list; a single value is a list of one) for each --grid."""
+    grid, problems = {}, []
+    for spec in specs:
+        key, sep, text = spec.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            problems.append(f"--grid {spec!r}: expected section.key=[value,...]")
+            continue
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            problems.append(f"--grid {key}: {text!r} is not a YAML list ({str(err).splitlines()[0]})")
+            continue
+        values = [_number(v) for v in (values if isinstance(values, list) else [values])]
+        if not values:
+            problems.append(f"--grid {key}: the list is empty")
+        elif key in grid:
+            problems.append(f"--grid {key}: given twice")
+        else:
+            grid[key] = values
+    return grid, problems
+
+
+def _number(value):
+    """YAML reads 1e-5 (no dot) as text; a grid of learning rates means the number."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def grid_trials(grid: dict[str, list], trials: int | None, seed: int) -> list[dict]:
+    """Every combination, or `trials` of them drawn at random (the same ones for the same seed)."""
+    combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    if trials is not None and trials < len(combos):
+        combos = random.Random(seed).sample(combos, trials)
+    return combos
+
+
+def _yaml_value(value) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def trial_sets(sweep: Sweep, values: dict, trial_dir: Path) -> list[str]:
+    return [*sweep.sets, *(f"{k}={_yaml_value(v)}" for k, v in values.items()),
+            f"train.max_steps={sweep.max_steps}", f"train.output_dir={trial_dir}",
+            # A collapsed trial is disqualified: no use spending the budget on the rest of it.
+            "train.on_collapse=stop",
+            *([f"data.max_train_pairs={sweep.train_pairs}"] if sweep.train_pairs else [])]
+
+
+def trial_name(index: int, count: int) -> str:
+    return f"trial-{index + 1:0{max(2, len(str(count)))}d}"
+
+
+def resolve_trials(sweep: Sweep, out_dir: Path) -> list[tuple[str, cfgmod.Config]]:
+    """Every trial's config, resolved before anything runs; all problems of all trials at once."""
+    resolved, problems = [], []
+    for i, values in enumerate(sweep.trials):
+        name = trial_name(i, len(sweep.trials))
+        try:
+            resolved.append((name, cfgmod.resolve(sweep.preset, sweep.config_file, None,
+                                                  trial_sets(sweep, values, out_dir / name))))
+        except ConfigError as err:
+            problems += [p for p in err.problems if p not in problems]
+    if problems:
+        raise ConfigError(problems)
+    data = resolved[0][1].data
+    if not (data.eval_fraction > 0 or data.eval_split or data.eval_source):
+        raise UserError("a sweep ranks trials by held-out metrics, and this config holds no pairs out: set "
+                        "data.eval_fraction above 0, data.eval_split or data.eval_source")
+    return resolved
+
+
+def load_or_start(sweep: Sweep, out_dir: Path, resume: bool, overwrite: bool) -> Sweep:
+    """A new sweep in an empty DIR; --resume continues the one saved there, if it is the same sweep."""
+    saved_path = out_dir / SWEEP_FILE
+    if resume:
+        if not saved_path.is_file():
+            raise UserError(f"--resume: no {SWEEP_FILE} in {out_dir}; start the sweep without --resume")
+        try:
+            saved = json.loads(saved_path.read_text(encoding="utf-8"))
+            saved["definition"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise UserError(f"--resume: {saved_path} is damaged ({err}); sweep into another --output-dir") from None
+        differ = [k for k, v in sweep.definition().items() if saved["definition"].get(k) != v]
+        if differ:
+            raise UserError(f"--resume: this sweep differs from the one in {out_dir} in {', '.join(differ)}; "
+                            f"repeat its command as it was, or sweep into another --output-dir")
+        sweep.results = saved.get("results", {})
+        return sweep
+    contents = sorted(out_dir.iterdir()) if out_dir.is_dir() else []
+    if contents:
+        if not overwrite:
+            raise UserError(f"{out_dir} is not empty: continue its sweep with --resume, start afresh with "
+                            f"--overwrite, or choose another --output-dir")
+        foreign = [p.name for p in contents if not _is_sweep_file(p)]
+        if foreign:  # --overwrite deletes what a sweep wrote, never a user's other files
+            raise UserError(f"--overwrite: {out_dir} holds files no sweep wrote ({', '.join(foreign[:3])}); "
+                            f"choose another --output-dir")
+        import shutil
+
+        for path in contents:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return sweep
+
+
+def _is_sweep_file(path: Path) -> bool:
+    return path.name in (SWEEP_FILE, "sweep.csv", "sweep.png", "best.yaml") or path.name.startswith("trial-")
+
+
+def outcome(summary: dict) -> dict:
+    end = summary.get("end_eval") or {}
+    keep = [*RANKED, "eval_loss", "health/length_ratio", "health/looping", "health/no_stop", "eval_logps/chosen"]
+    return {"status": "ok", **{k: end[k] for k in keep if k in end}, "train_seconds": summary.get("train_seconds")}
+
+
+def ranking(sweep: Sweep) -> list[tuple[str, dict]]:
+    """Qualified trials first, best first (accuracy, then margin, then lower loss); then the rest."""
+    rows = list(sweep.results.items())
+
+    def key(item):
+        r = item[1]
+        if r["status"] != "ok" or r.get(RANKED[0]) is None:
+            return (1, 0.0, 0.0, 0.0)
+        return (0, -r[RANKED[0]], -r.get(RANKED[1], 0.0), r.get("eval_loss", 0.0))
+
+    return sorted(rows, key=key)
+
+
+def save_tables(sweep: Sweep, out_dir: Path) -> None:
+    ranked = ranking(sweep)
+    write_json(out_dir / SWEEP_FILE, {"definition": sweep.definition(), "results": sweep.results,
+                                       "ranking": [name for name, _ in ranked]})
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    keys = list(sweep.grid)
+    writer.writerow(["rank", *keys, *COLUMNS, "reason"])
+    index = dict(zip(_names(sweep), sweep.trials))
+    for rank, (name, r) in enumerate(ranked, 1):
+        writer.writerow([rank if r["status"] == "ok" else "", *(index[name][k] for k in keys), name,
+                         *(r.get(c) for c in COLUMNS[1:]), r.get("reason", "")])
+    write_text(out_dir / "sweep.csv", buffer.getvalue())
+
+
+def write_best(sweep: Sweep, out_dir: Path) -> tuple[str, Path] | None:
+    """The winner's grid values on the full run's config (its steps and data, not the sweep's)."""
+    ranked = ranking(sweep)
+    if not ranked or ranked[0][1]["status"] != "ok":
+        return None
+    name, result = ranked[0]
+    values = sweep.trials[_names(sweep).index(name)]
+    cfg = cfgmod.resolve(sweep.preset, sweep.config_file, None,
+                         [*sweep.sets, *(f"{k}={_yaml_value(v)}" for k, v in values.items())])
+    header = (f"# The winner of the sweep in {out_dir}: {name} ({_settings(values)}), held-out reward accuracy "
+              f"{result[RANKED[0]]:.3f}, margin {result.get(RANKED[1], float('nan')):.3f} after "
+              f"{sweep.max_steps} steps.\n# Train it: simpo-lite train --config {out_dir / 'best.yaml'}\n")
+    path = out_dir / "best.yaml"
+    write_text(path, header + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return name, path
+
+
+def _names(sweep: Sweep) -> list[str]:
+    return [trial_name(i, len(sweep.trials)) for i in range(len(sweep.trials))]
+
+
+def _settings(values: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in values.items())
+
+
+def plot(sweep: Sweep, out_dir: Path) -> Path | None:
+    """sweep.png: training loss and held-out reward accuracy per step, one curve per trial."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed; must precede pyplot's import
+    import matplotlib.pyplot as plt
+
+    from simpo_lite.run_folder import METRICS, read_metrics
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, values in zip(_names(sweep), sweep.trials):
+        if name not in sweep.results:
+            continue
+        records = read_metrics(out_dir / name / METRICS)
+        train = [r for r in records if "loss" in r]
+        evals = [r for r in records if "eval_rewards/accuracies" in r]
+        style = "-" if sweep.results[name]["status"] == "ok" else ":"
+        label = f"{name}: {_settings(values)}" + ("" if style == "-" else " (disqualified)")
+        line, = left.plot([r["step"] for r in train], [r["loss"] for r in train], style, label=label)
+        right.plot([r["step"] for r in evals], [r["eval_rewards/accuracies"] for r in evals], style, marker="o",
+                   color=line.get_color())
+    left.set(xlabel="step", ylabel="training loss", title="training loss")
+    right.set(xlabel="step", ylabel="held-out reward accuracy", title="held-out reward accuracy", ylim=(-0.05, 1.05))
+    left.legend(fontsize=7)
+    fig.tight_layout()
+    path = out_dir / "sweep.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _trial_outcome(name: str, trial_dir: Path, run) -> dict:
+    """Run one trial; a collapse or divergence disqualifies it instead of ending the sweep."""
+    from simpo_lite.errors import first_line
+    from simpo_lite.run_folder import read_summary
+
+    try:
+        return outcome(run())
+    except RunError as err:
+        if err.exit_code == 130:
+            raise
+        summary = read_summary(trial_dir) or {}
+        reason = "; ".join(summary.get("collapse") or []) or first_line(err).split(";")[0]
+        return {"status": "disqualified", "reason": reason}
+
+
+def run_sweep(sweep: Sweep, out_dir: Path, *, resume: bool = False, overwrite: bool = False,
+              budget_minutes: float | None = None, quiet: bool = False, say=print) -> dict:
+    """Run every trial not finished yet, then rank them; returns sweep.json's content."""
+    from accelerate import PartialState
+
+    from simpo_lite.run_setup import Reuse
+    from simpo_lite.sharding import fsdp_requested
+    from simpo_lite.trainer import run_training
+
+    configs = resolve_trials(sweep, out_dir)  # every problem before anything is written
+    # Under accelerate every process runs every trial (as a run does); the main one writes the tables.
+    process = PartialState()
+    main = process.is_main_process
+    with process.main_process_first():
+        sweep = load_or_start(sweep, out_dir, resume, overwrite and main)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    say = say if main else (lambda message: None)
+    first = configs[0][1]
+    pairs = first.train.micro_batch_size * first.train.gradient_accumulation_steps
+    say(f"sweep: {len(configs)} trials x {sweep.max_steps} steps of {pairs} pairs"
+        + (f" on {sweep.train_pairs} training pairs" if sweep.train_pairs else "")
+        + f"; {len(sweep.results)} finished earlier. Time per trial is measured on the first one"
+        + (f"; no trial starts after {budget_minutes:g} min" if budget_minutes else "") + ".")
+    # FSDP wraps the model in place, so its trials load the base afresh; DDP and one process reuse it.
+    reuse = None if fsdp_requested() else Reuse()
+    started, durations = time.perf_counter(), []
+    for (name, cfg), values in zip(configs, sweep.trials):
+        if name in sweep.results:
+            continue
+        elapsed = time.perf_counter() - started
+        if budget_minutes and durations and elapsed + sum(durations) / len(durations) > budget_minutes * 60:
+            say(f"sweep: budget of {budget_minutes:g} min reached after {elapsed / 60:.1f} min; "
+                f"{len(configs) - len(sweep.results)} trials not run (continue with --resume and a larger budget)")
+            break
+        say(f"sweep: {name} ({_settings(values)})")
+        t0 = time.perf_counter()
+        try:
+            result = _trial_outcome(name, out_dir / name,
+                                    lambda: run_training(cfg, overwrite=True, quiet=quiet, reuse=reuse))
+        except RunError:
+            if main:
+                save_tables(sweep, out_dir)
+            raise RunError(f"sweep interrupted during {name}; the {len(sweep.results)} finished trials are kept "
+                           f"in {out_dir}; continue with: {sweep.command(out_dir)} --resume", exit_code=130) from None
+        durations.append(time.perf_counter() - t0)
+        sweep.results[name] = {**result, "seconds": round(durations[-1], 1)}
+        if main:
+            save_tables(sweep, out_dir)
+        say(f"sweep: {name} " + (f"accuracy {result.get(RANKED[0], float('nan')):.3f}, margin "
+                                f"{result.get(RANKED[1], float('nan')):.3f}" if result["status"] == "ok"
+                                else f"disqualified: {result['reason']}") + f" ({durations[-1]:.0f} s)")
+        left = len(configs) - len(sweep.results)
+        if len(durations) == 1 and left:
+            say(f"sweep: the other {left} trials should take about {left * durations[0] / 60:.1f} min")
+    best = None
+    if main:
+        plot(sweep, out_dir)
+        best = write_best(sweep, out_dir)
+    return {"ranking": ranking(sweep), "best": best, "main": main}
+
+
+def print_ranking(sweep: Sweep, result: dict, out_dir: Path) -> None:
+    """The ranked table on stdout, plain columns that stay whole when piped."""
+    if not result["main"]:
+        return
+    index = dict(zip(_names(sweep), sweep.trials))
+    head = ["rank", "trial", *sweep.grid, "accuracy", "margin", "loss", "length x", "looping", "status"]
+    rows = []
+    for rank, (name, r) in enumerate(result["ranking"], 1):
+        ok = r["status"] == "ok"
+        figures = [f"{r[k]:.3f}" if ok and r.get(k) is not None else "-"
+                   for k in (*RANKED, "eval_loss", "health/length_ratio", "health/looping")]
+        rows.append([str(rank) if ok else "-", name, *(str(index[name][k]) for k in sweep.grid), *figures,
+                     "ok" if ok else f"disqualified: {r['reason']}"])
+    widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head) - 1)]
+    for row in [head, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
+    print(f"\ntables: {out_dir / 'sweep.csv'}, {out_dir / SWEEP_FILE}; curves: {out_dir / 'sweep.png'}")
+    if result["best"]:
+        name, path = result["best"]
+        print(f"best: {name} ({_settings(index[name])}); train it with: simpo-lite train --config {path}")
+    else:
+        print("best: none; every finished trial was disqualified. Try lower learning rates or a larger "
+              "simpo.sft_weight, and read the trials' samples.jsonl")
