@@ -11,22 +11,37 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+import typer.main
 
 from simpo_lite.errors import ConfigError, RunError, UserError
 
-app = typer.Typer(name="simpo-lite", no_args_is_help=True, rich_markup_mode="rich", add_completion=False,
+# Plain click help: it is not boxed to 80 columns when piped, and switches show no '<bool>' metavar.
+HELP = {"help_option_names": ["-h", "--help"]}
+app = typer.Typer(name="simpo-lite", no_args_is_help=True, rich_markup_mode=None, add_completion=False,
+                  context_settings=HELP,
                   help="SimPO preference tuning of a 4-bit LoRA model on one consumer GPU.\n\n"
-                       "Add --debug anywhere to see full tracebacks.")
-presets_app = typer.Typer(no_args_is_help=True, help="List and show the bundled presets.")
-data_app = typer.Typer(no_args_is_help=True, help="Look at what the data pipeline makes of a dataset.")
+                       "Anywhere on the line: --verbose shows libraries' warnings, logs and progress bars; "
+                       "--debug shows full tracebacks; --version prints the version.")
+presets_app = typer.Typer(no_args_is_help=True, context_settings=HELP, help="List and show the bundled presets.")
+data_app = typer.Typer(no_args_is_help=True, context_settings=HELP,
+                       help="Look at what the data pipeline makes of a dataset.")
 app.add_typer(presets_app, name="presets")
 app.add_typer(data_app, name="data")
 
-PresetOpt = typer.Option(None, "--preset", "-p", help="Preset name (see 'simpo-lite presets list').")
-ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (e.g. a run's config.yaml).")
-SetOpt = typer.Option(None, "--set", "-s", help="Override any key: --set simpo.beta=2.5 (repeatable).")
-DataOpt = typer.Option(None, "--data", help="Training data: 'demo', a local file or a Hub dataset id.")
-ModelOpt = typer.Option(None, "--model", help="Base model: Hub id, local folder or 'smollm2-135m-instruct'.")
+# One vocabulary: the same flag means the same thing in every command that has it.
+PresetOpt = typer.Option(None, "--preset", "-p", metavar="NAME", help="Preset name (see 'simpo-lite presets list').")
+ConfigOpt = typer.Option(None, "--config", "-c", metavar="FILE", help="YAML config file (e.g. a run's config.yaml).")
+SetOpt = typer.Option(None, "--set", "-s", metavar="KEY=VALUE",
+                      help="Override any key: --set simpo.beta=2.5 (repeatable).")
+DataOpt = typer.Option(None, "--data", metavar="DATA", help="Preference data: 'demo', a local file or a Hub dataset id.")
+ModelOpt = typer.Option(None, "--model", metavar="MODEL",
+                        help="Base model: Hub id, local folder or 'smollm2-135m-instruct'.")
+TargetArg = typer.Argument(..., metavar="MODEL_OR_RUN",
+                           help="A run folder, a checkpoint, an exported model folder, or a base model.")
+MaxNewTokensOpt = typer.Option(512, "--max-new-tokens", metavar="N", help="Most tokens per answer.")
+TemperatureOpt = typer.Option(0.0, "--temperature", metavar="T", help="Sampling temperature; 0 = greedy.")
+TopPOpt = typer.Option(1.0, "--top-p", metavar="P", help="Nucleus sampling: keep the most likely tokens "
+                       "up to this probability mass (with --temperature above 0).")
 
 
 def _flags(**values) -> dict:
@@ -51,9 +66,23 @@ def _resolve(preset, config, sets, **flags):
 
 
 def _info(message: str) -> None:
-    from rich.console import Console
+    from simpo_lite.console import info
 
-    Console(stderr=True, soft_wrap=True).print(f"[bold cyan]simpo-lite[/]: {message}", highlight=False)
+    info(message)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from simpo_lite import __version__
+
+        typer.echo(f"simpo-lite {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")):
+    """SimPO preference tuning of a 4-bit LoRA model on one consumer GPU."""
 
 
 @app.command()
@@ -62,11 +91,12 @@ def train(
     config: Optional[Path] = ConfigOpt,
     model: Optional[str] = ModelOpt,
     data: Optional[str] = DataOpt,
-    output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", help="Run folder."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed that fixes data order, init and dropout."),
-    resume: Optional[str] = typer.Option(None, "--resume", help="Resume: 'latest' (newest checkpoint in the "
-                                         "output dir) or a checkpoint folder. A bare --resume means latest."),
+    output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", metavar="DIR", help="Run folder."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", metavar="N", help="Stop after this many optimizer steps."),
+    seed: Optional[int] = typer.Option(None, "--seed", metavar="N", help="Seed that fixes data order, init and dropout."),
+    resume: Optional[str] = typer.Option(None, "--resume", metavar="CHECKPOINT", help="Resume: 'latest' (newest "
+                                         "checkpoint in the output dir) or a checkpoint folder. A bare --resume "
+                                         "means latest."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh in a non-empty output dir."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Plain log lines instead of a live progress bar."),
     sets: Optional[List[str]] = SetOpt,
@@ -80,46 +110,50 @@ def train(
 
 @app.command()
 def export(
-    run_dir: Path = typer.Argument(..., help="A training run's output folder."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Destination folder (default: RUN_DIR/merged, or "
-                                       "RUN_DIR/adapter-export with --adapter-only)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (default: the run's export.dtype)."),
+    run_dir: Path = typer.Argument(..., metavar="RUN", help="A training run's output folder."),
+    out: Optional[Path] = typer.Option(None, "--out", metavar="DIR", help="Destination folder (default: RUN/merged, "
+                                       "or RUN/adapter-export with --adapter-only)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", metavar="DTYPE",
+                                        help="bf16, fp16 or fp32 (default: the run's export.dtype)."),
     adapter_only: bool = typer.Option(False, "--adapter-only", help="Export the LoRA adapter alone, unmerged."),
-    push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="Also upload to this Hub repo id."),
+    push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", metavar="REPO_ID",
+                                              help="Also upload to this Hub repo id."),
     private: bool = typer.Option(False, "--private", help="Create the Hub repo as private."),
-    force: bool = typer.Option(False, "--force", help="Replace a non-empty --out folder."),
-    format: str = typer.Option("safetensors", "--format", help="safetensors (a transformers model folder) or gguf "
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder."),
+    force: bool = typer.Option(False, "--force", hidden=True, help="Deprecated name of --overwrite."),
+    format: str = typer.Option("safetensors", "--format", metavar="FORMAT", help="safetensors (a transformers model folder) or gguf "
                                "(one file for llama.cpp and Ollama, with a Modelfile)."),
-    quant: Optional[str] = typer.Option(None, "--quant", help="With --format gguf: f16, bf16, q8_0 (default) or "
+    quant: Optional[str] = typer.Option(None, "--quant", metavar="QUANT", help="With --format gguf: f16, bf16, q8_0 (default) or "
                                         "q4_k_m (needs llama-cpp-python, the package's gguf extra)."),
-    sets: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Override a key of the run's saved config, "
+    sets: Optional[List[str]] = typer.Option(None, "--set", "-s", metavar="KEY=VALUE",
+                                             help="Override a key of the run's saved config, "
                                              "e.g. --set export.verify_tolerance=0.1 (repeatable)."),
 ):
     """Merge a run's adapters into full-precision base weights (and optionally push them to the Hub)."""
     from simpo_lite.export import export_run
 
+    if force:
+        _info("--force is now --overwrite (the same flag as train's); --force still works for now.")
     export_run(run_dir, out=out, dtype=dtype, adapter_only=adapter_only, push_to_hub=push_to_hub,
-               private=private, force=force, sets=sets or [], format=format, quant=quant)
+               private=private, force=overwrite or force, sets=sets or [], format=format, quant=quant)
 
 
 @presets_app.command("list")
-def presets_list():
-    """List the bundled presets with their model and data."""
-    from rich.console import Console
-    from rich.table import Table
-
+def presets_list(as_json: bool = typer.Option(False, "--json", help="A JSON list instead of a table.")):
+    """List the bundled presets with their model and data (plain rows when piped)."""
     from simpo_lite import config as cfgmod
+    from simpo_lite.console import print_table
 
-    table = Table("preset", "model", "data", "beta", "gamma/beta", "lr")
+    rows = []
     for name in cfgmod.preset_names():
         cfg = cfgmod.resolve(name)
-        table.add_row(name, cfg.model.name_or_path, cfg.data.source, f"{cfg.simpo.beta:g}",
-                      f"{cfg.simpo.gamma_beta_ratio:g}", f"{cfg.train.learning_rate:g}")
-    Console().print(table)
+        rows.append([name, cfg.model.name_or_path, cfg.data.source, f"{cfg.simpo.beta:g}",
+                     f"{cfg.simpo.gamma_beta_ratio:g}", f"{cfg.train.learning_rate:g}"])
+    print_table(["preset", "model", "data", "beta", "gamma/beta", "lr"], rows, as_json=as_json)
 
 
 @presets_app.command("show")
-def presets_show(name: str = typer.Argument(..., help="Preset name."),
+def presets_show(name: str = typer.Argument(..., metavar="NAME", help="Preset name."),
                  resolved: bool = typer.Option(False, "--resolved", help="Show the full config with defaults filled in.")):
     """Print a preset's YAML (with the sources of its numbers), or the full resolved config."""
     import yaml
@@ -138,7 +172,7 @@ def data_inspect(
     model: Optional[str] = ModelOpt,
     data: Optional[str] = DataOpt,
     sets: Optional[List[str]] = SetOpt,
-    index: int = typer.Option(0, "--index", help="Which training example to render."),
+    index: int = typer.Option(0, "--index", metavar="N", help="Which training example to render."),
 ):
     """Render one tokenized example and report lengths, drops and padding."""
     cfg = _resolve(preset, config, sets, model=model, data=data)
@@ -149,12 +183,12 @@ def data_inspect(
 
 @app.command("eval")
 def evaluate(
-    model_or_run: str = typer.Argument(..., help="A run folder, an exported model folder, or a base model."),
+    model_or_run: str = TargetArg,
     preset: Optional[str] = PresetOpt,
     config: Optional[Path] = ConfigOpt,
     data: Optional[str] = DataOpt,
     sets: Optional[List[str]] = SetOpt,
-    out: Optional[Path] = typer.Option(None, "--out", help="Also write the metrics to this JSON file."),
+    out: Optional[Path] = typer.Option(None, "--out", metavar="FILE.json", help="Also write the metrics to this JSON file."),
 ):
     """Preference metrics (reward accuracy, margins, log-probs) of a model on an eval split."""
     from simpo_lite.evaluate import evaluate_command
@@ -164,24 +198,59 @@ def evaluate(
 
 @app.command()
 def generate(
-    model_or_run: str = typer.Argument(..., help="A run folder, an exported model folder, or a base model."),
-    prompts: Path = typer.Option(..., "--prompts", help="JSON/JSONL file of prompts (AlpacaEval 'instruction' or 'prompt')."),
-    out: Path = typer.Option(..., "--out", help="Output JSON in AlpacaEval format."),
-    max_new_tokens: int = typer.Option(512, "--max-new-tokens"),
-    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
-    generator: Optional[str] = typer.Option(None, "--generator", help="Name recorded in the 'generator' field."),
+    model_or_run: str = TargetArg,
+    out: Path = typer.Option(..., "--out", metavar="FILE.json", help="Output JSON in AlpacaEval format."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", metavar="FILE", help="JSON/JSONL file of prompts "
+                                           "(AlpacaEval 'instruction' or 'prompt'); default: the eval split's prompts "
+                                           "of the data (--data, else the run's)."),
+    preset: Optional[str] = PresetOpt,
+    config: Optional[Path] = ConfigOpt,
+    data: Optional[str] = DataOpt,
+    max_new_tokens: int = MaxNewTokensOpt,
+    temperature: float = TemperatureOpt,
+    top_p: float = TopPOpt,
+    generator: Optional[str] = typer.Option(None, "--generator", metavar="NAME",
+                                            help="Name recorded in the 'generator' field."),
     sets: Optional[List[str]] = SetOpt,
 ):
     """Generate answers for benchmark prompts (AlpacaEval / Arena-Hard style) with length statistics."""
     from simpo_lite.generate import generate_command
 
     generate_command(model_or_run, prompts=prompts, out=out, max_new_tokens=max_new_tokens,
-                     temperature=temperature, generator=generator, sets=sets or [])
+                     temperature=temperature, top_p=top_p, generator=generator, preset=preset, config=config,
+                     data=data, sets=sets or [])
 
 
 @app.command()
-def report(run_dir: Path = typer.Argument(..., help="A training run's output folder."),
-           out: Optional[Path] = typer.Option(None, "--out", help="PNG path (default: RUN_DIR/report.png).")):
+def chat(
+    model_or_run: str = TargetArg,
+    system: Optional[str] = typer.Option(None, "--system", metavar="TEXT", help="System message (default: the "
+                                         "run's data.system_prompt; --system '' for none)."),
+    preset: Optional[str] = PresetOpt,
+    config: Optional[Path] = ConfigOpt,
+    max_new_tokens: int = MaxNewTokensOpt,
+    temperature: float = typer.Option(0.7, "--temperature", metavar="T", help="Sampling temperature; 0 = greedy."),
+    top_p: float = typer.Option(0.9, "--top-p", metavar="P", help="Nucleus sampling: keep the most likely tokens "
+                                "up to this probability mass (with --temperature above 0)."),
+    seed: Optional[int] = typer.Option(None, "--seed", metavar="N", help="Seed for sampling (default: the run's train.seed)."),
+    max_context: Optional[int] = typer.Option(None, "--max-context", metavar="TOKENS", help="Most tokens of history "
+                                              "plus answer (default: the model's context length); older turns "
+                                              "are dropped beyond it."),
+    sets: Optional[List[str]] = SetOpt,
+):
+    """Talk to a model in the terminal: a run (4-bit + adapter, as trained), an export or a base model.
+
+    Type a message and press Enter; /reset clears the history, /exit (or Ctrl-D, Ctrl-C) quits.
+    """
+    from simpo_lite.chat import chat_command
+
+    chat_command(model_or_run, system=system, preset=preset, config=config, max_new_tokens=max_new_tokens,
+                 temperature=temperature, top_p=top_p, seed=seed, max_context=max_context, sets=sets or [])
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., metavar="RUN", help="A training run's output folder."),
+           out: Optional[Path] = typer.Option(None, "--out", metavar="FILE.png", help="PNG path (default: RUN/report.png).")):
     """Plot a run's training and eval curves and print a short summary."""
     from simpo_lite.run_report import report_command
 
@@ -192,12 +261,18 @@ def report(run_dir: Path = typer.Argument(..., help="A training run's output fol
 def plan(
     preset: Optional[str] = PresetOpt,
     config: Optional[Path] = ConfigOpt,
+    model: Optional[str] = ModelOpt,
     sets: Optional[List[str]] = SetOpt,
-    gpu_memory: Optional[float] = typer.Option(None, "--gpu-memory", help="GPU memory in GB to plan for."),
+    gpu_memory: Optional[float] = typer.Option(None, "--gpu-memory", metavar="GB", help="GPU memory in GB to plan for "
+                                               "(default: this machine's GPU, or 24)."),
 ):
-    """Estimate peak GPU memory of a run and the largest micro-batch that fits."""
-    cfg = _resolve(preset, config, sets)
-    from simpo_lite.plan import plan_command
+    """Estimate peak GPU memory of a run and the largest micro-batch that fits.
+
+    Exit code 1 when not even one pair fits (the run as configured would run out of memory: a
+    finding about the run, like grep finding nothing, not a mistake on the command line).
+    """
+    cfg = _resolve(preset, config, sets, model=model)
+    from simpo_lite.plan_report import plan_command
 
     plan_command(cfg, gpu_memory=gpu_memory)
 
@@ -207,16 +282,16 @@ def sweep(
     preset: Optional[str] = PresetOpt,
     config: Optional[Path] = ConfigOpt,
     sets: Optional[List[str]] = SetOpt,
-    grid: List[str] = typer.Option(..., "--grid", help="Values to try: --grid 'train.learning_rate=[1e-5,3e-5]' "
+    grid: List[str] = typer.Option(..., "--grid", metavar="KEY=[VALUES]", help="Values to try: --grid 'train.learning_rate=[1e-5,3e-5]' "
                                    "(repeatable; trials are every combination)."),
-    max_steps: int = typer.Option(..., "--max-steps", min=1, help="Optimizer steps of every trial."),
-    train_pairs: Optional[int] = typer.Option(None, "--train-pairs", min=1, help="Train every trial on the "
+    max_steps: int = typer.Option(..., "--max-steps", min=1, metavar="N", help="Optimizer steps of every trial."),
+    train_pairs: Optional[int] = typer.Option(None, "--train-pairs", min=1, metavar="K", help="Train every trial on the "
                                               "same first K training pairs (default: all)."),
-    output_dir: Path = typer.Option(..., "--output-dir", "-o", help="Sweep folder: one run folder per trial, "
+    output_dir: Path = typer.Option(..., "--output-dir", "-o", metavar="DIR", help="Sweep folder: one run folder per trial, "
                                     "sweep.json/.csv/.png and best.yaml."),
-    trials: Optional[int] = typer.Option(None, "--trials", min=1, help="Run only this many combinations, "
+    trials: Optional[int] = typer.Option(None, "--trials", min=1, metavar="N", help="Run only this many combinations, "
                                          "drawn at random (seeded by train.seed)."),
-    budget_minutes: Optional[float] = typer.Option(None, "--budget-minutes", min=0.0,
+    budget_minutes: Optional[float] = typer.Option(None, "--budget-minutes", min=0.0, metavar="MINUTES",
                                                    help="Start no trial that would end after this many minutes."),
     resume: Optional[str] = typer.Option(None, "--resume", help="Continue the sweep in --output-dir (bare "
                                          "--resume): finished trials are kept, an interrupted one starts again."),
@@ -247,16 +322,43 @@ def sweep(
     sweepmod.print_ranking(plan, result, output_dir)
 
 
-def _normalise_argv(argv: list[str]) -> tuple[list[str], bool]:
-    """Pull out --debug wherever it is; let a bare --resume mean 'latest'."""
-    debug = "--debug" in argv or os.environ.get("SIMPO_LITE_DEBUG") == "1"
-    argv = [a for a in argv if a != "--debug"]
+GLOBAL_FLAGS = ("--debug", "--verbose")
+TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def _switch_names() -> set[str]:
+    """Long names of every on/off flag of every command (click builds the tree without running anything)."""
+    command = typer.main.get_command(app)
+    names, todo = set(), [command]
+    while todo:
+        current = todo.pop()
+        todo += list(getattr(current, "commands", {}).values())
+        names |= {opt for p in current.params if getattr(p, "is_flag", False) for opt in p.opts if opt.startswith("--")}
+    return names
+
+
+def _normalise_argv(argv: list[str]) -> tuple[list[str], dict[str, bool]]:
+    """Pull out --debug, --verbose (and --version) wherever they are; let a bare --resume mean 'latest';
+    accept --switch=true / --switch=false for every on/off flag."""
+    flags = {"debug": "--debug" in argv or os.environ.get("SIMPO_LITE_DEBUG") == "1",
+             "verbose": "--verbose" in argv or os.environ.get("SIMPO_LITE_VERBOSE") == "1"}
+    argv = [a for a in argv if a not in GLOBAL_FLAGS]
+    if "--version" in argv and "--" not in argv[:argv.index("--version")]:
+        argv = ["--version"]
+    switches = _switch_names() if any(a.startswith("--") and "=" in a for a in argv) else set()
     out = []
     for i, arg in enumerate(argv):
+        name, _, value = arg.partition("=")
+        if name in switches and value:
+            if value.lower() in TRUE:
+                out.append(name)
+            elif value.lower() not in FALSE:
+                raise UserError(f"{arg}: {name} is a switch; give it alone, or {name}=true / {name}=false")
+            continue
         out.append(arg)
         if arg == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
             out.append("latest")
-    return out, debug
+    return out, flags
 
 
 def _fail(message: str) -> None:
@@ -275,9 +377,14 @@ def _click_exceptions():
 
 
 def main(argv: list[str] | None = None) -> None:
+    from simpo_lite.console import quiet_libraries
+
     click = _click_exceptions()
-    args, debug = _normalise_argv(list(sys.argv[1:] if argv is None else argv))
+    raw = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in raw or os.environ.get("SIMPO_LITE_DEBUG") == "1"
     try:
+        args, flags = _normalise_argv(raw)
+        quiet_libraries(flags["verbose"])  # before anything imports transformers, datasets or bitsandbytes
         app(args=args, prog_name="simpo-lite", standalone_mode=False)
     except ConfigError as err:
         if debug:

@@ -10,6 +10,7 @@ from simpo_lite.errors import UserError
 def evaluate_command(model_or_run: str, preset: str | None = None, config=None, data: str | None = None,
                      sets: list[str] | None = None, out=None) -> dict:
     """Metrics of a base model, a run's adapter or an exported model on an eval split."""
+    from simpo_lite.console import info
     from simpo_lite.files import write_json
     from simpo_lite.target import load_target_model, load_target_tokenizer, model_device, resolve_target
 
@@ -37,19 +38,14 @@ def evaluate_command(model_or_run: str, preset: str | None = None, config=None, 
     _print_metrics(result)
     if out is not None:
         write_json(Path(out), result)
-        print(f"wrote {out}")
+        info(f"wrote {out}")
     return result
 
 
 def _print_metrics(result: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from simpo_lite.console import info, print_table
 
-    console = Console(highlight=False, soft_wrap=True)
-    console.print(f"{result['model']}\n{result['eval_pairs']} eval pairs of {result['data']}, "
-                  f"beta {result['beta']:g}, gamma/beta {result['gamma_beta_ratio']:g}")
-    table = Table("metric", "value")
-    for key, value in result.items():
-        if key.startswith("eval_"):
-            table.add_row(key, f"{value:.4f}")
-    console.print(table)
+    info(f"{result['model']}; {result['eval_pairs']} eval pairs of {result['data']}, "
+         f"beta {result['beta']:g}, gamma/beta {result['gamma_beta_ratio']:g}")
+    print_table(["metric", "value"], [[key, f"{value:.4f}" if isinstance(value, float) else str(value)]
+                                    for key, value in result.items() if key.startswith("eval_")])

@@ -3,7 +3,7 @@
 The adapters are merged into the base reloaded in the export precision, never into the 4-bit weights the
 run trained on: merging into NF4 would re-quantize the sum and lose most of a small fine-tune.
 Everything is built in a temporary folder next to the target and renamed at the end, so a failed export
-leaves no folder that looks complete (and, with --force, the previous export untouched).
+leaves no folder that looks complete (and, with --overwrite, the previous export untouched).
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def check_target(target: Path, run: Path, cfg: Config, force: bool) -> None:
     if target.exists() and not target.is_dir():
         raise UserError(f"--out '{target}' is a file: choose a folder path")
     if target.is_dir() and any(target.iterdir()) and not force:
-        raise UserError(f"--out '{target}' is not empty: add --force to replace it, or choose another folder")
+        raise UserError(f"--out '{target}' is not empty: add --overwrite to replace it, or choose another folder")
 
 
 def _local_base_folder(cfg: Config) -> list[Path]:
@@ -159,8 +159,6 @@ def _fill_adapter_only(tmp: Path, run: Path, cfg: Config, summary: dict | None, 
 
 
 def _say(message: str) -> None:
-    from rich.console import Console
-    from rich.text import Text
+    from simpo_lite.console import info
 
-    # Text, not markup: model output and paths may contain [brackets].
-    Console(stderr=True, soft_wrap=True).print(Text.assemble(("simpo-lite", "bold cyan"), ": ", message))
+    info(message)

@@ -61,11 +61,18 @@ def read_prompts(path: Path) -> list[dict]:
 
 def render(tokenizer, instruction: str, system_prompt: str | None) -> list[int]:
     """Token ids of the chat-templated prompt, ending with the assistant turn's opening."""
+    return render_messages(tokenizer, ([{"role": "system", "content": system_prompt}] if system_prompt else [])
+                           + [{"role": "user", "content": instruction}])
+
+
+def render_messages(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation through the chat template, ending with the assistant turn's opening."""
     if not getattr(tokenizer, "chat_template", None):
-        # No template (a base model): the bare instruction, with the tokenizer's usual special tokens.
-        return tokenizer(instruction)["input_ids"]
-    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
-        [{"role": "user", "content": instruction}]
+        # No template (a base model): the turns as plain text, with the tokenizer's usual special tokens.
+        if len(messages) == 1 or all(m["role"] == "system" for m in messages[:-1]):
+            return tokenizer(messages[-1]["content"])["input_ids"]
+        text = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages) + "Assistant:"
+        return tokenizer(text)["input_ids"]
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except Exception as err:  # jinja raises its own TemplateError, e.g. for a refused system role
@@ -90,22 +97,38 @@ def _batches(prompt_ids: list[list[int]], batch_size: int) -> list[list[int]]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
+    if temperature < 0:
+        raise UserError(f"--temperature {temperature:g}: must be >= 0 (0 = greedy)")
+    if not 0 < top_p <= 1:
+        raise UserError(f"--top-p {top_p:g}: must be above 0 and at most 1 (1 = no nucleus cut)")
+
+
+def generation_config(tokenizer, model, max_new_tokens: int, temperature: float, top_p: float = 1.0):
+    """transformers' GenerationConfig for our decoding: greedy at temperature 0, else sampling (no top-k)."""
+    from transformers import GenerationConfig
+
+    stops = stop_ids(tokenizer, model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else dict(do_sample=False)
+    # use_cache: a model prepared for training has it off in its config, and without it every new token
+    # reruns the whole sequence.
+    return GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad, use_cache=True,
+                            **sampling)
+
+
 def generate_responses(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float,
-                       batch_size: int, seed: int, progress=None) -> list[dict]:
+                       batch_size: int, seed: int, progress=None, top_p: float = 1.0) -> list[dict]:
     """[{text, tokens, truncated}] in prompt order; rows are left-padded so every prompt ends where generation starts."""
     import torch
-    from transformers import GenerationConfig
 
     from simpo_lite.target import model_device
 
     device = model_device(model)
-    stops = stop_ids(tokenizer, model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    sampling = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else dict(do_sample=False)
-    # use_cache: a model prepared for training has it off in its config, and without it every new token
-    # reruns the whole sequence.
-    gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad, use_cache=True,
-                               **sampling)
+    gen_cfg = generation_config(tokenizer, model, max_new_tokens, temperature, top_p)
+    stops, pad = list(gen_cfg.eos_token_id), gen_cfg.pad_token_id
     if temperature > 0:  # greedy draws nothing, and must leave a training run's random streams alone
         torch.manual_seed(seed)
     results: list[dict | None] = [None] * len(prompt_ids)
@@ -121,14 +144,14 @@ def generate_responses(model, tokenizer, prompt_ids: list[list[int]], max_new_to
         with torch.no_grad():
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg)
         for row, i in enumerate(batch):
-            results[i] = _decode(tokenizer, out[row, width:].tolist(), stops, max_new_tokens)
+            results[i] = decode_answer(tokenizer, out[row, width:].tolist(), stops, max_new_tokens)
         done += len(batch)
         if progress:
             progress(done, len(prompt_ids))
     return results
 
 
-def _decode(tokenizer, new_ids: list[int], stops: list[int], max_new_tokens: int) -> dict:
+def decode_answer(tokenizer, new_ids: list[int], stops: list[int], max_new_tokens: int) -> dict:
     """The response up to its first stop token; the rest is padding of shorter rows."""
     end = next((k for k, t in enumerate(new_ids) if t in stops), None)
     tokens = new_ids if end is None else new_ids[:end]
@@ -150,47 +173,61 @@ def stats_path(out: Path) -> Path:
 
 
 def print_stats(stats: dict, generator: str, max_new_tokens: int) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from simpo_lite.console import info, print_table
 
-    table = Table("response length", "mean", "median", "max", title=f"{generator}: {stats['responses']} responses")
-    for unit in ("tokens", "characters"):
-        s = stats[unit]
-        table.add_row(unit, f"{s['mean']:.1f}", f"{s['median']:.1f}", str(s["max"]))
-    console = Console(highlight=False)
-    console.print(table)
+    print_table(["response length", "mean", "median", "max"],
+                [[unit, f"{stats[unit]['mean']:.1f}", f"{stats[unit]['median']:.1f}", str(stats[unit]["max"])]
+                 for unit in ("tokens", "characters")],
+                title=f"{generator}: {stats['responses']} responses", markup=False)
     if stats["hit_max_new_tokens"]:
-        console.print(f"{stats['hit_max_new_tokens']} responses stopped at --max-new-tokens {max_new_tokens} "
-                      f"without finishing: raise it for a fair length comparison")
+        info(f"{stats['hit_max_new_tokens']} responses stopped at --max-new-tokens {max_new_tokens} "
+             f"without finishing: raise it for a fair length comparison")
 
 
-def generate_command(model_or_run: str, prompts: Path, out: Path, max_new_tokens: int = 512,
-                     temperature: float = 0.0, generator: str | None = None, sets: list[str] | None = None) -> list[dict]:
+def eval_split_prompts(target, tokenizer) -> tuple[list[dict], list[list[int]]]:
+    """The eval split's prompts of the target's data, templated exactly as training saw them."""
+    from simpo_lite.data import build_datasets
+
+    prepared = build_datasets(target.cfg.data, tokenizer, target.cfg.train.seed)
+    if prepared.eval is None or len(prepared.eval) == 0:
+        raise UserError(f"data '{target.cfg.data.source}' has no eval pairs to take prompts from: give --prompts "
+                        f"FILE, or --set data.eval_fraction=0.1")
+    rows = [prepared.eval[i] for i in range(len(prepared.eval))]
+    return ([{"instruction": row["question"], "dataset": target.cfg.data.source} for row in rows],
+            [row["chosen_input_ids"][:row["prompt_length"]] for row in rows])
+
+
+def generate_command(model_or_run: str, out: Path, prompts: Path | None = None, max_new_tokens: int = 512,
+                     temperature: float = 0.0, top_p: float = 1.0, generator: str | None = None,
+                     preset: str | None = None, config: Path | None = None, data: str | None = None,
+                     sets: list[str] | None = None) -> list[dict]:
+    from simpo_lite.console import info
     from simpo_lite.target import load_target_model, load_target_tokenizer, resolve_target
 
-    if max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
-    if temperature < 0:
-        raise UserError(f"--temperature {temperature:g}: must be >= 0 (0 = greedy)")
+    check_sampling(max_new_tokens, temperature, top_p)
     out = Path(out)
     if out.suffix.lower() != ".json":
         raise UserError(f"--out '{out}' must end in .json: AlpacaEval reads a JSON list")
-    items = read_prompts(prompts)
-    target = resolve_target(model_or_run, sets=sets)
+    items = read_prompts(prompts) if prompts is not None else None
+    target = resolve_target(model_or_run, preset=preset, config=config, data=data, sets=sets)
     name = generator or target.label
     tokenizer = load_target_tokenizer(target)
-    prompt_ids = [render(tokenizer, item["instruction"], target.cfg.data.system_prompt) for item in items]
-    print(f"generating {len(items)} responses with {target.describe()}", file=sys.stderr, flush=True)
+    if items is None:
+        items, prompt_ids = eval_split_prompts(target, tokenizer)
+    else:
+        prompt_ids = [render(tokenizer, item["instruction"], target.cfg.data.system_prompt) for item in items]
+    info(f"generating {len(items)} responses with {target.describe()}")
     model = load_target_model(target)
     responses = generate_responses(
         model, tokenizer, prompt_ids, max_new_tokens, temperature, target.cfg.train.eval_batch_size,
-        target.cfg.train.seed, progress=lambda done, total: print(f"  {done}/{total}", file=sys.stderr, flush=True))
+        target.cfg.train.seed, progress=lambda done, total: print(f"  {done}/{total}", file=sys.stderr, flush=True),
+        top_p=top_p)
     records = [{"instruction": item["instruction"], "output": r["text"], "generator": name,
                 **({"dataset": item["dataset"]} if "dataset" in item else {})} for item, r in zip(items, responses)]
     write_json(out, records)
     stats = length_stats(responses)
     write_json(stats_path(out), {"generator": name, "model": target.describe(), "max_new_tokens": max_new_tokens,
-                                 "temperature": temperature, **stats})
+                                 "temperature": temperature, "top_p": top_p, **stats})
     print_stats(stats, name, max_new_tokens)
-    print(f"wrote {out} (AlpacaEval format) and {stats_path(out)}")
+    info(f"wrote {out} (AlpacaEval format) and {stats_path(out)}")
     return records

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 
 from simpo_lite.config import Config
 from simpo_lite.errors import UserError
+from simpo_lite.plan_arch import ALIASES, KNOWN_ARCHS, Arch, arch_from_hf_config, architecture  # noqa: F401
 
 GIB = 2**30
 
@@ -36,105 +37,6 @@ ALLOCATOR_SLACK = 0.10
 NF4_BYTES = 0.5
 QUANT_BLOCK = 64          # bitsandbytes NF4 block size: one absmax per 64 weights
 DOUBLE_QUANT_BLOCK = 256  # double quantization: the absmaxes are themselves 8-bit, one fp32 scale per 256
-
-
-@dataclass(frozen=True)
-class Arch:
-    """The architecture figures memory depends on."""
-
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-    tied_embeddings: bool
-    norms_per_layer: int = 2          # Gemma-2 has four RMSNorms per decoder layer
-    attn_softcap: bool = False        # Gemma-2 soft-caps attention scores (one more [L, L] tensor in eager)
-    logit_softcap: bool = False       # Gemma-2 soft-caps the final logits (one more [chunk, vocab] buffer)
-    source: str = ""
-
-
-def _hf(repo: str) -> str:
-    return f"https://huggingface.co/{repo}/blob/main/config.json"
-
-
-# Published values, each copied from the model's config.json (the URL in `source`). Used when the
-# config is not in the local Hugging Face cache, so `plan` works offline.
-KNOWN_ARCHS: dict[str, Arch] = {
-    "meta-llama/Meta-Llama-3-8B-Instruct": Arch(
-        hidden=4096, layers=32, heads=32, kv_heads=8, head_dim=128, intermediate=14336, vocab=128256,
-        tied_embeddings=False, source=_hf("meta-llama/Meta-Llama-3-8B-Instruct")),
-    "mistralai/Mistral-7B-Instruct-v0.2": Arch(
-        hidden=4096, layers=32, heads=32, kv_heads=8, head_dim=128, intermediate=14336, vocab=32000,
-        tied_embeddings=False, source=_hf("mistralai/Mistral-7B-Instruct-v0.2")),
-    "google/gemma-2-9b-it": Arch(
-        hidden=3584, layers=42, heads=16, kv_heads=8, head_dim=256, intermediate=14336, vocab=256000,
-        tied_embeddings=True, norms_per_layer=4, attn_softcap=True, logit_softcap=True, source=_hf("google/gemma-2-9b-it")),
-    "Qwen/Qwen2.5-7B-Instruct": Arch(
-        hidden=3584, layers=28, heads=28, kv_heads=4, head_dim=128, intermediate=18944, vocab=152064,
-        tied_embeddings=False, source=_hf("Qwen/Qwen2.5-7B-Instruct")),
-    "HuggingFaceTB/SmolLM2-135M-Instruct": Arch(
-        hidden=576, layers=30, heads=9, kv_heads=3, head_dim=64, intermediate=1536, vocab=49152,
-        tied_embeddings=True, source=_hf("HuggingFaceTB/SmolLM2-135M-Instruct")),
-}
-# Same architecture under other names (base models, SFT starting points, the bundled copy).
-ALIASES = {
-    "meta-llama/Meta-Llama-3-8B": "meta-llama/Meta-Llama-3-8B-Instruct",
-    "princeton-nlp/Llama-3-Base-8B-SFT": "meta-llama/Meta-Llama-3-8B-Instruct",
-    "mistralai/Mistral-7B-v0.1": "mistralai/Mistral-7B-Instruct-v0.2",
-    "alignment-handbook/zephyr-7b-sft-full": "mistralai/Mistral-7B-Instruct-v0.2",
-    "google/gemma-2-9b": "google/gemma-2-9b-it",
-    "Qwen/Qwen2.5-7B": "Qwen/Qwen2.5-7B-Instruct",
-    "HuggingFaceTB/SmolLM2-135M": "HuggingFaceTB/SmolLM2-135M-Instruct",
-    "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
-}
-
-
-def arch_from_hf_config(hf_config, source: str) -> Arch:
-    from simpo_lite.logprobs import text_config
-
-    text = text_config(hf_config)
-    heads = text.num_attention_heads
-    kind = getattr(text, "model_type", "") or ""
-    return Arch(hidden=text.hidden_size, layers=text.num_hidden_layers, heads=heads,
-                kv_heads=getattr(text, "num_key_value_heads", None) or heads,
-                head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
-                intermediate=text.intermediate_size, vocab=text.vocab_size,
-                tied_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
-                norms_per_layer=4 if kind.startswith(("gemma2", "gemma3")) else 2,
-                attn_softcap=bool(getattr(text, "attn_logit_softcapping", None)),
-                logit_softcap=bool(getattr(text, "final_logit_softcapping", None)), source=source)
-
-
-def _local_config(name_or_path: str, revision: str | None):
-    """The model's config from a local folder or the Hugging Face cache; None when not there."""
-    from simpo_lite.model import BUNDLED_MODELS, cache_dir
-
-    if name_or_path in BUNDLED_MODELS:
-        # Converting the bundled GGUF takes a while; plan reads the folder only if it already exists.
-        name_or_path = str(cache_dir() / "models" / name_or_path)
-    try:
-        from transformers import AutoConfig
-
-        return AutoConfig.from_pretrained(name_or_path, revision=revision, local_files_only=True), name_or_path
-    except (OSError, ValueError, KeyError):
-        return None, name_or_path
-
-
-def architecture(model_cfg) -> Arch:
-    """Architecture of model.name_or_path: its local config.json if present, else the built-in table."""
-    hf_config, where = _local_config(model_cfg.name_or_path, model_cfg.revision)
-    if hf_config is not None:
-        return arch_from_hf_config(hf_config, f"config.json in {where}")
-    by_lower = {k.lower(): k for k in [*KNOWN_ARCHS, *ALIASES]}
-    key = by_lower.get(model_cfg.name_or_path.lower())
-    if key is None:
-        raise UserError(f"plan: no architecture for model '{model_cfg.name_or_path}': its config.json is not "
-                        f"cached locally and it is not one of {', '.join(KNOWN_ARCHS)}; fetch it once with "
-                        f"'hf download {model_cfg.name_or_path} config.json' or give a local model folder")
-    return KNOWN_ARCHS[ALIASES.get(key, key)]
 
 
 @dataclass(frozen=True)
@@ -381,6 +283,20 @@ def largest_micro_batch(arch: Arch, s: Setting, budget: float, full_logits: bool
     return low
 
 
+def largest_max_length(arch: Arch, s: Setting, budget: float, step: int = 64) -> int:
+    """The longest data.max_length (a multiple of `step`, at most the configured one) at which one pair
+    fits `budget` bytes; 0 if not even `step` tokens do."""
+    fits = lambda n: estimate(arch, replace(s, micro_batch=1, seq_len=n * step)).peak() <= budget  # noqa: E731
+    low, high = 0, s.seq_len // step + 1  # fits(low) holds (or low is 0), fits(high) is not known to
+    if fits(high - 1):
+        return (high - 1) * step
+    high -= 1
+    while high - low > 1:  # the peak grows with the length, so bisect
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low * step
+
+
 def most_uncheckpointed_layers(arch: Arch, s: Setting, budget: float) -> int:
     """The most decoder layers that can keep their activations (model.uncheckpointed_layers) within
     `budget` at this micro-batch; 0 without gradient checkpointing or when nothing more fits."""
@@ -405,109 +321,10 @@ def default_budget() -> tuple[float, str]:
     return 24.0 * GIB, "no GPU here: planning for a 24 GiB consumer GPU (set --gpu-memory)"
 
 
-# ---- the command ---------------------------------------------------------------------------------
-
-def _gib(x: float) -> str:
-    return f"{x / GIB:.2f} GiB"
-
-
-def _describe(cfg: Config, s: Setting) -> str:
-    dtype = {2: cfg.model.compute_dtype if cfg.model.compute_dtype in ("bf16", "fp16") else "bf16", 4: "fp32"}[s.compute_bytes]
-    optim = "paged 8-bit AdamW" if s.optimizer == "paged_adamw_8bit" else "fp32 AdamW"
-    return (f"{s.micro_batch} pairs x {s.seq_len} tokens per micro-batch ({s.rows} rows), "
-            f"{'4-bit NF4' if s.quantize else dtype} base, LoRA r={s.lora_r} on {len(s.lora_targets)} linears/layer, "
-            f"{optim}, {dtype} compute, {'fp32' if s.residual_bytes == 4 else dtype} residual stream, "
-            f"gradient checkpointing {_checkpointing(s)}, "
-            f"log-prob chunk {s.chunk_tokens} tokens")
-
-
-def _checkpointing(s: Setting) -> str:
-    if not s.gradient_checkpointing:
-        return "off"
-    return "on" if not s.uncheckpointed_layers else f"on all but the last {s.uncheckpointed_layers} layers"
-
-
-def breakdown_rows(arch: Arch, est: Estimate) -> list[tuple[str, float, float]]:
-    """(component, simpo-lite bytes, full-logits trainer bytes)."""
-    s = est.setting
-    frozen = "fp32: prepare_model_for_kbit_training upcasts them" if s.quantize and s.residual_bytes == 4 else "compute dtype"
-    head = "embeddings" if arch.tied_embeddings else "embeddings + output head"
-    quant = "NF4 + double-quant constants" if s.double_quant else "NF4 + fp32 absmax"
-    ckpt = "checkpointed hidden states (1 per layer per token)" if s.gradient_checkpointing else "all layers' activations"
-    if s.gradient_checkpointing and s.uncheckpointed_layers:
-        ckpt = f"checkpointed hidden states + all activations of the last {min(s.uncheckpointed_layers, arch.layers)} layers"
-    rows = [
-        (f"base linear weights ({quant if s.quantize else 'unquantized'})", est.base_weights, est.base_weights),
-        (f"{head}, norms ({frozen})", est.unquantized_weights, est.unquantized_weights),
-        (f"LoRA: {est.lora_params / 1e6:.1f}M params, fp32 weights + {s.optimizer_state_bytes} B/param optimizer state",
-         est.lora_weights_and_states, est.lora_weights_and_states),
-        ("LoRA gradients (fp32)", est.lora_grads, est.lora_grads),
-        (ckpt, est.checkpoints, est.checkpoints),
-        ("final hidden states + response gathers", est.decoder_io, est.decoder_io),
-        ("one layer recomputed in backward" if s.gradient_checkpointing else "backward working set",
-         est.layer_recompute, est.layer_recompute),
-        (f"log-probs: [{min(s.chunk_tokens, s.tokens)}, {arch.vocab}] chunk | [{s.rows}, {s.seq_len}, {arch.vocab}] "
-         f"fp32 logits + log-softmax", est.logp_chunk, est.full_logits),
-    ]
-    if s.cuda:
-        rows.append((f"CUDA context + {ALLOCATOR_SLACK:.0%} allocator slack", est.overhead(), est.overhead(True)))
-    return rows
-
-
-def plan_command(cfg: Config, gpu_memory: float | None = None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    if gpu_memory is not None and gpu_memory <= 0:
-        raise UserError(f"--gpu-memory {gpu_memory:g}: must be a positive number of GB, e.g. --gpu-memory 24")
-    arch = architecture(cfg.model)
-    setting = setting_from_config(cfg, "cuda")
-    est = estimate(arch, setting)
-    budget, budget_note = (gpu_memory * GIB, f"{gpu_memory:g} GiB (--gpu-memory)") if gpu_memory else default_budget()
-    console = Console(soft_wrap=True, highlight=False)
-    console.print(f"[bold]model[/] {cfg.model.name_or_path}: {arch.layers} layers, hidden {arch.hidden}, "
-                  f"vocab {arch.vocab} (architecture from {arch.source})")
-    console.print(f"[bold]run[/] {_describe(cfg, setting)}")
-    table = Table("component", "simpo-lite", "full-logits trainer", title="estimated peak GPU memory")
-    for name, ours, theirs in breakdown_rows(arch, est):
-        table.add_row(name, _gib(ours), _gib(theirs))
-    table.add_row("[bold]peak (tensors)[/]", _gib(est.tensors()), _gib(est.tensors(True)))
-    table.add_row("[bold]peak (device)[/]", f"[bold]{_gib(est.peak())}[/]", f"[bold]{_gib(est.peak(True))}[/]")
-    console.print(table)
-    console.print("Not every row is alive at once: the peak is the weights and optimizer state plus the larger of "
-                  "the forward pass's end (checkpoints + log-probs) and the backward pass (one recomputed layer + "
-                  "the larger of checkpoints and gradients).")
-    _print_fit(console, arch, setting, est, budget, budget_note, cfg)
-
-
-def _print_fit(console, arch: Arch, s: Setting, est: Estimate, budget: float, note: str, cfg: Config) -> None:
-    effective = s.micro_batch * cfg.train.gradient_accumulation_steps
-    console.print(f"[bold]budget[/] {note}: the configured micro-batch "
-                  + ("fits" if est.peak() <= budget else "[red]does not fit[/]")
-                  + f" ({_gib(est.peak())} of {_gib(budget)}).")
-    for label, full in (("simpo-lite", False), ("full-logits trainer", True)):
-        fit = largest_micro_batch(arch, s, budget, full_logits=full)
-        if fit == 0:
-            hint = "" if full else "; lower data.max_length or simpo.logp_chunk_tokens"
-            console.print(f"  {label}: not even 1 pair x {s.seq_len} tokens fits{hint}")
-            continue
-        micro, accumulation = batch_suggestion(effective, fit)
-        console.print(f"  {label}: up to {fit} pair{'s' if fit != 1 else ''} per micro-batch fit; for the effective batch of {effective}: "
-                      f"micro_batch_size={micro}, gradient_accumulation_steps={accumulation}")
-    fit = largest_micro_batch(arch, s, budget)
-    if fit:
-        micro, accumulation = batch_suggestion(effective, fit)
-        if (micro, accumulation) != (s.micro_batch, cfg.train.gradient_accumulation_steps):
-            console.print(f"Use it with: --set train.micro_batch_size={micro} "
-                          f"--set train.gradient_accumulation_steps={accumulation}")
-    kept = most_uncheckpointed_layers(arch, s, budget)
-    if kept > s.uncheckpointed_layers:
-        console.print(f"Or spend the spare memory on speed at this micro-batch: --set model.uncheckpointed_layers={kept} "
-                      f"(those layers are not recomputed in backward: {kept} of {arch.layers}).")
-
-
 def plan_summary(cfg: Config, device: str = "cuda") -> dict:
     """The estimate as plain numbers (bytes), for tests and scripts."""
+    from simpo_lite.plan_report import breakdown_rows
+
     arch = architecture(cfg.model)
     est = estimate(arch, setting_from_config(cfg, device))
     return {"tensors": est.tensors(), "peak": est.peak(), "full_logits_peak": est.peak(True),
@@ -517,4 +334,4 @@ def plan_summary(cfg: Config, device: str = "cuda") -> dict:
 
 
 __all__ = ["Arch", "KNOWN_ARCHS", "Setting", "Estimate", "architecture", "setting_from_config", "estimate",
-           "largest_micro_batch", "batch_suggestion", "plan_command", "plan_summary"]
+           "largest_micro_batch", "largest_max_length", "batch_suggestion", "plan_summary"]

@@ -69,25 +69,21 @@ class Progress:
 
 
 def print_summary(summary: dict, output_dir: Path) -> None:
-    """The end-of-run table: start and end evaluation, steps, time and peak memory."""
-    from rich.console import Console
-    from rich.table import Table
-
+    """The end-of-run table, a result: on stdout (plain rows when piped), the next command on one line."""
     from simpo_lite import health
+    from simpo_lite.console import print_table, result_line
     from simpo_lite.loss import METRIC_NAMES
 
-    table = Table("metric", "start", "end", title="simpo-lite run summary")
+    rows = []
     start, end = summary.get("start_eval") or {}, summary.get("end_eval") or {}
     for key in [f"eval_{name}" for name in METRIC_NAMES] + list(health.SHOWN):
         if key in start or key in end:
             fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-            table.add_row(key, fmt(start.get(key)), fmt(end.get(key)))
-    table.add_row("steps", "", str(summary["steps"]))
-    table.add_row("train time", "", f"{summary['train_seconds']:.0f} s")
+            rows.append([key, fmt(start.get(key)), fmt(end.get(key))])
+    rows.append(["steps", "", str(summary["steps"])])
+    rows.append(["train time", "", f"{summary['train_seconds']:.0f} s"])
     if summary.get("resumed_from"):
-        table.add_row("resumed from", "", str(summary["resumed_from"]))
-    table.add_row("peak memory", "", f"{summary['peak_mem_mb']:.0f} MB")
-    console = Console(stderr=True)
-    console.print(table)
-    console.print(f"adapter saved to {Path(output_dir) / 'adapter'}; "
-                  f"merge it with: simpo-lite export {output_dir}", highlight=False)
+        rows.append(["resumed from", "", str(summary["resumed_from"])])
+    rows.append(["peak memory", "", f"{summary['peak_mem_mb']:.0f} MB"])
+    print_table(["metric", "start", "end"], rows, title="simpo-lite run summary")
+    result_line(f"adapter saved to {Path(output_dir) / 'adapter'}; merge it with: simpo-lite export {output_dir}")

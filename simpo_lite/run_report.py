@@ -150,18 +150,14 @@ def samples_side_by_side(run_dir: Path) -> list[tuple[str, str, str]] | None:
 
 
 def _print_samples(run_dir: Path) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from simpo_lite.console import print_table
 
     rows = samples_side_by_side(run_dir)
     if not rows:
         return
     samples = run_folder.read_metrics(Path(run_dir) / run_folder.SAMPLES)
-    table = Table("prompt", f"step {samples[0]['step']}", f"step {samples[-1]['step']}",
-                  title="what the model wrote (samples.jsonl, greedy)", show_lines=True)
-    for row in rows:
-        table.add_row(*row)
-    Console(highlight=False).print(table)
+    print_table(["prompt", f"step {samples[0]['step']}", f"step {samples[-1]['step']}"], rows,
+                title="what the model wrote (samples.jsonl, greedy)", markup=False, show_lines=True)
 
 
 def _fmt(value) -> str:
@@ -239,5 +235,7 @@ def report_command(run_dir: Path, out: Path | None = None) -> Path:
     for line in summary_lines(run_dir, train, evals, summary):
         print(line)
     _print_samples(run_dir)
-    print(f"curves written to {out}")
+    from simpo_lite.console import info
+
+    info(f"curves written to {out}")
     return out

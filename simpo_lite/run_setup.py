@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -177,7 +179,8 @@ def build_run_parts(cfg: Config, resume_path: Path | None, quiet: bool, reuse: R
     tokenizer = load_tokenizer(cfg.model)
     prepared = reuse.data(cfg, tokenizer, acc) if reuse else load_data(cfg, tokenizer, acc)
     if acc.is_main_process:
-        print(prepared.report.counts_line() if quiet else prepared.report.summary(), flush=True)
+        # Even with --quiet one line says what the data preparation kept, skipped and truncated.
+        print(prepared.report.counts_line() if quiet else prepared.report.summary(), file=sys.stderr, flush=True)
     batches_for_epoch = batch_order(cfg, prepared.train, acc.num_processes)
     policy, trainable = build_policy(cfg, acc, resume_path, prepared.train[0]["chosen_input_ids"], reuse)
     optimizer = acc.prepare_optimizer(build_optimizer(trainable, cfg.train))

@@ -90,3 +90,59 @@ def test_presets_ship_inside_the_wheel(tmp_path):
     shown = subprocess.run([sys.executable, "-m", "simpo_lite", "presets", "show", "qwen2.5-7b-lora"],
                            capture_output=True, text=True, cwd=tmp_path, env=env)
     assert shown.returncode == 0 and "Qwen/Qwen2.5-7B-Instruct" in shown.stdout
+
+
+def _commands():
+    """(path, click command) of every command and group."""
+    import typer.main
+
+    from simpo_lite.cli import app
+
+    todo, found = [("simpo-lite", typer.main.get_command(app))], []
+    while todo:
+        path, command = todo.pop()
+        found.append((path, command))
+        todo += [(f"{path} {name}", sub) for name, sub in getattr(command, "commands", {}).items()]
+    return found
+
+
+def test_every_option_has_help_and_no_switch_shows_a_bool_metavar():
+    for path, command in _commands():
+        for param in command.params:
+            assert getattr(param, "help", None) or getattr(param, "hidden", False), f"{path} {param.name} has no help text"
+    help_text = run_cli("train", "--help").stdout
+    assert "--overwrite " in help_text and "<bool>" not in help_text
+
+
+@pytest.mark.parametrize("command", ["train", "export", "eval", "generate", "chat", "plan", "report", "presets list",
+                                     "data inspect"])
+def test_dash_h_and_version_everywhere(command):
+    from simpo_lite import __version__
+
+    helped = run_cli(*command.split(), "-h")
+    assert helped.returncode == 0 and "Usage: simpo-lite" in helped.stdout
+    version = run_cli(*command.split(), "--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"simpo-lite {__version__}"
+
+
+def test_shared_ideas_have_the_same_flag_everywhere():
+    options = {path: {opt for p in command.params for opt in getattr(p, "opts", [])} for path, command in _commands()}
+    for command in ("simpo-lite train", "simpo-lite eval", "simpo-lite generate", "simpo-lite plan"):
+        assert {"--preset", "--config", "--set"} <= options[command], command
+    for command in ("simpo-lite train", "simpo-lite plan", "simpo-lite data inspect"):
+        assert "--model" in options[command]
+    for command in ("simpo-lite train", "simpo-lite eval", "simpo-lite generate", "simpo-lite data inspect"):
+        assert "--data" in options[command]
+    assert "--overwrite" in options["simpo-lite train"] and "--overwrite" in options["simpo-lite export"]
+    for command in ("simpo-lite generate", "simpo-lite chat"):
+        assert {"--max-new-tokens", "--temperature", "--top-p"} <= options[command]
+
+
+def test_switches_take_true_or_false():
+    from simpo_lite.cli import _normalise_argv
+
+    assert _normalise_argv(["train", "--overwrite=true", "--quiet=0"])[0] == ["train", "--overwrite"]
+    bad = run_cli("train", "--overwrite=maybe")
+    assert bad.returncode == 2 and "--overwrite=true / --overwrite=false" in bad.stderr
+    # An option that takes a value keeps its '=value'.
+    assert _normalise_argv(["train", "--max-steps=3"])[0] == ["train", "--max-steps=3"]

@@ -70,6 +70,50 @@ def test_ultrafeedback_rows_take_the_shared_prefix_as_prompt():
     assert normalise({k: row[k] for k in ("chosen", "rejected")}, no_prompt_column).messages == pair.messages
 
 
+HH_CHOSEN = ("\n\nHuman: What is a good name for a cat?\n\nAssistant: Whiskers is a classic.\n\n"
+             "Human: Something shorter?\n\nAssistant: Tom.")
+HH_REJECTED = ("\n\nHuman: What is a good name for a cat?\n\nAssistant: Whiskers is a classic.\n\n"
+               "Human: Something shorter?\n\nAssistant: I don't know.")
+HH_COLS = Columns(chosen="chosen", rejected="rejected")
+
+
+def test_anthropic_hh_rows_keep_the_history_as_messages():
+    pair = normalise({"chosen": HH_CHOSEN, "rejected": HH_REJECTED}, HH_COLS)
+    assert pair.messages == [user("What is a good name for a cat?"), assistant("Whiskers is a classic."),
+                             user("Something shorter?")]
+    assert (pair.chosen, pair.rejected) == ("Tom.", "I don't know.")
+    assert pair.kind == "Anthropic HH-style (Human:/Assistant: transcripts)"
+    # A prompt column in the same form is read as turns too, its empty closing Assistant turn dropped.
+    split = normalise({"prompt": "\n\nHuman: Hi?\n\nAssistant:", "chosen": " Hello!", "rejected": " Go."}, COLS)
+    assert split.messages == [user("Hi?")] and split.chosen == " Hello!"
+
+
+@pytest.mark.parametrize("chosen, rejected, rule", [
+    (HH_CHOSEN, HH_REJECTED.replace("Something shorter?", "Something longer?"), "different_prompts"),
+    (HH_CHOSEN, "\n\nHuman: A different question?\n\nAssistant: Tom.", "different_prompts"),
+    ("\n\nHuman: Only a question?\n\nAssistant: Hm.\n\nHuman: Well?", HH_REJECTED, "bad_conversation"),
+])
+def test_hh_rows_that_would_mix_prompts_are_skipped_by_rule(chosen, rejected, rule):
+    with pytest.raises(RowProblem) as err:
+        normalise({"chosen": chosen, "rejected": rejected}, HH_COLS)
+    assert err.value.rule == rule
+
+
+def test_hh_rows_through_the_pipeline_report_format_and_skips(tmp_path, smollm2):
+    rows = [{"chosen": HH_CHOSEN.replace("cat", f"cat {i}"), "rejected": HH_REJECTED.replace("cat", f"cat {i}")}
+            for i in range(4)]
+    rows.append({"chosen": HH_CHOSEN, "rejected": HH_REJECTED.replace("cat", "dog")})
+    prepared = build(rows, tmp_path, smollm2, max_bad_fraction=0.5)
+    assert prepared.train.num_rows == 4
+    source = prepared.report.sources[0]
+    assert source.kinds == {"Anthropic HH-style (Human:/Assistant: transcripts)": 4}
+    assert source.dropped == {"different_prompts": 1} and source.first_rows["different_prompts"] == [4]
+    first = prepared.train[0]
+    text = smollm2.decode(first["chosen_input_ids"])
+    assert "Whiskers is a classic." in text and text.count("<|im_start|>user") == 2
+    assert smollm2.decode(unmasked(first["chosen_input_ids"], first["chosen_labels"])) == "Tom.<|im_end|>"
+
+
 def test_system_message_from_column_then_config_never_replacing_one_in_the_prompt():
     row = {"prompt": "Hi?", "chosen": "a", "rejected": "b", "system": "From the row."}
     assert normalise(row, COLS, "Default.").messages[0] == {"role": "system", "content": "From the row."}
@@ -88,7 +132,7 @@ def test_system_message_from_column_then_config_never_replacing_one_in_the_promp
     ({"prompt": "p", "chosen": "a", "rejected": "b", "system": 7}, "not_text"),
     ({"prompt": "p", "chosen": [], "rejected": "b"}, "bad_conversation"),
     ({"prompt": "p", "chosen": [user("u")], "rejected": "b"}, "bad_conversation"),
-    ({"chosen": [user("u"), assistant("a")], "rejected": [user("v"), assistant("b")]}, "bad_conversation"),
+    ({"chosen": [user("u"), assistant("a")], "rejected": [user("v"), assistant("b")]}, "different_prompts"),
     ({"prompt": "   ", "chosen": "a", "rejected": "b"}, "empty_prompt"),
     ({"prompt": "p", "chosen": " \n", "rejected": "b"}, "empty_response"),
     ({"prompt": "p", "chosen": [assistant("")], "rejected": [assistant("b")]}, "empty_response"),

@@ -106,6 +106,7 @@ def test_cli_data_inspect(tmp_path, smollm2, monkeypatch, capsys):
     main(["data", "inspect", "--data", str(path), "--index", "2", "--set", "train.micro_batch_size=2"])
     out = capsys.readouterr().out
     assert "It is 4." in out and "Padding: " in out and "[2 x 2, L]" in out
+    assert f"Format of train data {path}: prompt/chosen/rejected strings (10 rows)" in out
     with pytest.raises(SystemExit) as exit_info:
         main(["data", "inspect", "--data", str(tmp_path / "missing.jsonl")])
     assert exit_info.value.code == 2

@@ -91,8 +91,8 @@ def test_eval_of_a_model_folder_matches_full_logits(tmp_path, model_dir, pairs_f
     result = evaluate_command(str(model_dir), data=str(pairs_file), sets=sets, out=out)
     assert json.loads(out.read_text()) == result
     _check(result, str(model_dir), [f"data.source={pairs_file}", *sets], pipeline)
-    printed = capsys.readouterr().out
-    assert "eval_rewards/accuracies" in printed and "unquantized" in printed
+    printed = capsys.readouterr()
+    assert "eval_rewards/accuracies" in printed.out and "unquantized" in printed.err  # result and message
 
 
 def test_eval_of_a_run_uses_its_config_and_adapter(tmp_path, model_dir, pairs_file, pipeline):

@@ -242,7 +242,7 @@ def test_refuses_a_non_empty_out_without_force_and_replaces_it_with_force(run_di
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(UserError, match="not empty: add --force"):
+    with pytest.raises(UserError, match="not empty: add --overwrite"):
         export_run(run_dir, out=out, adapter_only=True)
     assert (out / "keep.txt").read_text() == "mine"
     export_run(run_dir, out=out, adapter_only=True, force=True)

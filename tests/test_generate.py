@@ -3,7 +3,7 @@ import json
 import pytest
 
 from simpo_lite.errors import UserError
-from simpo_lite.generate import _decode, generate_command, length_stats, read_prompts, render, stats_path
+from simpo_lite.generate import decode_answer, generate_command, length_stats, read_prompts, render, stats_path
 from tiny_models import smollm2_tokenizer, tiny_model_folder, tiny_run_folder
 
 
@@ -53,12 +53,12 @@ def test_render_applies_the_chat_template_once(tokenizer):
     assert ids[:2] != [tokenizer.bos_token_id] * 2  # no BOS added in front of the template's own
 
 
-def test_decode_stops_at_the_first_stop_token_and_flags_truncation(tokenizer):
+def testdecode_answer_stops_at_the_first_stop_token_and_flags_truncation(tokenizer):
     hello = tokenizer("hello world", add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
-    finished = _decode(tokenizer, hello + [eos, 7, 7], [eos], max_new_tokens=len(hello) + 3)
+    finished = decode_answer(tokenizer, hello + [eos, 7, 7], [eos], max_new_tokens=len(hello) + 3)
     assert finished == {"text": "hello world", "tokens": len(hello), "truncated": False}
-    cut = _decode(tokenizer, hello, [eos], max_new_tokens=len(hello))
+    cut = decode_answer(tokenizer, hello, [eos], max_new_tokens=len(hello))
     assert cut["truncated"] and cut["tokens"] == len(hello)
 
 
@@ -112,9 +112,21 @@ def test_sampling_is_seeded(tmp_path, model_dir):
     assert runs[0] == runs[1]
 
 
+def test_without_prompts_the_eval_split_of_the_data_is_answered(tmp_path, model_dir):
+    from tiny_models import write_pairs
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 8)
+    records = generate_command(str(model_dir), out=tmp_path / "eval.json", data=str(pairs), max_new_tokens=4,
+                               sets=["data.eval_fraction=0.5"])
+    questions = {json.loads(line)["prompt"] for line in pairs.read_text().splitlines()}
+    assert len(records) == 4 and all(r["instruction"] in questions for r in records)
+    assert {r["dataset"] for r in records} == {str(pairs)}
+
+
 @pytest.mark.parametrize("kwargs, fragment", [
     (dict(max_new_tokens=0), "--max-new-tokens"),
     (dict(temperature=-1.0), "--temperature"),
+    (dict(top_p=1.5), "--top-p"),
     (dict(out="answers.txt"), "must end in .json"),
 ])
 def test_generate_rejects_bad_options(tmp_path, model_dir, kwargs, fragment):

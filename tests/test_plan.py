@@ -230,3 +230,43 @@ def test_plan_offers_spare_memory_as_uncheckpointed_layers():
     out = subprocess.run([sys.executable, "-m", "simpo_lite", "plan", "--preset", "llama3-8b-lora", "--gpu-memory", "24"],
                          capture_output=True, text=True)
     assert f"--set model.uncheckpointed_layers={kept}" in out.stdout
+
+
+def plan_cli(*args):
+    return subprocess.run([sys.executable, "-m", "simpo_lite", "plan", *args], capture_output=True, text=True)
+
+
+def test_largest_max_length_is_the_boundary():
+    from simpo_lite.plan import largest_max_length
+
+    cfg = resolve("llama3-8b-lora")
+    arch, s = architecture(cfg.model), setting_from_config(cfg, "cuda")
+    length = largest_max_length(arch, s, 8 * GIB)
+    assert 0 < length < s.seq_len and length % 64 == 0
+    one = replace(s, micro_batch=1)
+    assert estimate(arch, replace(one, seq_len=length)).peak() <= 8 * GIB
+    assert estimate(arch, replace(one, seq_len=length + 64)).peak() > 8 * GIB
+    assert largest_max_length(arch, s, 80 * GIB) == s.seq_len  # never longer than configured
+    assert largest_max_length(arch, s, 3 * GIB) == 0
+
+
+def test_when_nothing_fits_plan_says_what_would_and_exits_1():
+    out = plan_cli("--preset", "llama3-8b-lora", "--gpu-memory", "8")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    error = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "the longest data.max_length that fits is" in error[0]
+    flags = error[0].split(": ")[-1].split()
+    assert flags[0] == "--set" and flags[1].startswith("data.max_length=")
+    # What it names does fit.
+    assert plan_cli("--preset", "llama3-8b-lora", "--gpu-memory", "8", *flags).returncode == 0
+    # Where no length helps, the line names what to shed.
+    tiny = plan_cli("--preset", "llama3-8b-lora", "--gpu-memory", "3")
+    assert tiny.returncode == 1 and "base linear weights 3.35 GiB" in tiny.stderr and "a smaller model" in tiny.stderr
+
+
+def test_plan_says_why_the_recommended_micro_batch_is_below_the_largest():
+    out = plan_cli("--preset", "llama3-8b-lora", "--gpu-memory", "24")
+    assert out.returncode == 0
+    assert "up to 6 pairs per micro-batch fit" in out.stdout
+    assert "Why 4 and not 6: the effective batch of 128 pairs" in out.stdout
+    assert "largest divisor of 128 up to 6" in out.stdout

@@ -7,11 +7,18 @@ is one) plus the chosen and rejected responses as plain text. Accepted per row:
 - conversational: ``prompt`` a string or message list, ``chosen``/``rejected`` one-message lists;
 - UltraFeedback-style: ``chosen``/``rejected`` each repeat the whole conversation; their shared
   prefix is the prompt (a ``prompt`` column, if any, is then ignored) and the last assistant turn
-  the response.
+  the response;
+- Anthropic HH-style: ``chosen``/``rejected`` each a whole text transcript of "\n\nHuman: ..." and
+  "\n\nAssistant: ..." turns, no prompt column; read as the UltraFeedback style (the turns become
+  messages, earlier turns kept as history). A ``prompt`` string in that form is read as turns too.
+
+Where the two sides of a row carry different conversations before their last turn, the row is skipped
+under DIFFERENT_PROMPTS: mixing them would train a preference between answers to different questions.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
@@ -30,14 +37,15 @@ ALIASES = {
 MISSING_FIELD = "missing_field"
 NOT_TEXT = "not_text"
 BAD_CONVERSATION = "bad_conversation"
+DIFFERENT_PROMPTS = "different_prompts"
 EMPTY_PROMPT = "empty_prompt"
 EMPTY_RESPONSE = "empty_response"
 IDENTICAL = "identical_responses"
 RULES = {
     MISSING_FIELD: "a prompt, chosen or rejected value is missing (null or no such column)",
     NOT_TEXT: "a value is neither text nor a list of {role, content} messages",
-    BAD_CONVERSATION: "a message list is empty, does not end with an assistant turn, or chosen and "
-                      "rejected differ before their last turn",
+    BAD_CONVERSATION: "a message list or transcript is empty or does not end with an assistant turn",
+    DIFFERENT_PROMPTS: "chosen and rejected differ before their last turn (answers to different prompts)",
     EMPTY_PROMPT: "the prompt is empty",
     EMPTY_RESPONSE: "the chosen or rejected response is empty",
     IDENTICAL: "chosen and rejected are the same text",
@@ -47,6 +55,11 @@ RULES = {
 KIND_STRINGS = "prompt/chosen/rejected strings"
 KIND_CONVERSATIONAL = "conversational (response message lists)"
 KIND_REPEATED = "UltraFeedback-style (chosen/rejected repeat the conversation)"
+KIND_HH = "Anthropic HH-style (Human:/Assistant: transcripts)"
+
+# A turn of an HH transcript: "\n\nHuman: " or "\n\nAssistant: " (the first one may lack the newlines).
+HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
+HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 
 
 @dataclass(frozen=True)
@@ -114,11 +127,32 @@ def _messages(value: Any) -> list[dict]:
     return out
 
 
+def is_transcript(text: str) -> bool:
+    """Text in the HH form: it opens with a Human turn and holds an Assistant turn."""
+    return text.lstrip("\n").startswith("Human:") and "\n\nAssistant:" in text
+
+
+def transcript_messages(text: str) -> list[dict]:
+    """The turns of an HH transcript as messages; a trailing empty Assistant turn (a prompt) is dropped."""
+    parts = HH_TURN.split(text.lstrip("\n"))
+    if parts[0].strip():  # text before the first turn marker
+        raise RowProblem(BAD_CONVERSATION)
+    messages = [{"role": HH_ROLES[role], "content": content.strip()} for role, content in zip(parts[1::2], parts[2::2])]
+    if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+        messages = messages[:-1]
+    return messages
+
+
 def _response(value: Any) -> tuple[list[dict], str]:
     """(conversation before the response, response text) of a chosen/rejected value."""
     if value is None:
         raise RowProblem(MISSING_FIELD)
     if isinstance(value, str):
+        if is_transcript(value):
+            messages = transcript_messages(value)
+            if not messages or messages[-1]["role"] != "assistant":
+                raise RowProblem(BAD_CONVERSATION)
+            return messages[:-1], messages[-1]["content"]
         return [], value
     if not isinstance(value, (list, tuple)):
         raise RowProblem(NOT_TEXT)
@@ -132,7 +166,8 @@ def _prompt(value: Any) -> list[dict]:
     if value is None:
         raise RowProblem(MISSING_FIELD)
     if isinstance(value, str):
-        return [{"role": "user", "content": value}]
+        return transcript_messages(value) if is_transcript(value + "\n\nAssistant:") else \
+            [{"role": "user", "content": value}]
     if not isinstance(value, (list, tuple)):
         raise RowProblem(NOT_TEXT)
     return _messages(value)
@@ -154,8 +189,9 @@ def normalise(row: Mapping, cols: Columns, system_prompt: Optional[str] = None) 
     if before_chosen or before_rejected:
         # A one-sided string response takes the other side's conversation.
         if before_chosen and before_rejected and before_chosen != before_rejected:
-            raise RowProblem(BAD_CONVERSATION)
-        messages, kind = before_chosen or before_rejected, KIND_REPEATED
+            raise RowProblem(DIFFERENT_PROMPTS)
+        messages = before_chosen or before_rejected
+        kind = KIND_HH if any(isinstance(row.get(c), str) for c in (cols.chosen, cols.rejected)) else KIND_REPEATED
     else:
         if cols.prompt is None:
             raise RowProblem(MISSING_FIELD)

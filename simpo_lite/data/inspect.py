@@ -10,6 +10,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from simpo_lite.console import print_table
 from simpo_lite.data.batching import batch_indices, padding_fraction
 from simpo_lite.data.pipeline import PreparedData, build_datasets
 from simpo_lite.data.report import ALL_RULES
@@ -52,24 +53,33 @@ def _example_panels(tokenizer, prepared: PreparedData, index: int) -> list[Panel
     return panels
 
 
-def _lengths_table(prepared: PreparedData) -> Table:
-    table = Table("split", "tokens", "min", "mean", "p50", "p95", "max", title="Token lengths")
-    for split, fields in prepared.report.lengths.items():
-        for name, stats in fields.items():
-            if stats:
-                table.add_row(split, name, *(f"{stats[k]:.0f}" if k != "mean" else f"{stats[k]:.1f}"
-                                             for k in ("min", "mean", "p50", "p95", "max")))
-    return table
+LENGTH_COLUMNS = ("split", "tokens", "min", "mean", "p50", "p95", "max")
+DROP_COLUMNS = ("data", "rows read", "kept", "skipped by rule (first rows, counted from 0)")
 
 
-def _drops_table(prepared: PreparedData) -> Table:
-    table = Table("data", "rows read", "kept", "skipped by rule (first rows, counted from 0)",
-                  title="Rows kept and skipped")
+def _length_rows(prepared: PreparedData) -> list[list[str]]:
+    return [[split, name, *(f"{stats[k]:.0f}" if k != "mean" else f"{stats[k]:.1f}" for k in LENGTH_COLUMNS[2:])]
+            for split, fields in prepared.report.lengths.items() for name, stats in fields.items() if stats]
+
+
+def _drop_rows(prepared: PreparedData) -> list[list[str]]:
+    rows = []
     for source in prepared.report.sources:
         rules = "\n".join(f"{rule}: {count} (rows {', '.join(map(str, source.first_rows[rule]))}) - "
                           f"{ALL_RULES.get(rule, rule)}" for rule, count in source.dropped.items()) or "none"
-        table.add_row(escape(f"{source.role}: {source.name}"), str(source.rows_read), str(source.rows_kept), rules)
-    return table
+        rows.append([f"{source.role}: {source.name}", str(source.rows_read), str(source.rows_kept), rules])
+    return rows
+
+
+def _print_table(console: Optional[Console], columns, rows, title: str) -> None:
+    """On the given console as a rich table; else a result table (plain rows when piped)."""
+    if console is None:
+        print_table(list(columns), rows, title=title, markup=False)
+        return
+    table = Table(*columns, title=title)
+    for row in rows:
+        table.add_row(*map(Text, row))
+    console.print(table)
 
 
 def padding_line(prepared: PreparedData, batch_size: int, group_by_length: bool, seed: int) -> str:
@@ -100,15 +110,17 @@ def inspect_data(cfg, index: int = 0, tokenizer=None, console: Optional[Console]
     n = prepared.train.num_rows
     if not 0 <= index < n:
         raise UserError(f"--index {index} is out of range: the training split has {n} pairs (0 to {n - 1})")
-    console = console or Console()
+    tables_on = console  # None: the tables are results on stdout (plain rows when piped)
+    console = console or Console(soft_wrap=True)
     console.print(Group(*_example_panels(tokenizer, prepared, index)))
     console.print(Text("│ marks where the response starts; tokens after it are what the loss trains. "
                        "Magenta tokens are special tokens; ↵ is a newline.", style="italic"))
-    kinds = ", ".join(f"{kind}: {count}" for s in prepared.report.sources for kind, count in s.kinds.items())
-    console.print(f"Formats detected: {kinds}")
+    for source in prepared.report.sources:
+        kinds = ", ".join(f"{kind} ({count} rows)" for kind, count in source.kinds.items()) or "no usable rows"
+        console.print(escape(f"Format of {source.role} data {source.name}: {kinds}"))
     console.print(escape(f"Pairs: {prepared.report.train_pairs} train, {prepared.report.eval_pairs} eval "
                          f"({prepared.report.eval_origin})"))
-    console.print(_drops_table(prepared))
-    console.print(_lengths_table(prepared))
+    _print_table(tables_on, DROP_COLUMNS, _drop_rows(prepared), "Rows kept and skipped")
+    _print_table(tables_on, LENGTH_COLUMNS, _length_rows(prepared), "Token lengths")
     console.print(padding_line(prepared, cfg.train.micro_batch_size, cfg.data.group_by_length, cfg.train.seed))
     return prepared
