@@ -121,10 +121,12 @@ def export(
     private: bool = typer.Option(False, "--private", help="Create the Hub repo as private."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder."),
     force: bool = typer.Option(False, "--force", hidden=True, help="Deprecated name of --overwrite."),
-    format: str = typer.Option("safetensors", "--format", metavar="FORMAT", help="safetensors (a transformers model folder) or gguf "
-                               "(one file for llama.cpp and Ollama, with a Modelfile)."),
-    quant: Optional[str] = typer.Option(None, "--quant", metavar="QUANT", help="With --format gguf: f16, bf16, q8_0 (default) or "
-                                        "q4_k_m (needs llama-cpp-python, the package's gguf extra)."),
+    format: str = typer.Option("safetensors", "--format", metavar="FORMAT",
+                               help="safetensors (a transformers model folder) or gguf (one file for llama.cpp "
+                                    "and Ollama, with a Modelfile)."),
+    quant: Optional[str] = typer.Option(None, "--quant", metavar="QUANT",
+                                        help="With --format gguf: f16, bf16, q8_0 (default) or q4_k_m (needs "
+                                             "llama-cpp-python, the package's gguf extra)."),
     sets: Optional[List[str]] = typer.Option(None, "--set", "-s", metavar="KEY=VALUE",
                                              help="Override a key of the run's saved config, "
                                              "e.g. --set export.verify_tolerance=0.1 (repeatable)."),
