@@ -271,13 +271,13 @@ def plot(sweep: Sweep, out_dir: Path) -> Path | None:
 
 def _trial_outcome(name: str, trial_dir: Path, run) -> dict:
     """Run one trial; a collapse or divergence disqualifies it instead of ending the sweep."""
-    from simpo_lite.errors import first_line
+    from simpo_lite.errors import DiskFull, first_line
     from simpo_lite.run_folder import read_summary
 
     try:
         return outcome(run())
     except RunError as err:
-        if err.exit_code == 130:
+        if err.exit_code == 130 or isinstance(err, DiskFull):  # the machine's fault, not the trial's
             raise
         summary = read_summary(trial_dir) or {}
         reason = "; ".join(summary.get("collapse") or []) or first_line(err).split(";")[0]
@@ -286,7 +286,8 @@ def _trial_outcome(name: str, trial_dir: Path, run) -> dict:
 
 def run_sweep(sweep: Sweep, out_dir: Path, *, resume: bool = False, overwrite: bool = False,
               budget_minutes: float | None = None, quiet: bool = False, say=print) -> dict:
-    """Run every trial not finished yet, then rank them; returns sweep.json's content."""
+    """Run every trial not finished yet, then rank them: {"ranking": [(trial, result)], "best": (trial,
+    best.yaml) or None, "main": whether this process wrote the tables}."""
     from accelerate import PartialState
 
     from simpo_lite.run_setup import Reuse
@@ -323,9 +324,11 @@ def run_sweep(sweep: Sweep, out_dir: Path, *, resume: bool = False, overwrite: b
         try:
             result = _trial_outcome(name, out_dir / name,
                                     lambda: run_training(cfg, overwrite=True, quiet=quiet, reuse=reuse))
-        except RunError:
+        except RunError as err:
             if main:
                 save_tables(sweep, out_dir)
+            if err.exit_code != 130:
+                raise
             raise RunError(f"sweep interrupted during {name}; the {len(sweep.results)} finished trials are kept "
                            f"in {out_dir}; continue with: {sweep.command(out_dir)} --resume", exit_code=130) from None
         durations.append(time.perf_counter() - t0)
