@@ -349,7 +349,10 @@ def run_sweep(sweep: Sweep, out_dir: Path, *, resume: bool = False, overwrite: b
 
 
 def print_ranking(sweep: Sweep, result: dict, out_dir: Path) -> None:
-    """The ranked table on stdout, plain columns that stay whole when piped."""
+    """The ranked table on stdout (console.print_table: tab-separated rows when piped), then where
+    the files are and the winner."""
+    from simpo_lite.console import print_table
+
     if not result["main"]:
         return
     index = dict(zip(_names(sweep), sweep.trials))
@@ -361,10 +364,9 @@ def print_ranking(sweep: Sweep, result: dict, out_dir: Path) -> None:
                    for k in (*RANKED, "eval_loss", "health/length_ratio", "health/looping")]
         rows.append([str(rank) if ok else "-", name, *(str(index[name][k]) for k in sweep.grid), *figures,
                      "ok" if ok else f"disqualified: {r['reason']}"])
-    widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head) - 1)]
-    for row in [head, *rows]:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
-    print(f"\ntables: {out_dir / 'sweep.csv'}, {out_dir / SWEEP_FILE}; curves: {out_dir / 'sweep.png'}")
+    # Cells are plain text (a reason or a grid value may hold [brackets]).
+    print_table(head, rows, title="sweep ranking", markup=False)
+    print(f"tables: {out_dir / 'sweep.csv'}, {out_dir / SWEEP_FILE}; curves: {out_dir / 'sweep.png'}")
     if result["best"]:
         name, path = result["best"]
         print(f"best: {name} ({_settings(index[name])}); train it with: simpo-lite train --config {path}")
