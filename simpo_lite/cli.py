@@ -267,6 +267,9 @@ def plan(
     sets: Optional[List[str]] = SetOpt,
     gpu_memory: Optional[float] = typer.Option(None, "--gpu-memory", metavar="GB", help="GPU memory in GB to plan for "
                                                "(default: this machine's GPU, or 24)."),
+    processes: int = typer.Option(1, "--processes", metavar="N", help="Plan per GPU for N processes (GPUs)."),
+    fsdp: bool = typer.Option(False, "--fsdp", help="With --processes: FSDP shards the model over them "
+                              "(presets/accelerate/fsdp-qlora.yaml); without, each GPU holds it whole (DDP)."),
 ):
     """Estimate peak GPU memory of a run and the largest micro-batch that fits.
 
@@ -276,7 +279,7 @@ def plan(
     cfg = _resolve(preset, config, sets, model=model)
     from simpo_lite.plan_report import plan_command
 
-    plan_command(cfg, gpu_memory=gpu_memory)
+    plan_command(cfg, gpu_memory=gpu_memory, processes=processes, fsdp=fsdp)
 
 
 @app.command()

@@ -272,11 +272,11 @@ def load_base_model(model_cfg: ModelConfig, quantize: bool | None = None, dtype:
             raise
         raise UserError(f"cannot load the model in '{model_cfg.name_or_path}': {first_line(err)}") from None
     if quantize:
-        _keep_one_cpu_4bit_kernel(model)
+        keep_one_cpu_4bit_kernel(model)
     return model
 
 
-def _keep_one_cpu_4bit_kernel(model) -> None:
+def keep_one_cpu_4bit_kernel(model) -> None:
     """Stop bitsandbytes from repacking 4-bit weights for its bf16 CPU inference kernel.
 
     On CPUs with AVX512-BF16 the first no-grad forward in eval mode repacks every Linear4bit in
@@ -302,10 +302,11 @@ def load_model(cfg: Config):
     return with_fresh_lora(prepared_base(cfg), cfg)
 
 
-def prepared_base(cfg: Config):
+def prepared_base(cfg: Config, base=None):
     """The frozen base as training runs it: 4-bit unless model.quantize is false, frozen weights in
-    training's dtype, gradient checkpointing as configured, no KV cache."""
-    model = load_base_model(cfg.model)
+    training's dtype, gradient checkpointing as configured, no KV cache. `base`: the loaded base
+    model to prepare (default: load it)."""
+    model = base if base is not None else load_base_model(cfg.model)
     checkpointing = cfg.model.gradient_checkpointing
     # Re-entrant checkpointing needs inputs that require grad and breaks with frozen embeddings;
     # the non-reentrant variant has neither problem.

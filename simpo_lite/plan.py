@@ -60,6 +60,7 @@ class Setting:
     eager_attention: bool   # the eager kernel builds [rows, heads, L, L] score tensors
     chunk_tokens: int
     cuda: bool
+    fsdp_processes: int = 1  # FSDP over this many GPUs (plan_fsdp.py); 1: the whole model on each GPU
 
     @property
     def rows(self) -> int:
@@ -199,9 +200,10 @@ class Estimate:
     logp_chunk: float
     full_logits: float
     cuda_context: float
+    fsdp_gathered: float = 0.0  # FSDP: the unsharded copies alive during a step (plan_fsdp.py)
 
     def persistent(self) -> float:
-        return self.base_weights + self.unquantized_weights + self.lora_weights_and_states
+        return self.base_weights + self.unquantized_weights + self.lora_weights_and_states + self.fsdp_gathered
 
     def forward_phase(self, full_logits: bool = False) -> float:
         return self.checkpoints + self.decoder_io + (self.full_logits if full_logits else self.logp_chunk)
@@ -260,12 +262,17 @@ def estimate(arch: Arch, s: Setting) -> Estimate:
     decoder_io = T * H * (4 + R) + 2 * T * H * R
     # A trainer that keeps [2B, L, vocab] logits in float32 and their float32 log-softmax for backward.
     full_logits = T * arch.vocab * (4 + 4)
-    return Estimate(setting=s, base_weights=base, unquantized_weights=unquantized, lora_params=n_lora,
+    est = Estimate(setting=s, base_weights=base, unquantized_weights=unquantized, lora_params=n_lora,
                     lora_weights_and_states=n_lora * (4 + s.optimizer_state_bytes), lora_grads=n_lora * 4,
                     checkpoints=checkpoints, backward_checkpoints=backward_checkpoints, decoder_io=decoder_io,
                     layer_recompute=recompute,
                     logp_chunk=logp_chunk_bytes(arch, s), full_logits=full_logits,
                     cuda_context=CUDA_CONTEXT_BYTES if s.cuda else 0.0)
+    if s.fsdp_processes > 1:
+        from simpo_lite.plan_fsdp import sharded
+
+        est = sharded(est, arch)
+    return est
 
 
 def largest_micro_batch(arch: Arch, s: Setting, budget: float, full_logits: bool = False, limit: int = 4096) -> int:

@@ -35,6 +35,9 @@ KNOWN_ARCHS: dict[str, Arch] = {
     "meta-llama/Meta-Llama-3-8B-Instruct": Arch(
         hidden=4096, layers=32, heads=32, kv_heads=8, head_dim=128, intermediate=14336, vocab=128256,
         tied_embeddings=False, source=_hf("meta-llama/Meta-Llama-3-8B-Instruct")),
+    "meta-llama/Meta-Llama-3-70B-Instruct": Arch(
+        hidden=8192, layers=80, heads=64, kv_heads=8, head_dim=128, intermediate=28672, vocab=128256,
+        tied_embeddings=False, source=_hf("meta-llama/Meta-Llama-3-70B-Instruct")),
     "mistralai/Mistral-7B-Instruct-v0.2": Arch(
         hidden=4096, layers=32, heads=32, kv_heads=8, head_dim=128, intermediate=14336, vocab=32000,
         tied_embeddings=False, source=_hf("mistralai/Mistral-7B-Instruct-v0.2")),
@@ -51,6 +54,7 @@ KNOWN_ARCHS: dict[str, Arch] = {
 # Same architecture under other names (base models, SFT starting points, the bundled copy).
 ALIASES = {
     "meta-llama/Meta-Llama-3-8B": "meta-llama/Meta-Llama-3-8B-Instruct",
+    "meta-llama/Meta-Llama-3-70B": "meta-llama/Meta-Llama-3-70B-Instruct",
     "princeton-nlp/Llama-3-Base-8B-SFT": "meta-llama/Meta-Llama-3-8B-Instruct",
     "mistralai/Mistral-7B-v0.1": "mistralai/Mistral-7B-Instruct-v0.2",
     "alignment-handbook/zephyr-7b-sft-full": "mistralai/Mistral-7B-Instruct-v0.2",

@@ -53,31 +53,41 @@ def breakdown_rows(arch: Arch, est: Estimate) -> list[tuple[str, float, float]]:
         (f"log-probs: [{min(s.chunk_tokens, s.tokens)}, {arch.vocab}] chunk | [{s.rows}, {s.seq_len}, {arch.vocab}] "
          f"fp32 logits + log-softmax", est.logp_chunk, est.full_logits),
     ]
+    if est.fsdp_gathered:
+        rows.append(("FSDP: unsharded root unit (embeddings, head) + 2 gathered layers", est.fsdp_gathered,
+                     est.fsdp_gathered))
     if s.cuda:
         rows.append((f"CUDA context + {ALLOCATOR_SLACK:.0%} allocator slack", est.overhead(), est.overhead(True)))
     return rows
 
 
-def plan_command(cfg: Config, gpu_memory: float | None = None) -> None:
-    """Print the estimate and what fits; RunError (exit 1) when not even one pair fits the budget."""
+def plan_command(cfg: Config, gpu_memory: float | None = None, processes: int = 1, fsdp: bool = False) -> None:
+    """Print the estimate and what fits, per GPU of `processes` (FSDP-sharded with `fsdp`, else each
+    holding the whole model, as DDP); RunError (exit 1) when not even one pair fits the budget."""
     from rich.console import Console
 
     from simpo_lite.console import print_table
 
     if gpu_memory is not None and gpu_memory <= 0:
         raise UserError(f"--gpu-memory {gpu_memory:g}: must be a positive number of GB, e.g. --gpu-memory 24")
+    if processes < 1:
+        raise UserError(f"--processes {processes}: must be at least 1 (the number of GPUs)")
     arch = architecture(cfg.model)
-    setting = setting_from_config(cfg, "cuda")
+    setting = replace(setting_from_config(cfg, "cuda"), fsdp_processes=processes if fsdp else 1)
     est = estimate(arch, setting)
     budget, budget_note = (gpu_memory * GIB, f"{gpu_memory:g} GiB (--gpu-memory)") if gpu_memory else default_budget()
     console = Console(soft_wrap=True, highlight=False)
     console.print(f"[bold]model[/] {cfg.model.name_or_path}: {arch.layers} layers, hidden {arch.hidden}, "
                   f"vocab {arch.vocab} (architecture from {arch.source})")
     console.print(f"[bold]run[/] {_describe(cfg, setting)}")
+    if processes > 1:
+        console.print(f"[bold]per GPU[/] of {processes}: " + ("FSDP shards the weights, LoRA and optimizer state"
+                      if fsdp else "each holds the whole model (DDP; add --fsdp to shard it)"))
     rows = [[name, _gib(ours), _gib(theirs)] for name, ours, theirs in breakdown_rows(arch, est)]
     rows.append(["[bold]peak (tensors)[/]", _gib(est.tensors()), _gib(est.tensors(True))])
     rows.append(["[bold]peak (device)[/]", f"[bold]{_gib(est.peak())}[/]", f"[bold]{_gib(est.peak(True))}[/]"])
-    print_table(["component", "simpo-lite", "full-logits trainer"], rows, title="estimated peak GPU memory")
+    print_table(["component", "simpo-lite", "full-logits trainer"], rows,
+                title="estimated peak GPU memory" + (" per GPU" if processes > 1 else ""))
     console.print("Not every row is alive at once: the peak is the weights and optimizer state plus the larger of "
                   "the forward pass's end (checkpoints + log-probs) and the backward pass (one recomputed layer + "
                   "the larger of checkpoints and gradients).")

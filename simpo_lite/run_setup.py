@@ -134,13 +134,19 @@ def build_policy(cfg: Config, acc, resume_path: Path | None, sample_ids: list[in
     sample_ids: a training sequence, on which the chunked log-probs are checked once against the
     model's own logits, so a model that transforms its logits in an unknown way stops here.
     """
+    from simpo_lite import fsdp_load
     from simpo_lite.model import load_model
     from simpo_lite.policy import ConcatenatedPolicy
 
-    model = reuse.base.load_model(cfg) if reuse else load_model(cfg)
-    check_log_probs(model, sample_ids)
-    if resume_path:
-        resume.load_adapter_weights(model, resume_path)
+    if fsdp_load.rank0_loads_alone(acc):
+        model = fsdp_load.load_model(cfg, acc)
+    else:
+        model = reuse.base.load_model(cfg) if reuse else load_model(cfg)
+    # A model on meta (FSDP's low-memory loading, ranks but 0) gets rank 0's weights at wrap.
+    if not fsdp_load.is_on_meta(model):
+        check_log_probs(model, sample_ids)
+        if resume_path:
+            resume.load_adapter_weights(model, resume_path)
     if sharding.uses_fsdp(acc):
         sharding.wrap_lora_separately(acc, model)
     policy = ConcatenatedPolicy(model, cfg.simpo.logp_chunk_tokens, cfg.simpo.pack_prompt)

@@ -24,9 +24,8 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="FSDP on CPU p
 
 ROOT = Path(__file__).resolve().parent.parent
 # What CPU processes cannot honour: FSDP's bf16 mixed precision (its nested wrapping then asks for a
-# cpu:0 device), and rank 0 broadcasting the weights it loaded, which needs an accelerator.
-CPU_OVERRIDES = ["--mixed_precision", "no", "--fsdp_sync_module_states", "false",
-                 "--fsdp_cpu_ram_efficient_loading", "false"]
+# cpu:0 device). The shipped low-memory loading (only rank 0 reads the checkpoint) runs as on GPUs.
+CPU_OVERRIDES = ["--mixed_precision", "no"]
 
 
 def run(cmd: list[str]) -> subprocess.CompletedProcess:
@@ -140,3 +139,44 @@ def test_shipped_fsdp_config_without_gpus_is_one_clear_error(runs, tmp_path):
     assert result.returncode != 0
     assert "error: accelerate: There are currently no available devices found" in result.stderr
     assert "this launch config needs GPUs; on the CPU launch DDP instead: torchrun" in result.stderr
+
+
+def test_low_memory_loading_rank1_never_holds_the_whole_model(tmp_path):
+    """The shipped config's cpu_ram_efficient_loading: rank 0 reads and quantizes the checkpoint, rank 1
+    builds the model on meta and receives its shard at wrap. Measured as peak resident memory while
+    loading and wrapping (fsdp_on_cpu.py), on a model whose 4-bit layers outweigh its embeddings."""
+    from tiny_models import random_llama, smollm2_tokenizer, tiny_llama_config
+
+    tokenizer = smollm2_tokenizer()
+    model = random_llama(tiny_llama_config(tokenizer, intermediate_size=65536, num_hidden_layers=8,
+                                           tie_word_embeddings=True))
+    folder = tmp_path / "model"
+    model.to(torch.bfloat16).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    del model
+    config = write_config(tmp_path / "run.yaml", folder, write_pairs(tmp_path / "pairs.jsonl", 8), tmp_path / "run",
+                          gradient_accumulation_steps=1, max_steps=1)
+    memory = tmp_path / "memory"
+    memory.mkdir()
+    os.environ.update(SIMPO_TEST_MEMORY_DIR=str(memory), MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    try:
+        launch_fsdp(config)
+    finally:
+        for name in ("SIMPO_TEST_MEMORY_DIR", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+            del os.environ[name]
+    ranks = [json.loads((memory / f"rank{r}.json").read_text()) for r in (0, 1)]
+    whole = sum(r["shard_bytes"] for r in ranks)  # the wrapped model: 4-bit layers, embeddings, LoRA
+    def growth(rank, key):
+        return (ranks[rank][key] - ranks[rank]["rss_before_load_kib"]) * 1024
+
+    print("whole model {:.1f} MiB; rank 0 / rank 1 above their memory before loading: after load {:.1f} / {:.1f}, "
+          "peak {:.1f} / {:.1f}, after wrap {:.1f} / {:.1f} MiB".format(
+              whole / 2**20, *[growth(r, key) / 2**20 for key in ("rss_after_load_kib", "peak_load_and_wrap_kib",
+                                                                  "rss_after_wrap_kib") for r in (0, 1)]))
+    assert all(abs(r["shard_bytes"] - whole / 2) < 0.05 * whole for r in ranks)  # each keeps half
+    assert growth(0, "rss_after_load_kib") > whole  # rank 0 held all of it
+    assert growth(1, "rss_after_load_kib") < 0.2 * whole  # rank 1 none: the skeleton, quantization state
+    # Rank 1 receives it unit by unit: its shard plus one unit's copies at a time (materialized,
+    # broadcast, flattened), well below rank 0, which reads the checkpoint and holds the whole model.
+    assert growth(1, "peak_load_and_wrap_kib") < 0.5 * growth(0, "peak_load_and_wrap_kib")
+    assert growth(1, "rss_after_wrap_kib") < 0.8 * whole
