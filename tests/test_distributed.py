@@ -86,3 +86,23 @@ def test_packed_rows_under_ddp(setup):
     single, ddp = train_losses(root / "packed_single"), train_losses(root / "packed_ddp")
     assert sorted(ddp) == [1, 2, 3, 4]
     assert ddp == pytest.approx(single, rel=1e-4, abs=1e-5)
+
+
+def test_two_nodes_over_loopback_match_one_process_with_accumulation(setup):
+    """Two "machines" of one process each, joined by torchrun's c10d rendezvous as on a real cluster."""
+    _, _, root = setup
+    if not (root / "single").is_dir():
+        launch(config_for(setup, "single", accumulation=2), nproc=1)
+    config, port = config_for(setup, "nodes", accumulation=1), free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                               "--node_rank", str(rank), "--rdzv_backend", "c10d", "--rdzv_id", "simpo-lite-test",
+                               "--rdzv_endpoint", f"127.0.0.1:{port}",
+                               "-m", "simpo_lite", "train", "--config", str(config), "--quiet"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for rank in (0, 1)]
+    outputs = [node.communicate(timeout=900) for node in nodes]
+    for node, (_, err) in zip(nodes, outputs):
+        assert node.returncode == 0, err[-3000:]
+    assert train_losses(root / "nodes") == pytest.approx(train_losses(root / "single"), rel=1e-4, abs=1e-5)
+    assert grad_norms(root / "nodes") == pytest.approx(grad_norms(root / "single"), rel=1e-4)
