@@ -14,7 +14,7 @@ import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -43,9 +43,10 @@ class ModelConfig:
         "other GPUs, bf16 on CPUs with AVX512-BF16/AMX, else fp32.")
     attn_implementation: Optional[str] = _f(None, "Attention kernel (e.g. 'eager' for Gemma-2, 'sdpa'); null = model default.")
     gradient_checkpointing: bool = _f(True, "Recompute activations in backward (non-reentrant) to save memory.")
-    uncheckpointed_layers: int = _f(0, "With gradient checkpointing, the last n decoder layers keep their activations "
-                                       "instead of recomputing them: faster steps for memory (simpo-lite plan shows "
-                                       "how much).", ge=0)
+    uncheckpointed_layers: Union[int, Literal["auto"]] = _f(
+        0, "With gradient checkpointing, the last n decoder layers keep their activations instead of recomputing "
+        "them: faster steps for memory (simpo-lite plan shows how much); auto = as many as the memory plan fits "
+        "on the device (see train.memory_budget_gb).", ge=0)
     frozen_dtype: Literal["auto", "fp32", "compute"] = _f(
         "auto", "Dtype of a 4-bit model's embeddings, output head and norms: fp32 (peft's prepare_model_for_kbit_"
         "training upcast) or the compute dtype; auto = compute on bf16 GPUs (~6 GiB less for Llama-3-8B at "
@@ -99,7 +100,15 @@ class TrainConfig:
     learning_rate: float = _f(1e-5, "Peak learning rate.", gt=0.0)
     num_epochs: float = _f(1.0, "Passes over the training data (ignored when max_steps is set).", gt=0.0)
     max_steps: Optional[int] = _f(None, "Stop after this many optimizer steps (null = num_epochs).", ge=1)
-    micro_batch_size: int = _f(2, "Preference pairs per forward pass per process.", ge=1)
+    micro_batch_size: Union[int, Literal["auto"]] = _f(
+        2, "Preference pairs per forward pass per process; auto = the most the memory plan fits on the device, "
+        "gradient_accumulation_steps then chosen to keep train.batch_size.", ge=1)
+    batch_size: Optional[int] = _f(None, "Pairs per optimizer step per process (micro_batch_size x gradient_accumulation_"
+                                         "steps); null = that product, or with micro_batch_size: auto, the micro-batch "
+                                         "it replaces x gradient_accumulation_steps.", ge=1)
+    memory_budget_gb: Optional[float] = _f(None, "On the CPU, the peak memory (GiB) that auto settings fit the run into; "
+                                                 "null = half the RAM available when the run starts. On a GPU its free "
+                                                 "memory is the budget.", gt=0.0)
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.", ge=1)
     warmup_ratio: float = _f(0.1, "Share of the steps spent warming the learning rate up.", ge=0.0, lt=1.0)
     lr_scheduler: Literal["cosine", "linear", "constant"] = _f("cosine", "Learning-rate schedule after warmup.")
@@ -189,7 +198,7 @@ def _type_name(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin is typing.Union:
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _type_name(inner[0]) + " or null"
+        return " or ".join(_type_name(a) for a in inner) + (" or null" if len(inner) < len(typing.get_args(tp)) else "")
     if origin is list:
         return "a list of " + _type_name(typing.get_args(tp)[0]) + "s"
     if origin is dict:
@@ -202,9 +211,9 @@ def _check_type(value: Any, tp: Any) -> tuple[bool, Any]:
     origin = typing.get_origin(tp)
     if origin is typing.Union:
         if value is None:
-            return True, None
-        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
-        return _check_type(value, inner)
+            return type(None) in typing.get_args(tp), None
+        checked = [_check_type(value, a) for a in typing.get_args(tp) if a is not type(None)]
+        return next(((True, v) for ok, v in checked if ok), (False, value))
     if origin is Literal:
         return value in typing.get_args(tp), value
     if origin is list:
@@ -320,22 +329,36 @@ def _cross_checks(cfg: Config) -> list[str]:
     if cfg.simpo.loss_type == "hinge" and cfg.simpo.label_smoothing > 0:
         # The reference trainer ignores label smoothing for the hinge loss with a warning; do the same.
         warnings.warn("simpo.label_smoothing is ignored with simpo.loss_type=hinge", stacklevel=2)
+    t = cfg.train
+    if isinstance(t.micro_batch_size, int) and t.batch_size is not None and t.batch_size != t.micro_batch_size * t.gradient_accumulation_steps:
+        problems.append(f"train.batch_size ({t.batch_size}) must equal train.micro_batch_size x train.gradient_"
+                        f"accumulation_steps ({t.micro_batch_size} x {t.gradient_accumulation_steps}), or leave it null")
     unknown_trackers = [t for t in cfg.train.report_to if t not in ("tensorboard", "wandb")]
     for t in unknown_trackers:
         problems.append(f"train.report_to: unknown tracker '{t}'{_suggest(t, ['tensorboard', 'wandb'])}")
     return problems
 
 
+def _keep_effective_batch(train: dict, replaced_micro: Any) -> None:
+    """micro_batch_size: auto keeps the effective batch of the micro-batch it replaced (a preset's)."""
+    if train.get("micro_batch_size") == "auto" and train.get("batch_size") is None and isinstance(replaced_micro, int):
+        train["batch_size"] = replaced_micro * train.get("gradient_accumulation_steps", TrainConfig.gradient_accumulation_steps)
+
+
 def build_config(layers: list[tuple[str, Any]]) -> Config:
     """Validate and apply the layers in order over the defaults; raise ConfigError with every problem."""
     merged: dict = {}
     problems: list[str] = []
+    micro = TrainConfig.micro_batch_size  # the last integer micro-batch of the layers
     for source, layer in layers:
         valid, layer_problems = validate_layer(layer, source)
         problems += layer_problems
         _merge(merged, valid)
+        if isinstance(merged.get("train", {}).get("micro_batch_size"), int):
+            micro = merged["train"]["micro_batch_size"]
     if problems:
         raise ConfigError(problems)
+    _keep_effective_batch(merged.setdefault("train", {}), micro)
     cfg = Config(**{name: cls(**merged.get(name, {})) for name, cls in SECTIONS.items()})
     problems = _cross_checks(cfg)
     if problems:
@@ -404,10 +427,11 @@ def resolve(preset: str | None = None, config_file: str | Path | None = None, fl
     return cfg
 
 
-def save_config(cfg: Config, path: Path) -> None:
-    """Write the resolved config atomically; it reproduces the run with ``--config``."""
+def save_config(cfg: Config, path: Path, note: str = "") -> None:
+    """Write the resolved config atomically; it reproduces the run with ``--config``. `note`: a comment
+    line under the header (what `auto` settings became)."""
     write_text(path, "# Resolved simpo-lite config; reproduce with: simpo-lite train --config " + Path(path).name
-               + "\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+               + "\n" + (f"# {note}\n" if note else "") + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def load_saved_config(path: Path) -> Config:

@@ -72,10 +72,11 @@ def plan_command(cfg: Config, gpu_memory: float | None = None, processes: int = 
         raise UserError(f"--gpu-memory {gpu_memory:g}: must be a positive number of GB, e.g. --gpu-memory 24")
     if processes < 1:
         raise UserError(f"--processes {processes}: must be at least 1 (the number of GPUs)")
+    budget, budget_note = (gpu_memory * GIB, f"{gpu_memory:g} GiB (--gpu-memory)") if gpu_memory else default_budget()
+    cfg = _resolve_auto(cfg, budget, budget_note, gpu_memory is None)
     arch = architecture(cfg.model)
     setting = replace(setting_from_config(cfg, "cuda"), fsdp_processes=processes if fsdp else 1)
     est = estimate(arch, setting)
-    budget, budget_note = (gpu_memory * GIB, f"{gpu_memory:g} GiB (--gpu-memory)") if gpu_memory else default_budget()
     console = Console(soft_wrap=True, highlight=False)
     console.print(f"[bold]model[/] {cfg.model.name_or_path}: {arch.layers} layers, hidden {arch.hidden}, "
                   f"vocab {arch.vocab} (architecture from {arch.source})")
@@ -95,6 +96,31 @@ def plan_command(cfg: Config, gpu_memory: float | None = None, processes: int = 
     if largest_micro_batch(arch, setting, budget) == 0:
         raise RunError(f"plan: not even 1 pair x {setting.seq_len} tokens fits in {_gib(budget)}: "
                        f"{what_would_fit(arch, setting, budget, cfg.data.max_prompt_length)}", exit_code=1)
+
+
+def _resolve_auto(cfg: Config, budget: float, note: str, this_machine: bool) -> Config:
+    """`auto` settings as a run would resolve them: for the planned GPU (its free memory when it is this
+    machine's), and, on a machine without one, also the choice a CPU run here would make."""
+    import sys
+
+    import torch
+
+    from simpo_lite import autofit
+
+    if not autofit.wants_autofit(cfg):
+        return cfg
+    if this_machine and torch.cuda.is_available():
+        _, choice = autofit.fit(cfg, "cuda")  # exactly what simpo-lite train would choose here
+    else:
+        choice = autofit.choose(cfg, "cuda", budget, note)
+        if this_machine:
+            try:
+                line = autofit.fit(cfg, "cpu")[1].line()
+            except UserError as err:
+                line = str(err)
+            print(f"simpo-lite: a CPU run here: {line}", file=sys.stderr, flush=True)
+    print(f"simpo-lite: {choice.line()}", file=sys.stderr, flush=True)
+    return autofit.apply(cfg, choice)
 
 
 def what_would_fit(arch: Arch, s: Setting, budget: float, max_prompt_length: int) -> str:

@@ -17,6 +17,7 @@ from simpo_lite.errors import UserError
 
 @dataclass
 class RunParts:
+    cfg: Config            # the run's config with any `auto` setting resolved (simpo_lite.autofit)
     accelerator: Any
     tokenizer: Any
     train_data: Any
@@ -172,6 +173,23 @@ def check_log_probs(model, sample_ids: list[int]) -> None:
         model.train(was_training)
 
 
+def fit_auto_settings(cfg: Config, acc) -> Config:
+    """Resolve `auto` settings before the model loads; every process takes the first one's choice."""
+    from simpo_lite import autofit
+
+    if not autofit.wants_autofit(cfg):
+        return cfg
+    choice = None
+    if acc.is_main_process:
+        _, choice = autofit.fit(cfg, "cuda" if torch.cuda.is_available() else "cpu")
+        print(f"simpo-lite: {choice.line()}", file=sys.stderr, flush=True)
+    if acc.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        choice = broadcast_object_list([choice])[0]
+    return autofit.apply(cfg, choice)
+
+
 def build_run_parts(cfg: Config, resume_path: Path | None, quiet: bool, reuse: Reuse | None = None) -> RunParts:
     from accelerate.utils import set_seed
 
@@ -187,6 +205,7 @@ def build_run_parts(cfg: Config, resume_path: Path | None, quiet: bool, reuse: R
     if acc.is_main_process:
         # Even with --quiet one line says what the data preparation kept, skipped and truncated.
         print(prepared.report.counts_line() if quiet else prepared.report.summary(), file=sys.stderr, flush=True)
+    cfg = fit_auto_settings(cfg, acc)
     batches_for_epoch = batch_order(cfg, prepared.train, acc.num_processes)
     policy, trainable = build_policy(cfg, acc, resume_path, prepared.train[0]["chosen_input_ids"], reuse)
     optimizer = acc.prepare_optimizer(build_optimizer(trainable, cfg.train))
@@ -197,5 +216,5 @@ def build_run_parts(cfg: Config, resume_path: Path | None, quiet: bool, reuse: R
     if resume_path:
         state, resume_rng = resume.restore_training_state(resume_path, acc, policy, optimizer, scheduler)
     collate = make_collator(tokenizer.pad_token_id, cfg.simpo.pack_prompt)
-    return RunParts(acc, tokenizer, prepared.train, prepared.eval, collate, batches_for_epoch, policy, optimizer,
+    return RunParts(cfg, acc, tokenizer, prepared.train, prepared.eval, collate, batches_for_epoch, policy, optimizer,
                     scheduler, total, trainable, state, resume_path, resume_rng)

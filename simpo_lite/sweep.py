@@ -303,7 +303,9 @@ def run_sweep(sweep: Sweep, out_dir: Path, *, resume: bool = False, overwrite: b
     out_dir.mkdir(parents=True, exist_ok=True)
     say = say if main else (lambda message: None)
     first = configs[0][1]
-    pairs = first.train.micro_batch_size * first.train.gradient_accumulation_steps
+    from simpo_lite.autofit import effective_batch
+
+    pairs = effective_batch(first)
     say(f"sweep: {len(configs)} trials x {sweep.max_steps} steps of {pairs} pairs"
         + (f" on {sweep.train_pairs} training pairs" if sweep.train_pairs else "")
         + f"; {len(sweep.results)} finished earlier. Time per trial is measured on the first one"

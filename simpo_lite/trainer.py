@@ -284,14 +284,36 @@ def run_training(cfg: Config, resume: str | None = None, overwrite: bool = False
     _interrupt_on_sigterm()
     if quiet:
         _hide_library_progress_bars()
+    if resume:
+        cfg = keep_auto_choice(cfg, resume)
     resume_path = prepare_resume(cfg, resume) if resume else None  # checks before the folder changes
     with warnings.catch_warnings():
         # Deprecation chatter from transformers/peft internals says nothing the user can act on.
         warnings.filterwarnings("ignore", category=FutureWarning)
         parts = build_run_parts(cfg, resume_path, quiet, reuse)
         if parts.accelerator.is_main_process:
-            save_config(cfg, output_dir / run_folder.CONFIG)
-        return Trainer(cfg, parts, quiet).fit()
+            save_config(parts.cfg, output_dir / run_folder.CONFIG, _auto_note(cfg, parts.cfg))
+        return Trainer(parts.cfg, parts, quiet).fit()
+
+
+def keep_auto_choice(cfg: Config, resume: str) -> Config:
+    """A resumed run with `auto` settings takes its checkpoint's choice (simpo_lite.autofit)."""
+    from simpo_lite.autofit import keep_saved_choice, wants_autofit
+    from simpo_lite.config import load_saved_config
+    from simpo_lite.resume import find_checkpoint
+
+    if not wants_autofit(cfg):
+        return cfg
+    checkpoint, _ = find_checkpoint(Path(cfg.train.output_dir), resume)
+    return keep_saved_choice(cfg, load_saved_config(checkpoint / run_folder.CONFIG))
+
+
+def _auto_note(asked: Config, resolved: Config) -> str:
+    auto = [f"{name}: auto -> {getattr(getattr(resolved, section), key)}"
+            for name, section, key in (("train.micro_batch_size", "train", "micro_batch_size"),
+                                       ("model.uncheckpointed_layers", "model", "uncheckpointed_layers"))
+            if getattr(getattr(asked, section), key) == "auto"]
+    return "auto-fit (simpo_lite.autofit): " + ", ".join(auto) if auto else ""
 
 
 def _interrupt_on_sigterm() -> None:

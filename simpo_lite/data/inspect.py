@@ -122,5 +122,15 @@ def inspect_data(cfg, index: int = 0, tokenizer=None, console: Optional[Console]
                          f"({prepared.report.eval_origin})"))
     _print_table(tables_on, DROP_COLUMNS, _drop_rows(prepared), "Rows kept and skipped")
     _print_table(tables_on, LENGTH_COLUMNS, _length_rows(prepared), "Token lengths")
+    if cfg.train.micro_batch_size == "auto":  # the micro-batch a run on this machine would choose
+        from simpo_lite.autofit import fit
+
+        cfg, _ = fit(cfg, "cuda" if _has_cuda() else "cpu")
     console.print(padding_line(prepared, cfg.train.micro_batch_size, cfg.data.group_by_length, cfg.train.seed))
     return prepared
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

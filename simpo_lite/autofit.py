@@ -1,0 +1,155 @@
+"""`auto` micro-batch and checkpointing: the largest setting the memory plan fits on the device.
+
+`train.micro_batch_size: auto` and `model.uncheckpointed_layers: auto` are resolved once, before the
+model loads, from simpo_lite.plan's estimate against a budget:
+
+- on a GPU its free memory (torch.cuda.mem_get_info), which already leaves out other processes;
+- on the CPU `train.memory_budget_gb` (peak RSS of the run), by default half the RAM available at the
+  start: the cores and memory of a CPU machine are usually shared, and glibc keeps freed blocks, so the
+  resident set runs above the live tensors the plan counts. A CPU run also holds what the plan does not
+  count (CPU_PROCESS_BYTES).
+
+The plan's peak is measured within -2.3%..+14% (README, "Plan memory before training"), and the step's
+own memory within -9%..+25%; MARGIN covers the worst under-estimate of either, so a run the plan says
+fits does not run out of memory. The micro-batch comes first (a divisor of the effective batch, so
+train.batch_size is kept through gradient accumulation), then as many uncheckpointed layers as the
+rest of the budget holds. The resolved numbers replace `auto` in the run's config.yaml, so a resumed run
+(or `--config run/config.yaml`) makes the same choice without planning again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, replace
+
+from simpo_lite.config import Config
+from simpo_lite.errors import UserError
+from simpo_lite.plan import (GIB, architecture, batch_suggestion, estimate, largest_micro_batch,
+                             most_uncheckpointed_layers, setting_from_config)
+
+# The worst measured under-estimate of the plan: -2.3% of the whole peak, -9% of the step's own memory.
+MARGIN = 0.10
+# Share of the RAM available at the start that a CPU run takes by default (see the module docstring).
+CPU_SHARE = 0.5
+# What a CPU training process holds besides the plan's tensors: Python, torch and the libraries (470 MiB
+# measured), the tokenized data (70 MiB for the demo set) and what loading the 4-bit model leaves behind
+# in the allocator (about 250 MiB): 800 MiB measured for the demo run, rounded up.
+CPU_PROCESS_BYTES = 1.0 * GIB
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What `auto` became, and the plan behind it."""
+
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    uncheckpointed_layers: int
+    layers: int
+    checkpointing: bool
+    planned_peak: float  # bytes, as plan's Estimate.peak
+    budget: float        # bytes the plan's peak may take (the device budget less what the plan does not count)
+    budget_note: str
+
+    def line(self) -> str:
+        batch = self.micro_batch_size * self.gradient_accumulation_steps
+        return (f"auto-fit: micro_batch_size={self.micro_batch_size} x gradient_accumulation_steps="
+                f"{self.gradient_accumulation_steps} ({batch} pairs per step), uncheckpointed_layers="
+                f"{self.uncheckpointed_layers} of {self.layers}{'' if self.checkpointing else ' (checkpointing off)'}: planned peak {self.planned_peak / GIB:.2f} GiB "
+                f"+ {MARGIN:.0%} margin = {self.planned_peak * (1 + MARGIN) / GIB:.2f} GiB of "
+                f"{self.budget / GIB:.2f} GiB" + (f" ({self.budget_note})" if self.budget_note else ""))
+
+
+def wants_autofit(cfg: Config) -> bool:
+    return cfg.train.micro_batch_size == "auto" or cfg.model.uncheckpointed_layers == "auto"
+
+
+def effective_batch(cfg: Config) -> int:
+    """Pairs per optimizer step per process (config.build_config fills batch_size for an auto micro-batch)."""
+    t = cfg.train
+    return t.batch_size if t.batch_size is not None else t.micro_batch_size * t.gradient_accumulation_steps
+
+
+def available_ram() -> float:
+    """Bytes of RAM available to a new process (MemAvailable), or the free pages where /proc is absent."""
+    import os
+
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024.0
+    except OSError:
+        pass
+    return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def device_budget(cfg: Config, device: str) -> tuple[float, str]:
+    """(bytes the plan's peak may take on `device`, where that figure comes from)."""
+    if device == "cuda":
+        import torch
+
+        free, total = torch.cuda.mem_get_info()
+        return float(free), f"free memory of {torch.cuda.get_device_name()}, {total / GIB:.1f} GiB in all"
+    gb = cfg.train.memory_budget_gb
+    if gb is not None:
+        total, note = gb * GIB, f"train.memory_budget_gb={gb:g}"
+    else:
+        ram = available_ram()
+        total, note = CPU_SHARE * ram, f"half the {ram / GIB:.1f} GiB of RAM available; set train.memory_budget_gb"
+    return total - CPU_PROCESS_BYTES, f"{note}, less {CPU_PROCESS_BYTES / GIB:.1f} GiB for the process itself"
+
+
+def choose(cfg: Config, device: str, budget: float, note: str = "") -> Choice:
+    """The micro-batch and uncheckpointed layers that `auto` stands for, for a `budget` of bytes."""
+    auto_micro = cfg.train.micro_batch_size == "auto"
+    auto_layers = cfg.model.uncheckpointed_layers == "auto"
+    effective = effective_batch(cfg)
+    placeholder = replace(cfg, train=replace(cfg.train, micro_batch_size=1 if auto_micro else cfg.train.micro_batch_size),
+                          model=replace(cfg.model, uncheckpointed_layers=0 if auto_layers else cfg.model.uncheckpointed_layers))
+    arch = architecture(cfg.model)
+    s = setting_from_config(placeholder, device)
+    usable = budget / (1 + MARGIN)
+    micro, accumulation = s.micro_batch, cfg.train.gradient_accumulation_steps
+    if auto_micro:
+        fit = largest_micro_batch(arch, s, usable)
+        if fit == 0:
+            from simpo_lite.plan_report import what_would_fit
+
+            raise UserError(f"auto-fit: not even 1 pair x {s.seq_len} tokens fits {budget / GIB:.2f} GiB with a "
+                            f"{MARGIN:.0%} margin ({note}): {what_would_fit(arch, s, usable, cfg.data.max_prompt_length)}")
+        micro, accumulation = batch_suggestion(effective, fit)
+    s = replace(s, micro_batch=micro)
+    layers = most_uncheckpointed_layers(arch, s, usable) if auto_layers else s.uncheckpointed_layers
+    s = replace(s, uncheckpointed_layers=layers)
+    return Choice(micro, accumulation, layers, arch.layers, s.gradient_checkpointing, estimate(arch, s).peak(), budget, note)
+
+
+def apply(cfg: Config, choice: Choice) -> Config:
+    """`cfg` with the choice in place of `auto`: what the run trains with and saves to config.yaml."""
+    train = replace(cfg.train, micro_batch_size=choice.micro_batch_size,
+                    gradient_accumulation_steps=choice.gradient_accumulation_steps,
+                    batch_size=choice.micro_batch_size * choice.gradient_accumulation_steps)
+    return replace(cfg, train=train, model=replace(cfg.model, uncheckpointed_layers=choice.uncheckpointed_layers))
+
+
+def fit(cfg: Config, device: str) -> tuple[Config, Choice | None]:
+    """(cfg with `auto` resolved for `device`, the choice); cfg unchanged and None without `auto`."""
+    if not wants_autofit(cfg):
+        return cfg, None
+    budget, note = device_budget(cfg, device)
+    choice = choose(cfg, device, budget, note)
+    return apply(cfg, choice), choice
+
+
+def keep_saved_choice(cfg: Config, saved: Config) -> Config:
+    """A resumed run takes the choice its checkpoint trained with instead of planning again (the free
+    memory may have changed, and a different micro-batch would change the batch order)."""
+    if not wants_autofit(cfg):
+        return cfg
+    train, model = cfg.train, cfg.model
+    if train.micro_batch_size == "auto" and train.batch_size == effective_batch(saved):
+        train = replace(train, micro_batch_size=saved.train.micro_batch_size, batch_size=effective_batch(saved),
+                        gradient_accumulation_steps=saved.train.gradient_accumulation_steps)
+    if model.uncheckpointed_layers == "auto":
+        model = replace(model, uncheckpointed_layers=saved.model.uncheckpointed_layers)
+    return dataclasses.replace(cfg, train=train, model=model)
