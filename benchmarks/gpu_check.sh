@@ -12,6 +12,10 @@
 #   train-fp32      the same with model.frozen_dtype=fp32 (peft's upcast kept, as TRL loads the model);
 #   train-packed    the same with simpo.pack_prompt=true;
 #   train-keep16    the same with model.uncheckpointed_layers=16 (half the layers not recomputed);
+#   train-liger     the same with model.kernels=liger (Liger-Kernel's RMSNorm/SwiGLU/RoPE), its per-step
+#                   losses and grad norms printed beside those of `train` (run that stage first); the
+#                   machine cannot reach PyPI, so LIGER_WHEEL=path/to/liger_kernel-*.whl is installed first
+#                   (`pip download --no-deps liger-kernel` on a machine that can);
 #   bench           benchmarks/bench_memory.py on that model: simpo-lite against TRL's CPOTrainer;
 #   bench-small     the same comparison on SmolLM2-135M's shapes at 2 x 400 tokens (issue 8's setting);
 #   fsdp            4 steps of FSDP-QLoRA on every GPU through presets/accelerate/fsdp-qlora.yaml, then
@@ -67,6 +71,19 @@ for stage in $STAGES; do
     train-fp32) train_big train-fp32 --set model.frozen_dtype=fp32 ;;
     train-packed) train_big train-packed --set simpo.pack_prompt=true ;;
     train-keep16) train_big train-keep16 --set model.uncheckpointed_layers=16 ;;
+    train-liger)
+      [ -n "${LIGER_WHEEL:-}" ] && run liger-install 120 $PY -m pip install --no-deps "$LIGER_WHEEL"
+      train_big train-liger --set model.kernels=liger
+      $PY - "$OUT" <<'PYEOF' 2>&1 | tee -a "$LOG"
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+for name in ("train", "train-liger"):
+    path = out / f"{name}.metrics.jsonl"
+    rows = [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
+    print(name, {r["step"]: (round(r["loss"], 5), round(r["grad_norm"], 4)) for r in rows if "loss" in r})
+PYEOF
+      ;;
     bench)
       need_model $BIG
       run bench 180 $PY benchmarks/bench_memory.py --model "$WORK/models/$BIG" --length 2048 --lengths \

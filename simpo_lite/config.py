@@ -52,6 +52,8 @@ class ModelConfig:
         "training upcast) or the compute dtype; auto = compute on bf16 GPUs (~6 GiB less for Llama-3-8B at "
         "2 x 2048), fp32 on fp16 GPUs and CPUs; always compute under FSDP.")
     trust_remote_code: bool = _f(False, "Allow the model repository to run its own Python code.")
+    kernels: Literal["none", "liger"] = _f(
+        "none", "Fused training kernels: liger = Liger-Kernel's RMSNorm, SwiGLU and RoPE (CUDA GPUs with liger-kernel installed; refused elsewhere).")
 
 
 @dataclass

@@ -462,3 +462,27 @@ def test_a_truncated_final_adapter_is_named_by_export_and_eval(reference, tmp_pa
     for read in (lambda: export_run(run), lambda: resolve_target(str(run))):
         with pytest.raises(UserError, match=r"adapter_model.safetensors is truncated.*checkpoint-N"):
             read()
+
+
+# ---- kernels a machine cannot run --------------------------------------------------------------------
+
+def test_liger_kernels_without_a_cuda_gpu_are_one_line_before_any_model_loads(tiny, tmp_path):
+    result = cli("train", "--config", str(config_for(tiny, tmp_path)), "--set", "model.kernels=liger",
+                 "--output-dir", str(tmp_path / "run"))
+    assert result.returncode == 2
+    line = one_error_line(result.stderr)
+    assert "model.kernels: liger needs a CUDA GPU" in line and "leave model.kernels at none" in line, line
+    assert not (tmp_path / "run" / "checkpoint-2").exists()
+
+
+def test_liger_kernels_on_a_gpu_without_the_package_say_what_to_install(monkeypatch):
+    import importlib.util
+
+    from simpo_lite.config import ModelConfig
+    from simpo_lite.errors import UserError
+    from simpo_lite.kernels import check_kernels
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UserError, match="pip install liger-kernel"):
+        check_kernels(ModelConfig(kernels="liger"), cuda_available=True)
+    check_kernels(ModelConfig(kernels="none"), cuda_available=False)  # the default asks nothing of the machine
