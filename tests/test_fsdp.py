@@ -101,6 +101,43 @@ def test_fsdp_run_resumes_exactly(runs):
         assert (adapter(resumed)[key] - value).abs().max() < 1e-6, key
 
 
+def test_killed_fsdp_run_resumes_exactly(runs, tmp_path):
+    """Both ranks killed at once (a crashed machine) after the first checkpoint: --resume then repeats the
+    uninterrupted run, sharded optimizer state included."""
+    import time
+
+    root, configs = runs
+    cfg = yaml.safe_load(configs["fsdp"].read_text())
+    cfg["train"].update(max_steps=12, save_steps=4, eval_steps=12)
+    configs12 = {}
+    for name in ("full", "killed"):
+        cfg["train"]["output_dir"] = str(tmp_path / name)
+        configs12[name] = tmp_path / f"{name}.yaml"
+        configs12[name].write_text(yaml.safe_dump(cfg))
+    launch_fsdp(configs12["full"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                             str(ROOT / "presets/accelerate/fsdp-qlora.yaml"), "--num_processes", "2", *CPU_OVERRIDES,
+                             str(ROOT / "tests/fsdp_on_cpu.py"), "train", "--config", str(configs12["killed"]),
+                             "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=ROOT)
+    start = time.time()
+    while not (tmp_path / "killed" / "checkpoint-4").exists():
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.time() - start < 600
+        time.sleep(0.01)
+    # torch's launcher puts each rank in a session of its own: kill every process of this run by its config.
+    subprocess.run(["pkill", "-KILL", "-f", str(configs12["killed"])], check=True)
+    proc.communicate()
+    assert not (tmp_path / "killed" / "adapter").exists()  # killed before the end
+    launch_fsdp(configs12["killed"], "--resume")
+    full, resumed = train_losses(tmp_path / "full"), train_losses(tmp_path / "killed")
+    assert sorted(resumed) == list(range(1, 13))
+    assert resumed == pytest.approx(full, rel=1e-4, abs=1e-5)
+    assert grad_norms(tmp_path / "killed") == pytest.approx(grad_norms(tmp_path / "full"), rel=1e-4)
+
+
 def test_fsdp_checkpoint_resumed_without_fsdp_is_refused(runs, tmp_path):
     root, configs = runs
     copy = tmp_path / "run"
