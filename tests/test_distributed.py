@@ -3,20 +3,13 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
 import pytest
 import yaml
 
-from tiny_models import grad_norms, tiny_model_folder, train_losses, write_config, write_pairs
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tiny_models import free_port, grad_norms, tiny_model_folder, train_losses, write_config, write_pairs
 
 
 def launch(config, nproc: int, *extra):

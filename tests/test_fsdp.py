@@ -17,7 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tiny_models import grad_norms, tiny_model_folder, train_losses, write_config, write_pairs
+from tiny_models import free_port, grad_norms, tiny_model_folder, train_losses, write_config, write_pairs
 
 # These tests stand in for GPUs; on a GPU machine, benchmarks/gpu_check.sh's fsdp stage is the check.
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="FSDP on CPU processes, for machines without GPUs")
@@ -37,8 +37,8 @@ def run(cmd: list[str]) -> subprocess.CompletedProcess:
 def launch_fsdp(config: Path, *extra: str, check: bool = True, launch_args: tuple = ()) -> subprocess.CompletedProcess:
     result = run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                   str(ROOT / "presets/accelerate/fsdp-qlora.yaml"), "--num_processes", "2", *CPU_OVERRIDES,
-                  *launch_args, str(ROOT / "tests/fsdp_on_cpu.py"), "train", "--config", str(config), "--quiet",
-                  *extra])
+                  "--main_process_port", str(free_port()), *launch_args, str(ROOT / "tests/fsdp_on_cpu.py"), "train",
+                  "--config", str(config), "--quiet", *extra])
     assert result.returncode == 0 or not check, result.stderr[-3000:]
     return result
 
@@ -119,7 +119,7 @@ def test_killed_fsdp_run_resumes_exactly(runs, tmp_path):
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                              str(ROOT / "presets/accelerate/fsdp-qlora.yaml"), "--num_processes", "2", *CPU_OVERRIDES,
-                             str(ROOT / "tests/fsdp_on_cpu.py"), "train", "--config", str(configs12["killed"]),
+                             "--main_process_port", str(free_port()), str(ROOT / "tests/fsdp_on_cpu.py"), "train", "--config", str(configs12["killed"]),
                              "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
                             cwd=ROOT)
     start = time.time()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import random
+import socket
 from pathlib import Path
 
 import torch
@@ -225,3 +226,10 @@ def tiny_arch_model(family: str, tokenizer, seed: int = 0):
         fields.update(tie_word_embeddings=False)
     torch.manual_seed(seed)
     return getattr(transformers, model_class)(getattr(transformers, config_class)(**fields))
+
+
+def free_port() -> int:
+    """A port nothing listens on, so launches of several test runs at once do not meet on 29500."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
