@@ -62,6 +62,7 @@ class LoraConfig:
     alpha: int = _f(32, "LoRA scaling numerator (scale = alpha / r).", ge=1)
     dropout: float = _f(0.05, "Dropout on the LoRA input.", ge=0.0, lt=1.0)
     target_modules: list[str] = _f(["all-linear"], "Modules that get adapters; ['all-linear'] = every linear layer but the output head.")
+    layers: Optional[list[int]] = _f(None, "Decoder layers (0-based indices) whose target modules get adapters; null = all layers.")
 
 
 @dataclass

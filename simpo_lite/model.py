@@ -288,13 +288,26 @@ def keep_one_cpu_4bit_kernel(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def lora_config(lora_cfg: LoraConfig):
+def lora_config(lora_cfg: LoraConfig, model=None):
+    """peft's LoraConfig. `model` is needed only with lora.layers: peft takes 'all-linear' as a string,
+    which it refuses beside layers_to_transform, so the model's linear module names are spelled out."""
     from peft import LoraConfig as PeftLoraConfig
 
-    targets = lora_cfg.target_modules
+    targets = "all-linear" if lora_cfg.target_modules == ["all-linear"] else list(lora_cfg.target_modules)
+    if lora_cfg.layers is not None and targets == "all-linear":
+        targets = _linear_module_names(model)
     return PeftLoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-                          target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+                          target_modules=targets, layers_to_transform=lora_cfg.layers,
                           bias="none", task_type="CAUSAL_LM")
+
+
+def _linear_module_names(model) -> list[str]:
+    """The last name part of every linear layer but the output head: what peft's 'all-linear' selects."""
+    import torch.nn as nn
+
+    head = model.get_output_embeddings()
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, nn.Linear) and module is not head})
 
 
 def load_model(cfg: Config):
@@ -333,9 +346,18 @@ def with_fresh_lora(base, cfg: Config):
 
     set_seed(cfg.train.seed)
     try:
-        return get_peft_model(base, lora_config(cfg.lora))
+        _check_lora_layers(cfg.lora.layers, base)
+        return get_peft_model(base, lora_config(cfg.lora, base))
     except ValueError as err:  # e.g. target modules that the model does not have
         raise UserError(f"lora.target_modules {cfg.lora.target_modules}: {err}") from None
+
+
+def _check_lora_layers(layers, base) -> None:
+    count = base.config.get_text_config().num_hidden_layers
+    wrong = [i for i in layers or () if not 0 <= i < count]
+    if wrong:
+        raise UserError(f"lora.layers {wrong}: the model has layers 0 to {count - 1}; "
+                        f"fix lora.layers or set it to null for all layers")
 
 
 class LoadedBase:

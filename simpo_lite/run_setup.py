@@ -45,6 +45,9 @@ def mixed_precision(cfg: Config) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
 
 
+_NO_GPU_FOR_FSDP = ("no available devices", "sync_module_states=True` is not supported on cpu")
+
+
 def make_accelerator(cfg: Config):
     from accelerate import Accelerator
 
@@ -54,11 +57,13 @@ def make_accelerator(cfg: Config):
         acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision(cfg), log_with=trackers,
                           project_dir=cfg.train.output_dir)
     except RuntimeError as err:
-        if "no available devices" not in str(err):
+        # An FSDP launch config with sync_module_states (as shipped) on a machine without GPUs; accelerate
+        # words this differently from release to release (1.15: "no available devices", 1.16: "not supported
+        # on cpu"), so both are recognised.
+        if not any(sign in str(err) for sign in _NO_GPU_FOR_FSDP):
             raise
-        # An FSDP launch config with sync_module_states (as shipped) on a machine without GPUs.
-        raise UserError(f"accelerate: {err} -- this launch config needs GPUs; on the CPU launch DDP instead: "
-                        f"torchrun --nproc_per_node N -m simpo_lite train ...") from None
+        raise UserError(f"FSDP launch config without GPUs (accelerate: {err}) -- this launch config needs GPUs; "
+                        f"on the CPU launch DDP instead: torchrun --nproc_per_node N -m simpo_lite train ...") from None
     if trackers:
         acc.init_trackers("simpo-lite", config=_flatten(cfg.to_dict()))
     return acc

@@ -53,3 +53,21 @@ def test_frozen_weights_in_the_compute_dtype_leave_4bit_blocks_and_adapters_alon
     assert all(d == torch.float32 for n, d in dtypes.items() if "lora_" in n)  # trainable: fp32 master weights
     frozen = {n: d for n, d in dtypes.items() if "lora_" not in n}
     assert frozen and all(d == torch.bfloat16 for d in frozen.values()), frozen
+
+
+def test_lora_layers_put_adapters_on_the_named_layers_only(four_layer_llama):
+    """all-linear with lora.layers: peft refuses the pair as given, so the linear names are spelled out."""
+    cfg = resolve("smollm2-demo", sets=[f"model.name_or_path={four_layer_llama}", "lora.layers=[2,3]"])
+    model = load_model(cfg)
+    adapted = {(n.split(".layers.")[1].split(".")[0], n.split(".lora_A")[0].rsplit(".", 1)[-1])
+               for n, _ in model.named_parameters() if "lora_A" in n}
+    kinds = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert adapted == {(layer, kind) for layer in ("2", "3") for kind in kinds}
+
+
+def test_lora_layers_beyond_the_model_are_one_clear_error(four_layer_llama):
+    from simpo_lite.errors import UserError
+
+    cfg = resolve("smollm2-demo", sets=[f"model.name_or_path={four_layer_llama}", "lora.layers=[1,4]"])
+    with pytest.raises(UserError, match=r"lora.layers \[4\]: the model has layers 0 to 3"):
+        load_model(cfg)
