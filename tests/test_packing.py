@@ -131,8 +131,8 @@ def test_a_wrong_mask_is_caught(monkeypatch):
 
     honest = packed.packed_attention_mask
 
-    def leaky(segment_ids, dtype):
-        return honest(torch.where(segment_ids == REJECTED, CHOSEN, segment_ids), dtype)
+    def leaky(segment_ids, dtype, pair_index=None):
+        return honest(torch.where(segment_ids == REJECTED, CHOSEN, segment_ids), dtype, pair_index)
 
     model = tiny("llama")
     unpacked, packed_batch = unpacked_and_packed(random_features(SHAPES))
@@ -180,7 +180,7 @@ def test_float32_packed_is_close_to_unpacked():
 
 def test_pair_without_rejected_labels_is_an_error():
     features = random_features(SHAPES[:1]) + [feature([5, 6], [7], [])]
-    with pytest.raises(ValueError, match=r"rows \[1\] have no response tokens"):
+    with pytest.raises(ValueError, match=r"pairs \[1\] have no response tokens"):
         packed_logps(tiny("llama"), PackedPairCollator(0)(features))
 
 
