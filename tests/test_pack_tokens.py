@@ -12,7 +12,8 @@ from simpo_lite.logprobs import concatenated_logps
 from simpo_lite.packed import packed_attention_mask, packed_logps
 from simpo_lite.policy import chosen_lengths
 from test_logprobs import tiny
-from test_packing import X, assert_same, feature, random_features, values_and_grads
+from test_packing import X, assert_runs_match, assert_same, feature, random_features, train_records, values_and_grads
+from tiny_models import tiny_model_folder, write_pairs
 
 # (prompt, chosen, rejected) lengths from 1 to 40 tokens: a padded batch is mostly padding here.
 SHAPES = [(2, 40, 3), (1, 1, 2), (12, 5, 30), (3, 2, 1), (7, 18, 18), (1, 3, 9)]
@@ -116,3 +117,11 @@ def test_pack_tokens_needs_pack_prompt():
     with pytest.raises(UserError, match=r"simpo\.pack_tokens=512.*simpo\.pack_prompt=true"):
         make_collator(0, pack_prompt=False, pack_tokens=512)
     assert make_collator(0, pack_prompt=True, pack_tokens=512).pack_tokens == 512
+
+
+def test_trainer_steps_and_evals_match_padded(tmp_path):
+    """simpo.pack_tokens wired through config, collator, policy and evaluation: a 4-bit LoRA run gives
+    the padded run's losses, metrics and evaluations (2 pairs a micro-batch share one 128-token row)."""
+    model, data = tiny_model_folder(tmp_path / "model", tie=True), write_pairs(tmp_path / "pairs.jsonl", 12)
+    padded = train_records(tmp_path, model, data, False)
+    assert_runs_match(train_records(tmp_path, model, data, True, pack_tokens=128), padded)
