@@ -94,6 +94,7 @@ class SimpoConfig:
     sft_weight: float = _f(0.0, "Weight of an NLL term on the chosen response (0 = pure SimPO).", ge=0.0)
     logp_chunk_tokens: int = _f(256, "Response tokens projected through the output head at a time (256: 0.19x TRL's step peak at the same speed as 1024, see README).", ge=1)
     pack_prompt: bool = _f(False, "One row per pair, [prompt | chosen | rejected], so the prompt runs through the decoder once (needs sdpa or eager attention and no sliding window).")
+    pack_tokens: int = _f(0, "With pack_prompt: several pairs per row, first-fit up to this many tokens a row, so short pairs do not pad out to the longest (0 = one pair per row; a micro-batch still holds train.micro_batch_size pairs).", ge=0)
 
 
 @dataclass

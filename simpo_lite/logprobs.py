@@ -47,10 +47,14 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
 
 def check_labelled(keep: torch.Tensor) -> None:
     """A row without any label has no average, and would turn the whole loss into NaN."""
-    counts = keep.sum(-1)
+    check_counts(keep.sum(-1), "rows")
+
+
+def check_counts(counts: torch.Tensor, what: str) -> None:
+    """Raise ValueError naming the `what` (rows, pairs) whose count of labelled tokens is 0."""
     if bool((counts == 0).any()):
         empty = (counts == 0).nonzero().flatten().tolist()
-        raise ValueError(f"rows {empty} have no response tokens (every label is {IGNORE_INDEX})")
+        raise ValueError(f"{what} {empty} have no response tokens (every label is {IGNORE_INDEX})")
 
 
 def per_row(token_logps: torch.Tensor, keep: torch.Tensor, average: bool) -> torch.Tensor:

@@ -17,33 +17,50 @@ import torch
 
 from simpo_lite.data.packing import PAD, PROMPT
 from simpo_lite.errors import UserError
-from simpo_lite.logprobs import (IGNORE_INDEX, causal_lm, check_labelled, final_hidden_states, head_logps, per_row,
-                                 text_config)
+from simpo_lite.logprobs import IGNORE_INDEX, causal_lm, check_counts, final_hidden_states, head_logps, text_config
 
 MASKED_KERNELS = ("sdpa", "eager")  # attention implementations that apply a custom 4D mask as given
 
 
 def packed_logps(model, batch: dict, chunk_tokens: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """Average log-probs [B] of the chosen and of the rejected responses of a packed batch."""
+    """Average log-probs [pairs] of the chosen and of the rejected responses of a packed batch, in the
+    order of its pair_index (the collator's pair order), however many pairs a row holds."""
     lm = causal_lm(model)
     # Like the unpacked path, drop the last column: it holds a row's last token or padding, and a
     # row's last token is the final rejected token, which predicts nothing and no later token sees.
     chosen_t, rejected_t = batch["chosen_targets"][:, :-1], batch["rejected_targets"][:, :-1]
     keep_c, keep_r = chosen_t != IGNORE_INDEX, rejected_t != IGNORE_INDEX
-    check_labelled(keep_c)
-    check_labelled(keep_r)
-    mask = packed_attention_mask(batch["segment_ids"][:, :-1], lm.get_input_embeddings().weight.dtype)
+    pair_index = batch["pair_index"][:, :-1]
+    pairs = int(batch["pair_index"].max()) + 1
+    mask = packed_attention_mask(batch["segment_ids"][:, :-1], lm.get_input_embeddings().weight.dtype, pair_index)
     hidden = final_hidden_states(lm, batch["input_ids"][:, :-1], mask, batch["position_ids"][:, :-1])
     # One head pass over both sides; the last prompt position appears in both (it predicts the first
     # chosen and the first rejected token) and its gradient is the sum of the two.
     token_logps = head_logps(lm, torch.cat([hidden[keep_c], hidden[keep_r]]),
                              torch.cat([chosen_t[keep_c], rejected_t[keep_r]]), chunk_tokens)
     n_chosen = int(keep_c.sum())
-    return per_row(token_logps[:n_chosen], keep_c, True), per_row(token_logps[n_chosen:], keep_r, True)
+    return (per_pair_average(token_logps[:n_chosen], pair_index[keep_c], pairs),
+            per_pair_average(token_logps[n_chosen:], pair_index[keep_r], pairs))
 
 
-def packed_attention_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive [B, 1, T, T] mask: a query attends to earlier keys of the prompt or of its own segment.
+def per_pair_average(token_logps: torch.Tensor, pair_of_token: torch.Tensor, pairs: int) -> torch.Tensor:
+    """Mean of token_logps per pair [pairs]; a pair without tokens has no average, and would make the loss NaN."""
+    counts = torch.bincount(pair_of_token, minlength=pairs)
+    check_counts(counts, "pairs")
+    sums = token_logps.new_zeros(pairs).index_add(0, pair_of_token, token_logps)
+    return sums / counts.to(sums.dtype)
+
+
+def pair_lengths(targets: torch.Tensor, pair_index: torch.Tensor) -> torch.Tensor:
+    """Labelled tokens of each pair [pairs] in one side's targets of a packed batch."""
+    keep = targets != IGNORE_INDEX
+    return torch.bincount(pair_index[keep], minlength=int(pair_index.max()) + 1)
+
+
+def packed_attention_mask(segment_ids: torch.Tensor, dtype: torch.dtype,
+                          pair_index: torch.Tensor | None = None) -> torch.Tensor:
+    """Additive [rows, 1, T, T] mask: a query attends to earlier keys of its own pair's prompt or of its
+    own segment (pair_index None: one pair per row).
 
     Padding keys are masked for every query; a padding query attends only to itself, so no softmax
     row is all-masked (an all-masked row gives NaN, which would leak into gradients).
@@ -52,6 +69,8 @@ def packed_attention_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torc
     query, key = segment_ids[:, :, None], segment_ids[:, None, :]
     causal = torch.ones(length, length, dtype=torch.bool, device=segment_ids.device).tril()
     allowed = causal & (key != PAD) & (query != PAD) & ((key == PROMPT) | (key == query))
+    if pair_index is not None:
+        allowed &= pair_index[:, :, None] == pair_index[:, None, :]
     allowed |= torch.eye(length, dtype=torch.bool, device=segment_ids.device)
     mask = torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device)
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)

@@ -7,7 +7,7 @@ from torch import nn
 
 from simpo_lite.logprobs import IGNORE_INDEX, concatenated_logps
 from simpo_lite.loss import objective_from_sums, objective_sums, simpo_objective
-from simpo_lite.packed import check_packable, packed_logps
+from simpo_lite.packed import check_packable, packed_logps, pair_lengths
 
 
 class ConcatenatedPolicy(nn.Module):
@@ -34,9 +34,9 @@ class ConcatenatedPolicy(nn.Module):
 
 def chosen_lengths(batch: dict) -> torch.Tensor:
     """Labelled tokens of each chosen response, for the per-token SFT term: from a packed batch's
-    chosen_targets, or from the first half of an unpacked [chosen; rejected] batch's labels."""
+    chosen_targets (per pair), or from the first half of an unpacked [chosen; rejected] batch's labels."""
     if "chosen_targets" in batch:
-        return (batch["chosen_targets"] != IGNORE_INDEX).sum(-1)
+        return pair_lengths(batch["chosen_targets"], batch["pair_index"])
     labels = batch["labels"]
     return (labels[: labels.shape[0] // 2, 1:] != IGNORE_INDEX).sum(-1)
 

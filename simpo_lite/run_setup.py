@@ -220,6 +220,6 @@ def build_run_parts(cfg: Config, resume_path: Path | None, quiet: bool, reuse: R
     state, resume_rng = run_folder.TrainerState(step=0, epoch=0, batch_in_epoch=0), None
     if resume_path:
         state, resume_rng = resume.restore_training_state(resume_path, acc, policy, optimizer, scheduler)
-    collate = make_collator(tokenizer.pad_token_id, cfg.simpo.pack_prompt)
+    collate = make_collator(tokenizer.pad_token_id, cfg.simpo.pack_prompt, cfg.simpo.pack_tokens)
     return RunParts(cfg, acc, tokenizer, prepared.train, prepared.eval, collate, batches_for_epoch, policy, optimizer,
                     scheduler, total, trainable, state, resume_path, resume_rng)

@@ -131,8 +131,8 @@ def test_a_wrong_mask_is_caught(monkeypatch):
 
     honest = packed.packed_attention_mask
 
-    def leaky(segment_ids, dtype):
-        return honest(torch.where(segment_ids == REJECTED, CHOSEN, segment_ids), dtype)
+    def leaky(segment_ids, dtype, pair_index=None):
+        return honest(torch.where(segment_ids == REJECTED, CHOSEN, segment_ids), dtype, pair_index)
 
     model = tiny("llama")
     unpacked, packed_batch = unpacked_and_packed(random_features(SHAPES))
@@ -180,7 +180,7 @@ def test_float32_packed_is_close_to_unpacked():
 
 def test_pair_without_rejected_labels_is_an_error():
     features = random_features(SHAPES[:1]) + [feature([5, 6], [7], [])]
-    with pytest.raises(ValueError, match=r"rows \[1\] have no response tokens"):
+    with pytest.raises(ValueError, match=r"pairs \[1\] have no response tokens"):
         packed_logps(tiny("llama"), PackedPairCollator(0)(features))
 
 
@@ -218,11 +218,12 @@ def test_row_lengths_follow_the_layout():
     assert row_lengths(train, pack_prompt=True) == [9, 11]
 
 
-def train_records(tmp_path, model, data, pack: bool) -> list[dict]:
-    run = tmp_path / f"run-pack-{pack}"
-    config = write_config(tmp_path / f"pack-{pack}.yaml", model, data, run, max_steps=2, eval_steps=2)
+def train_records(tmp_path, model, data, pack: bool, pack_tokens: int = 0) -> list[dict]:
+    run = tmp_path / f"run-pack-{pack}-{pack_tokens}"
+    config = write_config(tmp_path / f"pack-{pack}-{pack_tokens}.yaml", model, data, run, max_steps=2, eval_steps=2)
     cfg = yaml.safe_load(config.read_text())
     cfg["simpo"]["pack_prompt"] = pack
+    cfg["simpo"]["pack_tokens"] = pack_tokens
     cfg["lora"]["dropout"] = 0.0  # dropout masks are drawn per tensor element, so they follow the layout
     cfg["data"]["group_by_length"] = False  # packed rows group by another length: same batches for both
     config.write_text(yaml.safe_dump(cfg))
@@ -236,6 +237,10 @@ def test_trainer_steps_and_evals_match_unpacked(tmp_path):
     """4-bit base, LoRA, gradient checkpointing, float32: the same losses, metrics and evaluations."""
     model, data = tiny_model_folder(tmp_path / "model", tie=True), write_pairs(tmp_path / "pairs.jsonl", 12)
     unpacked, packed = train_records(tmp_path, model, data, False), train_records(tmp_path, model, data, True)
+    assert_runs_match(packed, unpacked)
+
+
+def assert_runs_match(packed: list[dict], unpacked: list[dict]) -> None:
     assert [r["step"] for r in packed] == [r["step"] for r in unpacked] == [0, 1, 2, 2]
     for ours, reference in zip(packed, unpacked):
         # After the last update AdamW divides each gradient entry by its own running size, which turns

@@ -6,7 +6,7 @@
     batch = collate([prepared.train[i] for i in batches[0]])
 """
 
-from simpo_lite.data.batching import PairCollator, batch_indices, padding_fraction
+from simpo_lite.data.batching import PairCollator, batch_indices, padding_fraction, padding_share
 from simpo_lite.data.packing import PackedPairCollator, make_collator
 from simpo_lite.data.pipeline import PreparedData, build_datasets
 from simpo_lite.data.report import DataReport, SourceReport
@@ -14,4 +14,4 @@ from simpo_lite.data.tokenize import IGNORE_INDEX, PairTokenizer, ensure_pad_tok
 
 __all__ = ["build_datasets", "PreparedData", "DataReport", "SourceReport", "PairCollator", "PackedPairCollator",
            "make_collator", "batch_indices",
-           "padding_fraction", "PairTokenizer", "ensure_pad_token", "IGNORE_INDEX"]
+           "padding_fraction", "padding_share", "PairTokenizer", "ensure_pad_token", "IGNORE_INDEX"]

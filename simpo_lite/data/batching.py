@@ -90,3 +90,9 @@ def padding_fraction(batches: Sequence[Sequence[int]], chosen_lengths: Sequence[
         real += sum(int(r.sum()) for r in rows)
         slots += longest * len(batch) * len(rows)
     return 1.0 - real / slots if slots else 0.0
+
+
+def padding_share(batch: dict) -> float:
+    """Share of a collated batch's token slots that are padding (either collator: attention_mask is 0 there)."""
+    mask = batch["attention_mask"]
+    return 1.0 - float(mask.sum()) / mask.numel() if mask.numel() else 0.0

@@ -10,6 +10,10 @@ exactly what it is in its own unpacked row:
 - targets aligned to the position that predicts them: the first rejected token is predicted from the
   last prompt position, the same one that predicts the first chosen token, so one position can carry
   a chosen and a rejected target; hence two tensors, chosen_targets and rejected_targets.
+
+With simpo.pack_tokens, several such pairs share a row (first-fit decreasing up to that many tokens),
+so rows of different lengths do not pad each other out: pair_index says which pair each token belongs
+to, the mask keeps pairs apart and the log-probs are reduced per pair, in the batch's pair order.
 """
 
 from __future__ import annotations
@@ -25,9 +29,12 @@ from simpo_lite.errors import UserError
 PAD, PROMPT, CHOSEN, REJECTED = -1, 0, 1, 2
 
 
-def make_collator(pad_token_id: Optional[int], pack_prompt: bool):
-    """The collator simpo.pack_prompt asks for."""
-    return PackedPairCollator(pad_token_id) if pack_prompt else PairCollator(pad_token_id)
+def make_collator(pad_token_id: Optional[int], pack_prompt: bool, pack_tokens: int = 0):
+    """The collator simpo.pack_prompt (and simpo.pack_tokens) ask for."""
+    if pack_tokens and not pack_prompt:
+        raise UserError(f"simpo.pack_tokens={pack_tokens} packs several [prompt | chosen | rejected] pairs per row, "
+                        "which needs simpo.pack_prompt=true: set it, or simpo.pack_tokens=0")
+    return PackedPairCollator(pad_token_id, pack_tokens) if pack_prompt else PairCollator(pad_token_id)
 
 
 def prompt_length(feature: dict) -> int:
@@ -64,21 +71,46 @@ def pack_pair(feature: dict) -> dict[str, list[int]]:
             "rejected_targets": rejected_targets}
 
 
-class PackedPairCollator(_Collator):
-    """Pack each pair into one row and right-pad the rows to one length.
+def fill_rows(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Pair indices per row: first-fit decreasing, at most `budget` tokens a row (a longer pair gets
+    a row of its own); pairs keep their batch order inside a row."""
+    rows, room = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        fit = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+        if fit is None:
+            rows.append([i])
+            room.append(budget - lengths[i])
+        else:
+            rows[fit].append(i)
+            room[fit] -= lengths[i]
+    return [sorted(row) for row in rows]
 
-    Returns LongTensors of shape [B, T]: input_ids, attention_mask (1 on real tokens, for counting and
-    for readers; the model side masks from segment_ids), position_ids, segment_ids (PAD on padding),
-    chosen_targets and rejected_targets (IGNORE_INDEX where a position predicts nothing for that side).
+
+class PackedPairCollator(_Collator):
+    """Pack each pair into one row (or, with pack_tokens, several pairs into rows of up to pack_tokens
+    tokens) and right-pad the rows to one length.
+
+    Returns LongTensors of shape [rows, T]: input_ids, attention_mask (1 on real tokens, for counting
+    and for readers; the model side masks from segment_ids and pair_index), position_ids, segment_ids
+    (PAD on padding), pair_index (the pair's index in `features`, -1 on padding), chosen_targets and
+    rejected_targets (IGNORE_INDEX where a position predicts nothing for that side).
     """
 
-    FILL = {"input_ids": None, "attention_mask": 0, "position_ids": 0, "segment_ids": PAD,
+    FILL = {"input_ids": None, "attention_mask": 0, "position_ids": 0, "segment_ids": PAD, "pair_index": -1,
             "chosen_targets": IGNORE_INDEX, "rejected_targets": IGNORE_INDEX}
 
+    def __init__(self, pad_token_id: Optional[int], pack_tokens: int = 0):
+        super().__init__(pad_token_id)
+        self.pack_tokens = pack_tokens
+
     def __call__(self, features: Sequence[dict]) -> dict[str, torch.Tensor]:
-        rows = [pack_pair(f) for f in features]
-        for row in rows:
-            row["attention_mask"] = [1] * len(row["input_ids"])
+        pairs = [pack_pair(f) for f in features]
+        for i, pair in enumerate(pairs):
+            pair["attention_mask"] = [1] * len(pair["input_ids"])
+            pair["pair_index"] = [i] * len(pair["input_ids"])
+        lengths = [len(pair["input_ids"]) for pair in pairs]
+        groups = fill_rows(lengths, self.pack_tokens) if self.pack_tokens else [[i] for i in range(len(pairs))]
+        rows = [{key: [v for i in group for v in pairs[i][key]] for key in self.FILL} for group in groups]
         length = max(len(row["input_ids"]) for row in rows)
         batch = {}
         for key, fill in self.FILL.items():
