@@ -92,6 +92,7 @@ class SimpoConfig:
     loss_type: Literal["sigmoid", "hinge"] = _f("sigmoid", "Bradley-Terry sigmoid loss or hinge loss.")
     label_smoothing: float = _f(0.0, "Conservative BT label smoothing (sigmoid loss only).", ge=0.0, le=0.5)
     sft_weight: float = _f(0.0, "Weight of an NLL term on the chosen response (0 = pure SimPO).", ge=0.0)
+    anchor_weight: float = _f(0.0, "Weight of KL(base || policy) per token on the response tokens chosen and rejected share from their start, base = the model with its LoRA adapters off (0 = pure SimPO; not in the paper).", ge=0.0)
     logp_chunk_tokens: int = _f(256, "Response tokens projected through the output head at a time (256: 0.19x TRL's step peak at the same speed as 1024, see README).", ge=1)
     pack_prompt: bool = _f(False, "One row per pair, [prompt | chosen | rejected], so the prompt runs through the decoder once (needs sdpa or eager attention and no sliding window).")
     pack_tokens: int = _f(0, "With pack_prompt: several pairs per row, first-fit up to this many tokens a row, so short pairs do not pad out to the longest (0 = one pair per row; a micro-batch still holds train.micro_batch_size pairs).", ge=0)
@@ -333,6 +334,9 @@ def _cross_checks(cfg: Config) -> list[str]:
     if cfg.simpo.loss_type == "hinge" and cfg.simpo.label_smoothing > 0:
         # The reference trainer ignores label smoothing for the hinge loss with a warning; do the same.
         warnings.warn("simpo.label_smoothing is ignored with simpo.loss_type=hinge", stacklevel=2)
+    if cfg.simpo.anchor_weight > 0 and cfg.simpo.pack_prompt:
+        problems.append("simpo.anchor_weight > 0 does not work with simpo.pack_prompt=true yet: "
+                        "set simpo.pack_prompt=false or simpo.anchor_weight=0")
     t = cfg.train
     if isinstance(t.micro_batch_size, int) and t.batch_size is not None and t.batch_size != t.micro_batch_size * t.gradient_accumulation_steps:
         problems.append(f"train.batch_size ({t.batch_size}) must equal train.micro_batch_size x train.gradient_"

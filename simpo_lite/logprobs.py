@@ -35,14 +35,20 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     its average is undefined and would turn the whole loss into NaN.
     """
     lm = causal_lm(model)
+    hidden, targets, keep = labelled_hidden_states(lm, input_ids, attention_mask, labels)
+    token_logps = head_logps(lm, hidden[keep], targets[keep], chunk_tokens)
+    return per_row(token_logps, keep, average)
+
+
+def labelled_hidden_states(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                           labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hidden [rows, length - 1, hidden], shifted targets, where they are labels): position t predicts target t."""
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     check_labelled(keep)
     # The last position predicts nothing, so the decoder never needs to see it (causal attention).
     mask = attention_mask[:, :-1] if attention_mask is not None else None
-    hidden = final_hidden_states(lm, input_ids[:, :-1], mask)
-    token_logps = head_logps(lm, hidden[keep], targets[keep], chunk_tokens)
-    return per_row(token_logps, keep, average)
+    return final_hidden_states(lm, input_ids[:, :-1], mask), targets, keep
 
 
 def check_labelled(keep: torch.Tensor) -> None:

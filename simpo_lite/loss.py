@@ -16,6 +16,13 @@ label smoothing (sigmoid only; hinge ignores it), and ``sft_weight`` times the N
 responses, every token weighing the same as in the official trainer (``sft_weight = 0`` is pure SimPO;
 TRL's default ``cpo_alpha=1`` is this term, i.e. CPO-SimPO). Training and evaluation both compose the
 loss through ``objective_sums`` and ``objective_from_sums``.
+
+``anchor_weight`` is our addition, not the paper's (SimPO has no reference model at all): ``anchor_weight``
+times KL(p_base || p_policy) per token over the response tokens that the chosen and the rejected answer
+share from their start, with the base = the model without its LoRA adapters. It is the KL-to-reference
+regulariser of RLHF with PPO (a per-token KL penalty to the initial policy, Ziegler et al. 2019,
+Ouyang et al. 2022) and the reference anchoring of DPO-style objectives, applied only where the
+preference says nothing. simpo_lite.anchor computes the KL sums; here they are only weighed in.
 """
 
 from __future__ import annotations
@@ -69,25 +76,32 @@ def _nll_terms(chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor | None) 
 
 
 def objective_sums(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, cfg,
-                   chosen_lengths: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                   chosen_lengths: torch.Tensor | None = None,
+                   anchor: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Sums over the pairs of a batch from which the loss and every metric are means.
 
     Training takes the means of one micro-batch; evaluation adds the sums of all its batches (and
-    processes) first, so both compute one objective the same way. "simpo" and "nll" keep their
-    gradient; the others are detached.
+    processes) first, so both compute one objective the same way. "simpo", "nll" and "anchor_kl" keep
+    their gradient; the others are detached. ``anchor``: (KL summed over the shared response tokens,
+    their count), as simpo_lite.anchor gives them; only when ``anchor_weight`` > 0.
     """
     losses, chosen_rewards, rejected_rewards = simpo_loss(
         chosen_logps, rejected_logps, cfg.beta, cfg.gamma_beta_ratio, cfg.loss_type, cfg.label_smoothing)
     nll, tokens = _nll_terms(chosen_logps, chosen_lengths)
-    return {"simpo": losses.sum(), "nll": nll, "tokens": tokens.detach(),
+    sums = {"simpo": losses.sum(), "nll": nll, "tokens": tokens.detach(),
             "pairs": torch.tensor(float(len(losses)), device=losses.device),
             **preference_sums(chosen_logps, rejected_logps, chosen_rewards, rejected_rewards)}
+    if cfg.anchor_weight > 0:
+        kl_sum, kl_tokens = anchor if anchor is not None else (losses.new_zeros(()), losses.new_zeros(()))
+        sums.update(anchor_kl=kl_sum, anchor_tokens=kl_tokens.detach())
+    return sums
 
 
 def objective_from_sums(sums: dict[str, torch.Tensor], cfg) -> tuple[torch.Tensor, dict[str, float]]:
-    """loss = mean SimPO loss per pair + cfg.sft_weight * NLL per chosen token, and the metrics.
+    """loss = mean SimPO loss per pair + cfg.sft_weight * NLL per chosen token
+    + cfg.anchor_weight * KL per shared token, and the metrics.
 
-    The SFT term is left out (and its metric absent) when ``sft_weight`` is 0.
+    A term whose weight is 0 is left out, and so is its metric.
     """
     pairs = sums["pairs"]
     loss = sums["simpo"] / pairs
@@ -96,17 +110,23 @@ def objective_from_sums(sums: dict[str, torch.Tensor], cfg) -> tuple[torch.Tenso
         nll = sums["nll"] / sums["tokens"]
         loss = loss + cfg.sft_weight * nll
         metrics["sft_loss"] = nll.item()
+    if cfg.anchor_weight > 0:
+        # A batch without any shared token has a sum of 0 over 0 tokens: the term is 0, not NaN.
+        kl = sums["anchor_kl"] / sums["anchor_tokens"].clamp(min=1)
+        loss = loss + cfg.anchor_weight * kl
+        metrics["anchor_kl"] = kl.item()
     return loss, {"loss": loss.item(), **metrics}
 
 
 def simpo_objective(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, cfg,
-                    chosen_lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                    chosen_lengths: torch.Tensor | None = None,
+                    anchor: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The scalar loss of a batch and its metrics, from a ``SimpoConfig``-like ``cfg``.
 
     ``chosen_lengths`` (labelled tokens per chosen response) weigh the SFT term per token, as the
-    official trainer does; training and evaluation always pass them.
+    official trainer does; training and evaluation always pass them. ``anchor``: see ``objective_sums``.
     """
-    return objective_from_sums(objective_sums(chosen_logps, rejected_logps, cfg, chosen_lengths), cfg)
+    return objective_from_sums(objective_sums(chosen_logps, rejected_logps, cfg, chosen_lengths, anchor), cfg)
 
 
 def preference_sums(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from simpo_lite.anchor import anchored_logps, check_anchorable
 from simpo_lite.logprobs import IGNORE_INDEX, concatenated_logps
 from simpo_lite.loss import objective_from_sums, objective_sums, simpo_objective
 from simpo_lite.packed import check_packable, packed_logps, pair_lengths
@@ -14,19 +15,27 @@ class ConcatenatedPolicy(nn.Module):
     """Wraps the model so the whole log-prob computation is one module forward.
 
     DistributedDataParallel only synchronises gradients of work done inside its wrapped module's
-    forward, and the chunked log-probs call the decoder and the output head separately.
+    forward, and the chunked log-probs call the decoder and the output head separately (and, with
+    anchor, the base pass with the adapters off).
     """
 
-    def __init__(self, model: nn.Module, chunk_tokens: int, pack_prompt: bool = False):
+    def __init__(self, model: nn.Module, chunk_tokens: int, pack_prompt: bool = False, anchor: bool = False):
         super().__init__()
         self.model = model
         self.chunk_tokens = chunk_tokens
         self.pack_prompt = pack_prompt
+        self.anchor = anchor
+        # Both before the first step, not in the middle of a run (config refuses anchor + pack_prompt).
         if pack_prompt:
-            check_packable(model)  # before the first step, not in the middle of a run
+            check_packable(model)
+        if anchor:
+            check_anchorable(model)
 
     def forward(self, **batch):
-        """(chosen, rejected) average log-probs of an unpacked or, with pack_prompt, a packed batch."""
+        """(chosen, rejected) average log-probs of an unpacked or, with pack_prompt, a packed batch;
+        with anchor also (KL summed over the shared response tokens, their count): simpo_lite.anchor."""
+        if self.anchor:
+            return anchored_logps(self.model, batch, chunk_tokens=self.chunk_tokens)
         if self.pack_prompt:
             return packed_logps(self.model, batch, chunk_tokens=self.chunk_tokens)
         return concatenated_logps(self.model, batch, chunk_tokens=self.chunk_tokens)
@@ -43,8 +52,8 @@ def chosen_lengths(batch: dict) -> torch.Tensor:
 
 def batch_objective(policy, batch: dict, simpo_cfg) -> tuple[torch.Tensor, dict[str, float]]:
     """(loss to backpropagate, metrics) of one micro-batch: what a training step computes."""
-    chosen, rejected = policy(**batch)
-    return simpo_objective(chosen, rejected, simpo_cfg, chosen_lengths(batch))
+    chosen, rejected, *anchor = policy(**batch)
+    return simpo_objective(chosen, rejected, simpo_cfg, chosen_lengths(batch), anchor or None)
 
 
 @torch.no_grad()
@@ -61,8 +70,8 @@ def evaluate_dataset(policy, dataset, collate, simpo_cfg, batch_size: int, rank:
     for start in range(0, len(indices), batch_size):
         batch = collate([dataset[i] for i in indices[start:start + batch_size]])
         batch = {k: v.to(device) if device is not None else v for k, v in batch.items()}
-        chosen, rejected = policy(**batch)
-        for name, value in objective_sums(chosen, rejected, simpo_cfg, chosen_lengths(batch)).items():
+        chosen, rejected, *anchor = policy(**batch)
+        for name, value in objective_sums(chosen, rejected, simpo_cfg, chosen_lengths(batch), anchor or None).items():
             totals[name] = totals[name] + value.detach().double()
     policy.train(was_training)
     names = list(totals)

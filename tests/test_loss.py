@@ -160,3 +160,23 @@ def test_inputs_untouched_and_float_arithmetic_matches_math():
     losses, _, _ = simpo_loss(c, r, BETA, RATIO)
     assert torch.equal(c, before[0]) and torch.equal(r, before[1])
     assert losses[0].item() == pytest.approx(math.log1p(math.exp(-0.5)), abs=1e-6)
+
+
+def test_anchor_term_by_hand():
+    """anchor_weight * KL per shared token: a KL sum of 0.6 over 3 tokens is 0.2 per token."""
+    mean_simpo = sum(SIGMOID_LOSSES) / 2  # 1.5264834
+    c, r = pair()
+    kl_sum = torch.tensor(0.6, requires_grad=True)
+    cfg = SimpoConfig(beta=BETA, gamma_beta_ratio=RATIO, anchor_weight=0.5)
+    loss, metrics = simpo_objective(c, r, cfg, anchor=(kl_sum, torch.tensor(3.0)))
+    assert loss.item() == pytest.approx(mean_simpo + 0.5 * 0.2, abs=1e-6)  # 1.6264834
+    assert metrics["anchor_kl"] == pytest.approx(0.2)
+    loss.backward()
+    assert kl_sum.grad.item() == pytest.approx(0.5 / 3)  # weight / tokens
+    # No shared token in the batch: 0 / 0 tokens is a term of 0, not NaN.
+    loss, metrics = simpo_objective(c, r, cfg, anchor=(torch.tensor(0.0), torch.tensor(0.0)))
+    assert loss.item() == pytest.approx(mean_simpo, abs=1e-6) and metrics["anchor_kl"] == 0.0
+    # Weight 0 (the default): the term and its metric are absent, whatever KL is passed.
+    loss, metrics = simpo_objective(c, r, SimpoConfig(beta=BETA, gamma_beta_ratio=RATIO),
+                                    anchor=(torch.tensor(5.0), torch.tensor(1.0)))
+    assert loss.item() == pytest.approx(mean_simpo, abs=1e-6) and "anchor_kl" not in metrics
