@@ -14,8 +14,6 @@ checkpointed, so no [chunk, vocab] tensor outlives its chunk.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -101,7 +99,7 @@ class _AdapterOff:
         self.model, self.head = model, head
 
     def __call__(self, hidden):
-        with self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else contextlib.nullcontext():
+        with self.model.disable_adapter():  # a LoRA-wrapped head implies a peft model (check_anchorable)
             return self.head(hidden)
 
 

@@ -344,16 +344,18 @@ def with_fresh_lora(base, cfg: Config):
     from accelerate.utils import set_seed
     from peft import get_peft_model
 
+    _check_lora_layers(cfg.lora.layers, base)
     set_seed(cfg.train.seed)
     try:
-        _check_lora_layers(cfg.lora.layers, base)
         return get_peft_model(base, lora_config(cfg.lora, base))
     except ValueError as err:  # e.g. target modules that the model does not have
         raise UserError(f"lora.target_modules {cfg.lora.target_modules}: {err}") from None
 
 
 def _check_lora_layers(layers, base) -> None:
-    count = base.config.get_text_config().num_hidden_layers
+    from simpo_lite.logprobs import text_config
+
+    count = text_config(base.config).num_hidden_layers
     wrong = [i for i in layers or () if not 0 <= i < count]
     if wrong:
         raise UserError(f"lora.layers {wrong}: the model has layers 0 to {count - 1}; "

@@ -204,11 +204,7 @@ def build_run_parts(cfg: Config, resume_path: Path | None, quiet: bool, reuse: R
     from simpo_lite.optim import build_optimizer, build_scheduler, total_steps
 
     acc = make_accelerator(cfg)
-    sharding.check_fsdp_setup(acc, cfg.model)
-    if cfg.simpo.anchor_weight > 0 and sharding.uses_fsdp(acc):
-        # The base pass switches LoRA off inside FSDP-sharded layers; nobody has checked that yet.
-        raise UserError("simpo.anchor_weight > 0 is not supported under FSDP yet (the base pass with the "
-                        "adapters disabled is unverified there): launch without FSDP or set simpo.anchor_weight=0")
+    sharding.check_fsdp_setup(acc, cfg)
     set_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
     prepared = reuse.data(cfg, tokenizer, acc) if reuse else load_data(cfg, tokenizer, acc)

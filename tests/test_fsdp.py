@@ -167,6 +167,14 @@ def test_fsdp2_is_refused_with_a_clear_error(runs, tmp_path):
     assert "error: fsdp_version 2 in the accelerate config: simpo-lite supports FSDP1" in result.stderr
 
 
+def test_fsdp_refuses_the_anchor_with_a_clear_error(runs, tmp_path):
+    _, configs = runs
+    result = launch_fsdp(configs["fsdp"], "--output-dir", str(tmp_path / "run"), "--set", "simpo.anchor_weight=1",
+                         check=False)
+    assert result.returncode != 0
+    assert "error: simpo.anchor_weight > 0 is not supported under FSDP yet" in result.stderr
+
+
 def test_shipped_fsdp_config_without_gpus_is_one_clear_error(runs, tmp_path):
     """Launched plainly on a CPU machine (no test launcher): accelerate cannot honour sync_module_states."""
     _, configs = runs
