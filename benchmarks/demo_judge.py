@@ -248,6 +248,18 @@ def print_examples(rows, results: dict, count: int = 3) -> None:
             print(f"  {name:<15} [{flags}] {j['text']!r}")
 
 
+def print_fact_changes(results: dict) -> None:
+    """Every held-out prompt whose fact a tuned model lost or gained against the base, with both answers."""
+    base = results["base"]["answers"]
+    for name, r in results.items():
+        if name == "base":
+            continue
+        for b, j in zip(base, r["answers"]):
+            if b["fact"] != j["fact"]:
+                change = "lost" if b["fact"] else "gained"
+                print(f"  {name} {change}: {j['prompt']} (answer: {j['answer']})  base {b['text']!r}  {name} {j['text']!r}")
+
+
 def write_screen(judged: list[dict], cfg, max_new_tokens: int) -> None:
     from simpo_lite.data.demo import screened_out_path
     from simpo_lite.model import compute_dtype
@@ -336,6 +348,7 @@ def main(argv=None) -> dict:
             write_screen(results["base"]["answers"], cfg, args.max_new_tokens)
     else:
         print_examples(rows, results)
+        print_fact_changes(results)
     out = Path(args.out) if args.out else (Path("runs/demo_judge_screen.json") if args.screen
                                            else Path(args.run) / "demo_judge.json")
     summary = {"run": args.run, "max_new_tokens": args.max_new_tokens, "loop_threshold": LOOP_SHARE,
