@@ -61,6 +61,7 @@ class Setting:
     chunk_tokens: int
     cuda: bool
     fsdp_processes: int = 1  # FSDP over this many GPUs (plan_fsdp.py); 1: the whole model on each GPU
+    lora_layer_count: int | None = None  # lora.layers: adapters on this many decoder layers; None: on all
 
     @property
     def rows(self) -> int:
@@ -102,7 +103,8 @@ def setting_from_config(cfg: Config, device: str = "cuda") -> Setting:
                    gradient_checkpointing=cfg.model.gradient_checkpointing,
                    uncheckpointed_layers=cfg.model.uncheckpointed_layers,
                    eager_attention=cfg.model.attn_implementation == "eager",
-                   chunk_tokens=cfg.simpo.logp_chunk_tokens, cuda=cuda)
+                   chunk_tokens=cfg.simpo.logp_chunk_tokens, cuda=cuda,
+                   lora_layer_count=None if cfg.lora.layers is None else len(set(cfg.lora.layers)))
 
 
 def linear_shapes(arch: Arch) -> dict[str, tuple[int, int]]:
@@ -119,7 +121,8 @@ def lora_params(arch: Arch, s: Setting) -> int:
     if unknown:
         raise UserError(f"plan: lora.target_modules {list(unknown)} are not linear layers plan knows "
                         f"({', '.join(shapes)}); use those names or ['all-linear']")
-    return arch.layers * sum(s.lora_r * (shapes[t][0] + shapes[t][1]) for t in s.lora_targets)
+    layers = arch.layers if s.lora_layer_count is None else min(s.lora_layer_count, arch.layers)
+    return layers * sum(s.lora_r * (shapes[t][0] + shapes[t][1]) for t in s.lora_targets)
 
 
 def weight_bytes(arch: Arch, s: Setting) -> tuple[float, float]:

@@ -81,6 +81,13 @@ def test_llama3_numbers():
     assert est.tensors(full_logits=True) - est.tensors() > 2 * GIB
 
 
+def test_lora_layers_count_only_the_adapted_layers():
+    top_8 = ",".join(str(i) for i in range(24, 32))
+    cfg = resolve("llama3-8b-lora", sets=[f"lora.layers=[{top_8}]"])
+    est = estimate(architecture(cfg.model), setting_from_config(cfg))
+    assert est.lora_params == 41_943_040 // 4  # 8 of 32 layers
+
+
 def test_the_peak_grows_with_the_micro_batch_and_the_chunk():
     cfg = resolve("llama3-8b-lora")
     arch, s = architecture(cfg.model), setting_from_config(cfg)
