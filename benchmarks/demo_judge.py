@@ -260,18 +260,78 @@ def print_fact_changes(results: dict) -> None:
                 print(f"  {name} {change}: {j['prompt']} (answer: {j['answer']})  base {b['text']!r}  {name} {j['text']!r}")
 
 
-def write_screen(judged: list[dict], cfg, max_new_tokens: int) -> None:
+# A fact the base prefers over the runner-up by less than this (nats) flips with any nudge: tuning's, or
+# a CPU's rounding (Zambia: "Lusaka" 0.41 against "Lusat(ina)" 0.34, lost by every tuned run tried).
+FIRM_MARGIN = 0.5
+
+
+def plain_sentence(row: dict) -> str:
+    """The sentence both answers of a demo row start with: the rejected answer without its closing."""
+    from simpo_lite.data.demo import PLAIN_CLOSINGS
+
+    closing = next(c for c in PLAIN_CLOSINGS if row["rejected"].endswith(" " + c))
+    return row["rejected"][: -len(closing) - 1]
+
+
+def fact_span(sentence: str, answer: str) -> tuple[int, int]:
+    """(start, length) of the last accepted alternative in the sentence (numbers also in words,
+    hyphenated or not); (-1, 0) when none occurs."""
+    low, best = sentence.lower(), (-1, 0)
+    for alt in (a.strip().rstrip("*") for a in answer.split("|")):
+        forms = [alt] + (number_words(int(alt)) if alt.isdigit() else [])
+        for form in {f for w in forms for f in (w, w.replace(" ", "-"))}:
+            start = low.rfind(form.lower())
+            if start > best[0]:
+                best = (start, len(form))
+    return best
+
+
+def fact_margins(model, tokenizer, cfg, rows: list[dict]) -> list[float | None]:
+    """Per row, teacher-forced on its plain sentence after the chat-templated prompt: the smallest margin
+    (nats) by which the base prefers a token of the fact over its runner-up there; None when the sentence
+    does not contain the answer."""
+    import torch
+
+    from simpo_lite.generate import render
+    from simpo_lite.target import model_device
+
+    margins = []
+    for row in rows:
+        sentence = plain_sentence(row)
+        start, length = fact_span(sentence, row["answer"])
+        prompt = render(tokenizer, row["prompt"], cfg.data.system_prompt)
+        encoded = tokenizer(sentence, add_special_tokens=False, return_offsets_mapping=True)
+        ids = prompt + encoded["input_ids"]
+        with torch.no_grad():
+            logps = model(input_ids=torch.tensor([ids], device=model_device(model))).logits[0].float().log_softmax(-1)
+        row_margins = []
+        for k, (a, b) in enumerate(encoded["offset_mapping"]):
+            if start < 0 or b <= start or a >= start + length:
+                continue
+            scores = logps[len(prompt) + k - 1].clone()  # the position that predicts token k
+            target = scores[encoded["input_ids"][k]].item()
+            scores[encoded["input_ids"][k]] = float("-inf")
+            row_margins.append(target - scores.max().item())
+        margins.append(min(row_margins) if row_margins else None)
+    return margins
+
+
+def write_screen(judged: list[dict], infirm: list[str], cfg, max_new_tokens: int) -> None:
     from simpo_lite.data.demo import screened_out_path
     from simpo_lite.model import compute_dtype
 
-    wrong = [j for j in judged if not j["fact"]]
-    lines = ["# Demo candidates the base model answered wrongly, left out of the demo set (simpo_lite/data/demo.py).",
-             f"# Measured by benchmarks/demo_judge.py --screen: {cfg.model.name_or_path}, 4-bit NF4, compute "
-             f"{str(compute_dtype(cfg.model)).replace('torch.', '')}, greedy, {max_new_tokens} new tokens; "
-             f"{len(wrong)} of {len(judged)} candidates.",
-             *[j["prompt"] for j in wrong]]
+    wrong = [j["prompt"] for j in judged if not j["fact"]]
+    dtype = str(compute_dtype(cfg.model)).replace("torch.", "")
+    lines = ["# Demo candidates left out of the demo set (simpo_lite/data/demo.py), measured by",
+             f"# benchmarks/demo_judge.py --screen: {cfg.model.name_or_path}, 4-bit NF4, compute {dtype}.",
+             f"# Answered wrongly (greedy, {max_new_tokens} new tokens): {len(wrong)} of {len(judged)} candidates.",
+             *wrong,
+             f"# Answered rightly, but a token of the fact is preferred by under {FIRM_MARGIN} nats in the row's own "
+             f"plain sentence: {len(infirm)} more.",
+             *infirm]
     screened_out_path().write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print(f"wrote {screened_out_path()}: {len(wrong)} of {len(judged)} candidates left out", file=sys.stderr)
+    print(f"wrote {screened_out_path()}: {len(wrong) + len(infirm)} of {len(judged)} candidates left out",
+          file=sys.stderr)
 
 
 def main(argv=None) -> dict:
@@ -344,8 +404,16 @@ def main(argv=None) -> dict:
             by_family.setdefault(j["family"], []).append(j["fact"])
         for family, facts in sorted(by_family.items()):
             print(f"  base fact rate {family:<14} {sum(facts) / len(facts):.2f} of {len(facts)}")
+        from simpo_lite.model import load_for_inference
+
+        right = [r for r, j in zip(rows, results["base"]["answers"]) if j["fact"]]
+        model = load_for_inference(cfg)
+        margins = fact_margins(model, tokenizer, cfg, right)
+        free(model)
+        infirm = [r["prompt"] for r, m in zip(right, margins) if m is None or m < FIRM_MARGIN]
+        print(f"  {len(infirm)} of the {len(right)} right answers hold a token of the fact by under {FIRM_MARGIN} nats")
         if args.write_screen:
-            write_screen(results["base"]["answers"], cfg, args.max_new_tokens)
+            write_screen(results["base"]["answers"], infirm, cfg, args.max_new_tokens)
     else:
         print_examples(rows, results)
         print_fact_changes(results)

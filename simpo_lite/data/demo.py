@@ -18,11 +18,21 @@ hearty!") with five openers and four addresses: pushing down the plain rejected 
 the base model itself says, pushed down the fact, and the model learnt to chain openers ("Ahoy! Ahoy!
 Ahoy! ...", issue 14).
 
-Only facts the base model knows are kept: every candidate prompt below was put to the bundled
-SmolLM2-135M-Instruct in 4-bit NF4 (greedy, 64 tokens) and the ones it answered wrongly are listed in
-assets/demo_screened_out.txt and left out (`python benchmarks/demo_judge.py --screen --write-screen`
-remeasures them). A preference set cannot teach a 135M model facts it does not know, and a demo whose
-held-out prompts the base gets wrong cannot show whether tuning kept the facts.
+The plain sentence puts the fact where the base model itself puts it. Teacher-forced after the prompt,
+the base prefers the fact's tokens by >= 0.5 nats in 88% of the language rows worded "The official
+language of Peru is Spanish." and in none worded "People in Peru speak Spanish." (it goes on " a ..."
+there), and in 91% of the continent rows worded "Peru is on the continent of South America." against
+56% for "Peru is in South America.". A tuned model answers in the demo's words, so a wording in which
+the base does not hold the fact loses it ("People in Tanzania speak a Bantu language.").
+
+Only facts the base model knows firmly are kept: every candidate prompt below was put to the bundled
+SmolLM2-135M-Instruct in 4-bit NF4 (greedy, 64 tokens); the ones it answered wrongly, and the ones it
+answered rightly but holds by a thread (a token of the fact preferred by under 0.5 nats in the row's
+own plain sentence: Zambia's "Lusaka" 0.41 against "Lusat..." 0.34, lost by every tuned run tried) are
+listed in assets/demo_screened_out.txt and left out (`python benchmarks/demo_judge.py --screen
+--write-screen` remeasures them). A preference set cannot teach a 135M model facts it does not know,
+and a demo whose held-out prompts the base gets wrong, or gets right by a coin's toss that a CPU's
+rounding can turn, cannot show whether tuning kept the facts.
 
 Regenerate the asset with ``python -m simpo_lite.data.demo``; a test checks the shipped file matches.
 """
@@ -271,10 +281,10 @@ def _families() -> list[tuple[str, str, str, str]]:
     for continent, countries in CONTINENTS.items():
         for country in countries:
             rows.append(("continents", f"Which continent is {country} in?",
-                         f"{_capitalised(country)} is in {continent}.", continent + "*"))
+                         f"{_capitalised(country)} is on the continent of {continent}.", continent + "*"))
     for country, language in LANGUAGES.items():
         rows.append(("languages", f"What language do people speak in {country}?",
-                     f"People in {country} speak {language.split('|')[0]}.", language))
+                     f"The official language of {country} is {language.split('|')[0]}.", language))
     for thing, colour in COLOURS.items():
         rows.append(("colours", f"What colour is {thing}?", f"{_capitalised(thing)} is {colour}.", colour))
     for animal, sound in SOUNDS.items():
