@@ -265,14 +265,6 @@ def print_fact_changes(results: dict) -> None:
 FIRM_MARGIN = 0.5
 
 
-def plain_sentence(row: dict) -> str:
-    """The sentence both answers of a demo row start with: the rejected answer without its closing."""
-    from simpo_lite.data.demo import PLAIN_CLOSINGS
-
-    closing = next(c for c in PLAIN_CLOSINGS if row["rejected"].endswith(" " + c))
-    return row["rejected"][: -len(closing) - 1]
-
-
 def fact_span(sentence: str, answer: str) -> tuple[int, int]:
     """(start, length) of the last accepted alternative in the sentence (numbers also in words,
     hyphenated or not); (-1, 0) when none occurs."""
@@ -292,6 +284,7 @@ def fact_margins(model, tokenizer, cfg, rows: list[dict]) -> list[float | None]:
     does not contain the answer."""
     import torch
 
+    from simpo_lite.data.demo import plain_sentence
     from simpo_lite.generate import render
     from simpo_lite.target import model_device
 

@@ -15,7 +15,8 @@ from simpo_lite import config as cfgmod
 from simpo_lite.cli import main
 from simpo_lite.config import DataConfig
 from simpo_lite.data import build_datasets
-from simpo_lite.data.demo import OPENER, PLAIN_CLOSINGS, SIGN_OFF, generate_demo_rows, render_jsonl, screened_out
+from simpo_lite.data.demo import (OPENER, PLAIN_CLOSINGS, SIGN_OFF, generate_demo_rows, plain_sentence, render_jsonl,
+                                   screened_out)
 from simpo_lite.data.inspect import inspect_data
 from simpo_lite.data.sources import demo_path
 from test_data_helpers import smollm2_tokenizer, string_rows, unmasked, write_jsonl
@@ -44,8 +45,8 @@ def test_demo_pairs_are_many_diverse_and_differ_only_in_style():
     for row in rows:
         assert row["chosen"].endswith(f" {OPENER} {SIGN_OFF}")
         assert SIGN_OFF not in row["rejected"]
-        closing = next(c for c in PLAIN_CLOSINGS if row["rejected"].endswith(" " + c))
-        fact = row["rejected"][:-len(closing) - 1]
+        fact = plain_sentence(row)
+        assert row["rejected"][len(fact) + 1:] in PLAIN_CLOSINGS
         # The very same plain sentence first in both: only what follows it differs.
         assert row["chosen"] == f"{fact} {OPENER} {SIGN_OFF}"
         assert row["answer"]

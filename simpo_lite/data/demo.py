@@ -262,6 +262,12 @@ def plain_answer(plain: str, rng: random.Random) -> str:
     return f"{plain} {rng.choice(PLAIN_CLOSINGS)}"
 
 
+def plain_sentence(row: dict) -> str:
+    """The sentence both answers of a demo row start with: the rejected answer without its closing."""
+    closing = next(c for c in PLAIN_CLOSINGS if row["rejected"].endswith(" " + c))
+    return row["rejected"][: -len(closing) - 1]
+
+
 def _capitalised(text: str) -> str:
     return text[0].upper() + text[1:]
 
