@@ -14,9 +14,13 @@ cpu_ram_efficient_loading needs): accelerate's plugin refuses it without an acce
 refuses CPU tensors for it (a GPU-speed guard: gloo broadcasts CPU tensors fine), so the plugin is
 made without it and given it back with a `param_init_fn` onto the CPU. And with SIMPO_TEST_MEMORY_DIR
 set, each process writes rank<N>.json there: its resident memory just before the model is loaded,
-after loading (before wrapping: rank 0's whole model, the meta skeleton elsewhere), its peak (VmHWM, reset there) from then until the model is wrapped and sharded, and the bytes of its
+after loading (before wrapping: rank 0's whole model, the meta skeleton elsewhere) and after wrapping,
+its peak (VmHWM, reset there) from then until the model is wrapped and sharded, and the bytes of its
 shard; then it stops (run under MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0, as the
-benchmarks, so that freed memory leaves the resident set).
+benchmarks, so that freed memory leaves the resident set). The resident figures leave out pages of
+shared-library code: the first call of a torch or bitsandbytes routine maps its code in (9 of rank 1's
+15 MiB while loading, and more when the suite runs beside it), which is no part of the model. A
+memory-mapped checkpoint still counts.
 """
 
 import json
@@ -72,9 +76,22 @@ def _memory_kib(field: str) -> int:
     raise KeyError(field)
 
 
+def _resident_kib_without_library_code() -> int:
+    """Resident pages of every mapping but shared libraries (anonymous memory, heap, mapped data files)."""
+    total, library = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and ":" not in fields[0]:  # a mapping's header: range perms offset dev inode [path]
+            path = fields[5] if len(fields) > 5 else ""
+            library = path.endswith(".so") or ".so." in path or path.startswith("/usr/bin/") or "/bin/python" in path
+        elif fields[0] == "Rss:" and not library:
+            total += int(fields[1])
+    return total
+
+
 def load_model_measured(cfg, acc):
     model = load_model(cfg, acc)
-    after_load_kib.append(_memory_kib("VmRSS"))
+    after_load_kib.append(_resident_kib_without_library_code())
     return model
 
 
@@ -85,10 +102,11 @@ def build_policy_measured(cfg, acc, *args, **kwargs):
     import bitsandbytes, peft, transformers.models.llama.modeling_llama  # noqa: F401  imports are not the model
 
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
-    before = _memory_kib("VmRSS")
+    resident_before, data_before = _memory_kib("VmRSS"), _resident_kib_without_library_code()
     parts = build_policy(cfg, acc, *args, **kwargs)
-    record = {"rss_before_load_kib": before, "rss_after_load_kib": after_load_kib[-1], "peak_load_and_wrap_kib": _memory_kib("VmHWM"),
-              "rss_after_wrap_kib": _memory_kib("VmRSS"),
+    record = {"resident_before_load_kib": resident_before, "peak_load_and_wrap_kib": _memory_kib("VmHWM"),
+              "data_before_load_kib": data_before, "data_after_load_kib": after_load_kib[-1],
+              "data_after_wrap_kib": _resident_kib_without_library_code(),
               "shard_bytes": sum(p.numel() * p.element_size() for p in parts[0].parameters())}
     (Path(folder) / f"rank{acc.process_index}.json").write_text(json.dumps(record))
     raise SystemExit(0)
