@@ -1,11 +1,16 @@
-"""simpo.anchor_weight: KL(p_base || p_policy) on the response tokens that chosen and rejected share.
+"""The response tokens that chosen and rejected share: the anchor KL on them, and an SFT term without them.
 
 What both answers of a pair agree on (in the demo: the plain fact sentence before the sign-off) is not
 what the preference is about, so the policy should keep saying it the way the base model does; the
-tokens where the answers differ stay free for the preference. The base is the same model with its LoRA
-adapters disabled (peft's ``disable_adapter()``), run once more without gradient: no second model in
-memory. The shared positions are identical in the chosen and the rejected row (same prompt, same
-tokens so far, causal attention), so both distributions are taken on the chosen rows only.
+tokens where the answers differ stay free for the preference. Two terms act on that split:
+
+- ``simpo.anchor_weight``: KL(p_base || p_policy) on the shared tokens. The base is the same model with
+  its LoRA adapters disabled (peft's ``disable_adapter()``), run once more without gradient: no second
+  model in memory. The shared positions are identical in the chosen and the rejected row (same prompt,
+  same tokens so far, causal attention), so both distributions are taken on the chosen rows only.
+- ``simpo.sft_tokens: differing``: the SFT term's NLL leaves the shared tokens out, so it teaches the
+  preferred ending without also teaching the shared sentence's wording (the demo's regular plurals
+  taught "sheeps"). Here only their summed log-probs are taken, for loss.objective_sums to subtract.
 
 Like ``logprobs.head_logps``, the full-vocabulary distributions are made ``chunk_tokens`` positions at a
 time, in float32 (float64 stays float64), with the model's logit transform, and each chunk is
@@ -49,29 +54,40 @@ def check_anchorable(model) -> None:
                         f"{type(model).__name__} has no LoRA adapters to disable; set simpo.anchor_weight=0")
 
 
-def anchored_logps(model, batch: dict, chunk_tokens: int) -> tuple[torch.Tensor, ...]:
-    """(chosen avg logps [B], rejected avg logps [B], summed KL over the shared tokens, their count).
+def shared_prefix_logps(model, batch: dict, chunk_tokens: int, kl: bool = True,
+                        shared_sums: bool = False) -> dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+    """The policy's average log-probs, "chosen" [B] and "rejected" [B], as ``logprobs.concatenated_logps``
+    gives them, and the terms on the tokens the pair shares from its start:
 
-    The policy's log-probs are the same as ``logprobs.concatenated_logps``'s; the decoder's hidden states
-    are kept for the KL, and one more decoder pass (adapters off, no gradient) gives the base's.
+    - with ``kl``, "anchor": (KL(base || policy) summed over them, their count); the decoder's hidden
+      states are kept for it, and one more decoder pass (adapters off, no gradient) gives the base's;
+    - with ``shared_sums``, "sft_excluded": (the chosen rows' log-probs summed over them, their count).
     """
     input_ids, mask, labels = batch["input_ids"], batch.get("attention_mask"), batch["labels"]
     rows = input_ids.shape[0]
     if rows % 2:
         raise ValueError(f"a concatenated batch has 2 x pairs rows, got {rows}")
+    pairs = rows // 2
     lm = causal_lm(model)
     hidden, targets, keep = labelled_hidden_states(lm, input_ids, mask, labels)
-    logps = per_row(head_logps(lm, hidden[keep], targets[keep], chunk_tokens), keep, True)
+    token_logps = head_logps(lm, hidden[keep], targets[keep], chunk_tokens)
+    logps = per_row(token_logps, keep, True)
     shared = shared_prefix_mask(labels)
-    kl_sum = hidden.new_zeros((), dtype=_acc_dtype(hidden))
-    if bool(shared.any()):
-        pairs = rows // 2
-        # Causal attention: the base needs only the chosen rows, up to the last shared position.
-        end = int(shared.any(0).nonzero().max()) + 1
-        with torch.no_grad(), model.disable_adapter():
-            base = final_hidden_states(lm, input_ids[:pairs, :end], mask[:pairs, :end] if mask is not None else None)
-        kl_sum = base_kl(model, hidden[:pairs][shared], base[shared[:, :end]], chunk_tokens).sum()
-    return logps[: rows // 2], logps[rows // 2:], kl_sum, shared.sum().to(kl_sum.dtype)
+    out = {"chosen": logps[:pairs], "rejected": logps[pairs:]}
+    if shared_sums:
+        # token_logps runs row-major over keep, so the chosen rows' tokens come first, in shared's order.
+        chosen_tokens = token_logps[: int(keep[:pairs].sum())]
+        out["sft_excluded"] = (chosen_tokens[shared[keep[:pairs]]].sum(), shared.sum().to(token_logps.dtype))
+    if kl:
+        kl_sum = hidden.new_zeros((), dtype=_acc_dtype(hidden))
+        if bool(shared.any()):
+            # Causal attention: the base needs only the chosen rows, up to the last shared position.
+            end = int(shared.any(0).nonzero().max()) + 1
+            with torch.no_grad(), model.disable_adapter():
+                base = final_hidden_states(lm, input_ids[:pairs, :end], mask[:pairs, :end] if mask is not None else None)
+            kl_sum = base_kl(model, hidden[:pairs][shared], base[shared[:, :end]], chunk_tokens).sum()
+        out["anchor"] = (kl_sum, shared.sum().to(kl_sum.dtype))
+    return out
 
 
 def base_kl(model, policy_hidden: torch.Tensor, base_hidden: torch.Tensor, chunk_tokens: int) -> torch.Tensor:

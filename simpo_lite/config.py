@@ -92,6 +92,7 @@ class SimpoConfig:
     loss_type: Literal["sigmoid", "hinge"] = _f("sigmoid", "Bradley-Terry sigmoid loss or hinge loss.")
     label_smoothing: float = _f(0.0, "Conservative BT label smoothing (sigmoid loss only).", ge=0.0, le=0.5)
     sft_weight: float = _f(0.0, "Weight of an NLL term on the chosen response (0 = pure SimPO).", ge=0.0)
+    sft_tokens: Literal["all", "differing"] = _f("all", "Chosen tokens the SFT term covers: all (the official trainer) or only those after the prefix shared with the rejected answer (not in the paper).")
     anchor_weight: float = _f(0.0, "Weight of KL(base || policy) per token on the response tokens chosen and rejected share from their start, base = the model with its LoRA adapters off (0 = pure SimPO; not in the paper).", ge=0.0)
     logp_chunk_tokens: int = _f(256, "Response tokens projected through the output head at a time (256: 0.19x TRL's step peak at the same speed as 1024, see README).", ge=1)
     pack_prompt: bool = _f(False, "One row per pair, [prompt | chosen | rejected], so the prompt runs through the decoder once (needs sdpa or eager attention and no sliding window).")
@@ -337,6 +338,12 @@ def _cross_checks(cfg: Config) -> list[str]:
     if cfg.simpo.anchor_weight > 0 and cfg.simpo.pack_prompt:
         problems.append("simpo.anchor_weight > 0 does not work with simpo.pack_prompt=true yet: "
                         "set simpo.pack_prompt=false or simpo.anchor_weight=0")
+    if cfg.simpo.sft_tokens == "differing" and cfg.simpo.pack_prompt:
+        problems.append("simpo.sft_tokens=differing does not work with simpo.pack_prompt=true yet: "
+                        "set simpo.pack_prompt=false or simpo.sft_tokens=all")
+    if cfg.simpo.sft_tokens == "differing" and cfg.simpo.sft_weight == 0:
+        problems.append("simpo.sft_tokens=differing chooses the tokens of the SFT term, which simpo.sft_weight=0 "
+                        "turns off: set simpo.sft_weight > 0 or leave simpo.sft_tokens=all")
     t = cfg.train
     if isinstance(t.micro_batch_size, int) and t.batch_size is not None and t.batch_size != t.micro_batch_size * t.gradient_accumulation_steps:
         problems.append(f"train.batch_size ({t.batch_size}) must equal train.micro_batch_size x train.gradient_"

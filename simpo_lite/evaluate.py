@@ -28,8 +28,7 @@ def evaluate_command(model_or_run: str, preset: str | None = None, config=None, 
         raise UserError(f"data '{cfg.data.source}' has no eval pairs: give --set data.eval_split=NAME, "
                         f"--set data.eval_source=FILE or --set data.eval_fraction=0.1")
     model = load_target_model(target)
-    policy = ConcatenatedPolicy(model, cfg.simpo.logp_chunk_tokens, cfg.simpo.pack_prompt,
-                                anchor=cfg.simpo.anchor_weight > 0)
+    policy = ConcatenatedPolicy.from_config(model, cfg.simpo)
     collate = make_collator(tokenizer.pad_token_id, cfg.simpo.pack_prompt, cfg.simpo.pack_tokens)
     metrics = evaluate_dataset(policy, prepared.eval, collate, cfg.simpo, cfg.train.eval_batch_size,
                                device=model_device(model))

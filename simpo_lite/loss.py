@@ -14,7 +14,8 @@ The reward is the length-normalised log-likelihood of a response, with no refere
 Variants of the official trainer kept here: the hinge loss ``relu(1 - beta * logits)``, conservative
 label smoothing (sigmoid only; hinge ignores it), and ``sft_weight`` times the NLL per token of the chosen
 responses, every token weighing the same as in the official trainer (``sft_weight = 0`` is pure SimPO;
-TRL's default ``cpo_alpha=1`` is this term, i.e. CPO-SimPO). Training and evaluation both compose the
+TRL's default ``cpo_alpha=1`` is this term, i.e. CPO-SimPO). Our ``sft_tokens: differing`` takes that
+NLL only over the chosen tokens after the prefix the chosen answer shares with the rejected one. Training and evaluation both compose the
 loss through ``objective_sums`` and ``objective_from_sums``.
 
 ``anchor_weight`` is our addition, not the paper's (SimPO has no reference model at all): ``anchor_weight``
@@ -77,17 +78,23 @@ def _nll_terms(chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor | None) 
 
 def objective_sums(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, cfg,
                    chosen_lengths: torch.Tensor | None = None,
-                   anchor: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                   anchor: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   sft_excluded: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Sums over the pairs of a batch from which the loss and every metric are means.
 
     Training takes the means of one micro-batch; evaluation adds the sums of all its batches (and
     processes) first, so both compute one objective the same way. "simpo", "nll" and "anchor_kl" keep
     their gradient; the others are detached. ``anchor``: (KL summed over the shared response tokens,
-    their count), as simpo_lite.anchor gives them; only when ``anchor_weight`` > 0.
+    their count), as simpo_lite.anchor gives them; only when ``anchor_weight`` > 0. ``sft_excluded``:
+    (log-probs summed over chosen tokens the SFT term leaves out, their count), with ``sft_tokens:
+    differing`` the tokens the chosen answer shares with the rejected one.
     """
     losses, chosen_rewards, rejected_rewards = simpo_loss(
         chosen_logps, rejected_logps, cfg.beta, cfg.gamma_beta_ratio, cfg.loss_type, cfg.label_smoothing)
     nll, tokens = _nll_terms(chosen_logps, chosen_lengths)
+    if sft_excluded is not None:
+        excluded_logps, excluded_tokens = sft_excluded
+        nll, tokens = nll + excluded_logps, tokens - excluded_tokens.to(tokens.dtype)
     sums = {"simpo": losses.sum(), "nll": nll, "tokens": tokens.detach(),
             "pairs": torch.tensor(float(len(losses)), device=losses.device),
             **preference_sums(chosen_logps, rejected_logps, chosen_rewards, rejected_rewards)}
@@ -107,7 +114,8 @@ def objective_from_sums(sums: dict[str, torch.Tensor], cfg) -> tuple[torch.Tenso
     loss = sums["simpo"] / pairs
     metrics = {name: (sums[name] / pairs).item() for name in METRIC_NAMES[1:]}
     if cfg.sft_weight > 0:
-        nll = sums["nll"] / sums["tokens"]
+        # A batch whose chosen answers are all shared prefix (sft_tokens: differing) has no SFT token.
+        nll = sums["nll"] / sums["tokens"].clamp(min=1)
         loss = loss + cfg.sft_weight * nll
         metrics["sft_loss"] = nll.item()
     if cfg.anchor_weight > 0:
@@ -120,13 +128,16 @@ def objective_from_sums(sums: dict[str, torch.Tensor], cfg) -> tuple[torch.Tenso
 
 def simpo_objective(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, cfg,
                     chosen_lengths: torch.Tensor | None = None,
-                    anchor: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                    anchor: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    sft_excluded: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The scalar loss of a batch and its metrics, from a ``SimpoConfig``-like ``cfg``.
 
     ``chosen_lengths`` (labelled tokens per chosen response) weigh the SFT term per token, as the
-    official trainer does; training and evaluation always pass them. ``anchor``: see ``objective_sums``.
+    official trainer does; training and evaluation always pass them. ``anchor``, ``sft_excluded``: see
+    ``objective_sums``.
     """
-    return objective_from_sums(objective_sums(chosen_logps, rejected_logps, cfg, chosen_lengths, anchor), cfg)
+    return objective_from_sums(objective_sums(chosen_logps, rejected_logps, cfg, chosen_lengths, anchor,
+                                              sft_excluded), cfg)
 
 
 def preference_sums(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from simpo_lite.anchor import anchored_logps, check_anchorable
+from simpo_lite.anchor import check_anchorable, shared_prefix_logps
 from simpo_lite.logprobs import IGNORE_INDEX, concatenated_logps
 from simpo_lite.loss import objective_from_sums, objective_sums, simpo_objective
 from simpo_lite.packed import check_packable, packed_logps, pair_lengths
@@ -19,26 +19,37 @@ class ConcatenatedPolicy(nn.Module):
     anchor, the base pass with the adapters off).
     """
 
-    def __init__(self, model: nn.Module, chunk_tokens: int, pack_prompt: bool = False, anchor: bool = False):
+    def __init__(self, model: nn.Module, chunk_tokens: int, pack_prompt: bool = False, anchor: bool = False,
+                 sft_differing: bool = False):
         super().__init__()
         self.model = model
         self.chunk_tokens = chunk_tokens
         self.pack_prompt = pack_prompt
         self.anchor = anchor
-        # Both before the first step, not in the middle of a run (config refuses anchor + pack_prompt).
+        self.sft_differing = sft_differing
+        # Both before the first step, not in the middle of a run (config refuses either with pack_prompt).
         if pack_prompt:
             check_packable(model)
         if anchor:
             check_anchorable(model)
 
-    def forward(self, **batch):
-        """(chosen, rejected) average log-probs of an unpacked or, with pack_prompt, a packed batch;
-        with anchor also (KL summed over the shared response tokens, their count): simpo_lite.anchor."""
-        if self.anchor:
-            return anchored_logps(self.model, batch, chunk_tokens=self.chunk_tokens)
+    @classmethod
+    def from_config(cls, model: nn.Module, simpo_cfg) -> "ConcatenatedPolicy":
+        """The policy a run's ``simpo`` section asks for: training and ``simpo-lite eval`` build it here."""
+        return cls(model, simpo_cfg.logp_chunk_tokens, simpo_cfg.pack_prompt, anchor=simpo_cfg.anchor_weight > 0,
+                   sft_differing=simpo_cfg.sft_weight > 0 and simpo_cfg.sft_tokens == "differing")
+
+    def forward(self, **batch) -> dict:
+        """{"chosen", "rejected"}: average log-probs of an unpacked or, with pack_prompt, a packed batch;
+        with anchor also "anchor" and with sft_differing "sft_excluded" (simpo_lite.anchor)."""
+        if self.anchor or self.sft_differing:
+            return shared_prefix_logps(self.model, batch, self.chunk_tokens, kl=self.anchor,
+                                       shared_sums=self.sft_differing)
         if self.pack_prompt:
-            return packed_logps(self.model, batch, chunk_tokens=self.chunk_tokens)
-        return concatenated_logps(self.model, batch, chunk_tokens=self.chunk_tokens)
+            chosen, rejected = packed_logps(self.model, batch, chunk_tokens=self.chunk_tokens)
+        else:
+            chosen, rejected = concatenated_logps(self.model, batch, chunk_tokens=self.chunk_tokens)
+        return {"chosen": chosen, "rejected": rejected}
 
 
 def chosen_lengths(batch: dict) -> torch.Tensor:
@@ -52,8 +63,13 @@ def chosen_lengths(batch: dict) -> torch.Tensor:
 
 def batch_objective(policy, batch: dict, simpo_cfg) -> tuple[torch.Tensor, dict[str, float]]:
     """(loss to backpropagate, metrics) of one micro-batch: what a training step computes."""
-    chosen, rejected, *anchor = policy(**batch)
-    return simpo_objective(chosen, rejected, simpo_cfg, chosen_lengths(batch), anchor or None)
+    return simpo_objective(*_objective_inputs(policy(**batch), batch, simpo_cfg))
+
+
+def _objective_inputs(out: dict, batch: dict, simpo_cfg) -> tuple:
+    """The arguments of loss.objective_sums / simpo_objective, from a policy's forward and its batch."""
+    return (out["chosen"], out["rejected"], simpo_cfg, chosen_lengths(batch), out.get("anchor"),
+            out.get("sft_excluded"))
 
 
 @torch.no_grad()
@@ -70,8 +86,7 @@ def evaluate_dataset(policy, dataset, collate, simpo_cfg, batch_size: int, rank:
     for start in range(0, len(indices), batch_size):
         batch = collate([dataset[i] for i in indices[start:start + batch_size]])
         batch = {k: v.to(device) if device is not None else v for k, v in batch.items()}
-        chosen, rejected, *anchor = policy(**batch)
-        for name, value in objective_sums(chosen, rejected, simpo_cfg, chosen_lengths(batch), anchor or None).items():
+        for name, value in objective_sums(*_objective_inputs(policy(**batch), batch, simpo_cfg)).items():
             totals[name] = totals[name] + value.detach().double()
     policy.train(was_training)
     names = list(totals)

@@ -155,8 +155,7 @@ def build_policy(cfg: Config, acc, resume_path: Path | None, sample_ids: list[in
             resume.load_adapter_weights(model, resume_path)
     if sharding.uses_fsdp(acc):
         sharding.wrap_lora_separately(acc, model)
-    policy = ConcatenatedPolicy(model, cfg.simpo.logp_chunk_tokens, cfg.simpo.pack_prompt,
-                                anchor=cfg.simpo.anchor_weight > 0)
+    policy = ConcatenatedPolicy.from_config(model, cfg.simpo)
     # load_model already placed the (possibly 4-bit) weights; accelerate must not move them again.
     policy = acc.prepare_model(policy, device_placement=False)
     # The optimizer is built on the prepared module's parameters: FSDP replaces the model's parameters

@@ -5,7 +5,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from simpo_lite.anchor import anchored_logps, base_kl, shared_prefix_mask
+from simpo_lite.anchor import base_kl, shared_prefix_logps, shared_prefix_mask
 from simpo_lite.config import SimpoConfig, build_config
 from simpo_lite.errors import ConfigError, UserError
 from simpo_lite.logprobs import IGNORE_INDEX, concatenated_logps
@@ -81,7 +81,7 @@ def lora_grads(model):
 
 def test_kl_and_its_gradient_are_zero_at_init():
     model = lora(tiny("llama"), perturbed=False)  # LoRA B = 0: policy == base
-    _, _, kl_sum, tokens = anchored_logps(model, pairs_batch(), chunk_tokens=3)
+    kl_sum, tokens = shared_prefix_logps(model, pairs_batch(), chunk_tokens=3)["anchor"]
     assert tokens.item() == 6
     assert abs(kl_sum.item()) < 1e-12
     kl_sum.backward()
@@ -95,7 +95,7 @@ def test_chunked_kl_matches_full_logits(kind, head, chunk):
     """gemma2 soft-caps its logits (logit_transform); an adapter on lm_head must be off for the base too."""
     batch = pairs_batch()
     model = lora(tiny(kind), perturbed=True, head=head)
-    _, _, kl_sum, tokens = anchored_logps(model, batch, chunk_tokens=chunk)
+    kl_sum, tokens = shared_prefix_logps(model, batch, chunk_tokens=chunk)["anchor"]
     kl_sum.backward()
     ours = lora_grads(model)
     model.zero_grad()
@@ -113,12 +113,56 @@ def test_chunked_kl_matches_full_logits(kind, head, chunk):
             ours[name], reference[name], rtol=1e-9, atol=1e-12, msg=name)
 
 
-def test_anchored_logps_are_the_unanchored_ones():
+@pytest.mark.parametrize("kl,shared_sums", [(True, False), (False, True), (True, True)])
+def test_shared_prefix_logps_are_the_plain_ones(kl, shared_sums):
     batch = pairs_batch()
     model = lora(tiny("llama"), perturbed=True)
-    chosen, rejected, _, _ = anchored_logps(model, batch, chunk_tokens=4)
+    out = shared_prefix_logps(model, batch, chunk_tokens=4, kl=kl, shared_sums=shared_sums)
     expected = concatenated_logps(model, batch, chunk_tokens=4)
-    assert torch.equal(chosen, expected[0]) and torch.equal(rejected, expected[1])
+    assert torch.equal(out["chosen"], expected[0]) and torch.equal(out["rejected"], expected[1])
+    assert ("anchor" in out) == kl and ("sft_excluded" in out) == shared_sums
+
+
+def full_token_logps(model, batch):
+    """[rows, length - 1] log p(target) from the model's own full logits (0 where no label)."""
+    targets = batch["labels"][:, 1:]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    logps = logits.double().log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return logps * (targets != X)
+
+
+def test_sft_excluded_is_the_chosen_logps_on_the_shared_tokens():
+    batch = pairs_batch()
+    model = lora(tiny("llama"), perturbed=True)
+    logp_sum, tokens = shared_prefix_logps(model, batch, chunk_tokens=3, kl=False, shared_sums=True)["sft_excluded"]
+    shared = shared_prefix_mask(batch["labels"])
+    expected = full_token_logps(model, batch)[:3][shared].sum()
+    assert tokens.item() == 6 and logp_sum.item() == pytest.approx(expected.item(), rel=1e-10)
+
+
+def test_sft_on_differing_tokens_is_their_nll_per_token_and_trains():
+    """Through the policy and the one objective, as a training step runs it, with and without the anchor."""
+    batch = pairs_batch()
+    model = lora(tiny("llama"), perturbed=True)
+    targets = batch["labels"][:3, 1:]
+    differing = (targets != X) & ~shared_prefix_mask(batch["labels"])
+    with torch.no_grad():
+        expected = -(full_token_logps(model, batch)[:3][differing].sum() / differing.sum()).item()
+    differing_cfg = SimpoConfig(beta=2.0, gamma_beta_ratio=0.5, sft_weight=1.0, sft_tokens="differing")
+    whole_cfg = SimpoConfig(beta=2.0, gamma_beta_ratio=0.5, sft_weight=1.0)
+    policy = ConcatenatedPolicy.from_config(model, differing_cfg)
+    assert policy.sft_differing and not policy.anchor
+    loss, metrics, grads = objective_and_grads(policy, model, batch, differing_cfg)
+    assert metrics["sft_loss"] == pytest.approx(expected, rel=1e-10)
+    assert grads and all(bool(torch.isfinite(g).all()) for g in grads.values())
+    _, whole, _ = objective_and_grads(ConcatenatedPolicy.from_config(model, whole_cfg), model, batch, whole_cfg)
+    assert abs(whole["sft_loss"] - expected) > 1e-3  # the shared tokens are really left out
+    assert loss.item() == pytest.approx(whole["loss"] - whole["sft_loss"] + expected, rel=1e-10)
+    anchored_cfg = SimpoConfig(beta=2.0, gamma_beta_ratio=0.5, sft_weight=1.0, sft_tokens="differing", anchor_weight=1.0)
+    _, anchored, _ = objective_and_grads(ConcatenatedPolicy.from_config(model, anchored_cfg), model, batch, anchored_cfg)
+    assert anchored["sft_loss"] == pytest.approx(expected, rel=1e-10) and anchored["anchor_kl"] > 0
+    evaluated = evaluate_dataset(policy, [batch], lambda rows: rows[0], differing_cfg, batch_size=1)
+    assert evaluated["eval_sft_loss"] == pytest.approx(expected, rel=1e-10)
 
 
 def test_base_kl_needs_a_positive_chunk():
@@ -170,6 +214,10 @@ def test_refusals():
         ConcatenatedPolicy(tiny("llama"), 4, anchor=True)
     with pytest.raises(ConfigError, match="simpo.pack_prompt=false or simpo.anchor_weight=0"):
         build_config([("--set", {"simpo": {"anchor_weight": 1.0, "pack_prompt": True}})])
+    with pytest.raises(ConfigError, match="simpo.pack_prompt=false or simpo.sft_tokens=all"):
+        build_config([("--set", {"simpo": {"sft_weight": 1.0, "sft_tokens": "differing", "pack_prompt": True}})])
+    with pytest.raises(ConfigError, match="simpo.sft_weight=0 turns off"):
+        build_config([("--set", {"simpo": {"sft_tokens": "differing"}})])
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
@@ -185,7 +233,7 @@ def test_gradient_checkpointing_gives_the_same_kl_and_gradients(reentrant):
     model.base_model.model.activation_checkpointing_enable(
         activation_checkpointing_kwargs={"use_reentrant": reentrant})
     model.enable_input_require_grads()  # reentrant checkpointing needs a grad-requiring input
-    _, _, ours, _ = anchored_logps(model, batch, chunk_tokens=4)
+    ours, _ = shared_prefix_logps(model, batch, chunk_tokens=4)["anchor"]
     ours.backward()
     assert ours.item() == pytest.approx(kl_sum.item(), rel=1e-10)
     for name, grad in lora_grads(model).items():

@@ -180,3 +180,25 @@ def test_anchor_term_by_hand():
     loss, metrics = simpo_objective(c, r, SimpoConfig(beta=BETA, gamma_beta_ratio=RATIO),
                                     anchor=(torch.tensor(5.0), torch.tensor(1.0)))
     assert loss.item() == pytest.approx(mean_simpo, abs=1e-6) and "anchor_kl" not in metrics
+
+
+def test_sft_term_without_the_shared_tokens_by_hand():
+    """sft_tokens: differing. Chosen averages -1 over 3 tokens and -2 over 1: NLL 3 + 2 = 5 over 4 tokens.
+    Two of pair 0's tokens are shared with the rejected answer, log-probs summing to -1.5: the SFT term
+    is the rest, (5 - 1.5) / (4 - 2) = 1.75 per token."""
+    mean_simpo = sum(SIGMOID_LOSSES) / 2  # 1.5264834
+    c, r = pair(requires_grad=True)
+    shared_sum = torch.tensor(-1.5, requires_grad=True)
+    cfg = SimpoConfig(beta=BETA, gamma_beta_ratio=RATIO, sft_weight=0.5, sft_tokens="differing")
+    loss, metrics = simpo_objective(c, r, cfg, torch.tensor([3, 1]), sft_excluded=(shared_sum, torch.tensor(2.0)))
+    assert metrics["sft_loss"] == pytest.approx(1.75)
+    assert loss.item() == pytest.approx(mean_simpo + 0.5 * 1.75, abs=1e-6)  # 2.4014834
+    loss.backward()
+    # A shared token's log-prob reaches the loss twice: through pair 0's average (SFT part
+    # -0.5 * 3 / 2 tokens on c0, i.e. -0.5 / 2 per token) and through the excluded sum (+0.5 / 2):
+    # the SFT term leaves it alone.
+    assert shared_sum.grad.item() == pytest.approx(0.25)
+    approx(c.grad, [-0.3775407 - 0.5 * 3 / 2, -0.9241418 - 0.5 * 1 / 2])
+    # Every chosen token shared (a batch of answers that differ only after their end): no SFT token, no NaN.
+    loss, metrics = simpo_objective(c, r, cfg, torch.tensor([3, 1]), sft_excluded=(torch.tensor(-5.0), torch.tensor(4.0)))
+    assert metrics["sft_loss"] == 0.0 and loss.item() == pytest.approx(mean_simpo, abs=1e-6)

@@ -165,8 +165,9 @@ def test_policy_dispatches_on_pack_prompt():
     with torch.no_grad():
         expected = ConcatenatedPolicy(model, 4)(**unpacked)
         got = ConcatenatedPolicy(model, 4, pack_prompt=True)(**packed)
-    for a, b in zip(got, expected):
-        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+    assert set(got) == set(expected) == {"chosen", "rejected"}
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=1e-10, rtol=0)
 
 
 def test_float32_packed_is_close_to_unpacked():
