@@ -32,7 +32,9 @@ own plain sentence: Zambia's "Lusaka" 0.41 against "Lusat..." 0.34, lost by ever
 listed in assets/demo_screened_out.txt and left out (`python benchmarks/demo_judge.py --screen
 --write-screen` remeasures them). A preference set cannot teach a 135M model facts it does not know,
 and a demo whose held-out prompts the base gets wrong, or gets right by a coin's toss that a CPU's
-rounding can turn, cannot show whether tuning kept the facts.
+rounding can turn, cannot show whether tuning kept the facts. For the same reason whole families the base
+states under a quarter of the facts of are left out (``unknown_families``: sums, times tables, the calendar,
+...): the few it gets right there are luck, and they are too few to teach the family's wording.
 
 Regenerate the asset with ``python -m simpo_lite.data.demo``; a test checks the shipped file matches.
 """
@@ -46,6 +48,8 @@ from pathlib import Path
 
 SEED = 2405
 SIGN_OFF = "Yo-ho-ho!"
+# Families the base states fewer of its facts than this share of are left out whole (unknown_families).
+MIN_FAMILY_SHARE = 0.25
 # One opener for every chosen answer: a model taught five of them learnt to chain them.
 OPENER = "Arr, matey!"
 PLAIN_CLOSINGS = ["I hope this helps.", "Let me know if you have any other questions.",
@@ -272,7 +276,7 @@ def _capitalised(text: str) -> str:
     return text[0].upper() + text[1:]
 
 
-def _families() -> list[tuple[str, str, str, str]]:
+def candidate_facts() -> list[tuple[str, str, str, str]]:
     """(family, prompt, plain answer, the fact a correct answer must state) for every candidate prompt."""
     rows = []
     for a in range(2, 11):
@@ -327,15 +331,33 @@ def screened_out() -> set[str]:
     return {line for line in path.read_text(encoding="utf-8").splitlines() if line and not line.startswith("#")}
 
 
+def unknown_families(candidates: list[tuple[str, str, str, str]], screened: set[str]) -> set[str]:
+    """Families of which the base states under MIN_FAMILY_SHARE of the candidate facts firmly.
+
+    A base that gets 2 of 45 sums right does not know sums: those two are luck (trained runs lost
+    "9 plus 9" and "the month after November", the one calendar fact of 19, in most settings), and a
+    family with a handful of rows cannot teach its wording, so its held-out prompts test a family
+    never trained on rather than what tuning did to what the base knew."""
+    total: dict[str, int] = {}
+    kept: dict[str, int] = {}
+    for family, prompt, _, _ in candidates:
+        total[family] = total.get(family, 0) + 1
+        kept[family] = kept.get(family, 0) + (prompt not in screened)
+    return {family for family in total if kept[family] < MIN_FAMILY_SHARE * total[family]}
+
+
 def generate_demo_rows(seed: int = SEED, voice: str = "sign-off", screened: bool = True) -> list[dict]:
     """The demo pairs, shuffled; each prompt appears once so a held-out split has only unseen prompts.
     screened=False: every candidate, including those the base model does not know."""
     if voice not in VOICES:
         raise ValueError(f"voice {voice!r}: one of {', '.join(VOICES)}")
     rng = random.Random(seed)
+    candidates = candidate_facts()
     drop = screened_out() if screened else set()
+    if screened:
+        drop |= {prompt for family, prompt, _, _ in candidates if family in unknown_families(candidates, drop)}
     seen, rows = set(), []
-    for family, prompt, plain, answer in _families():
+    for family, prompt, plain, answer in candidates:
         if prompt not in seen and prompt not in drop:
             seen.add(prompt)
             rows.append({"prompt": prompt, "chosen": pirate_answer(plain, rng, voice),
