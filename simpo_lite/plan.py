@@ -62,14 +62,27 @@ class Setting:
     cuda: bool
     fsdp_processes: int = 1  # FSDP over this many GPUs (plan_fsdp.py); 1: the whole model on each GPU
     lora_layer_count: int | None = None  # lora.layers: adapters on this many decoder layers; None: on all
+    pack_prompt: bool = False  # simpo.pack_prompt: one [prompt | chosen | rejected] row per pair
+    pack_tokens: int = 0       # simpo.pack_tokens: several such pairs a row, up to this many tokens
+
+    @property
+    def pairs_per_row(self) -> int:
+        """Pairs a packed row holds when every pair is at its longest (2 x seq_len tokens, less one prompt)."""
+        return min(self.micro_batch, max(1, self.pack_tokens // (2 * self.seq_len)))
 
     @property
     def rows(self) -> int:
-        return 2 * self.micro_batch
+        if not self.pack_prompt:
+            return 2 * self.micro_batch
+        return -(-self.micro_batch // self.pairs_per_row)
+
+    @property
+    def row_len(self) -> int:
+        return self.pairs_per_row * 2 * self.seq_len if self.pack_prompt else self.seq_len
 
     @property
     def tokens(self) -> int:
-        return self.rows * self.seq_len
+        return self.rows * self.row_len
 
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -104,7 +117,8 @@ def setting_from_config(cfg: Config, device: str = "cuda") -> Setting:
                    uncheckpointed_layers=cfg.model.uncheckpointed_layers,
                    eager_attention=cfg.model.attn_implementation == "eager",
                    chunk_tokens=cfg.simpo.logp_chunk_tokens, cuda=cuda,
-                   lora_layer_count=None if cfg.lora.layers is None else len(set(cfg.lora.layers)))
+                   lora_layer_count=None if cfg.lora.layers is None else len(set(cfg.lora.layers)),
+                   pack_prompt=cfg.simpo.pack_prompt, pack_tokens=cfg.simpo.pack_tokens)
 
 
 def linear_shapes(arch: Arch) -> dict[str, tuple[int, int]]:
@@ -177,7 +191,13 @@ def attention_score_bytes(arch: Arch, s: Setting) -> float:
     C = s.compute_bytes
     # fp32 softmax output, its cast to the compute dtype, the raw scores; the soft cap keeps one more.
     per_score = 4 + 2 * C + (C if arch.attn_softcap else 0)
-    return s.rows * arch.heads * s.seq_len * s.seq_len * per_score
+    return s.rows * arch.heads * s.row_len * s.row_len * per_score
+
+
+def packed_mask_bytes(s: Setting) -> float:
+    """Packed rows carry an additive [rows, 1, T, T] mask in the embeddings' dtype (simpo_lite.packed),
+    alive from the first layer's forward to the last layer's backward; unpacked rows need none."""
+    return s.rows * s.row_len * s.row_len * s.residual_bytes if s.pack_prompt else 0.0
 
 
 @dataclass
@@ -261,8 +281,9 @@ def estimate(arch: Arch, s: Setting) -> Estimate:
         checkpoints = backward_checkpoints = arch.layers * per_layer
         recompute = working
     # After the decoder: the final norm's fp32 input and its output, and the log-prob code's gathered
-    # response hidden states plus their gradient ([response tokens, H] each; response tokens <= T).
-    decoder_io = T * H * (4 + R) + 2 * T * H * R
+    # response hidden states plus their gradient ([response tokens, H] each; response tokens <= T); for
+    # packed rows, their attention mask throughout.
+    decoder_io = T * H * (4 + R) + 2 * T * H * R + packed_mask_bytes(s)
     # A trainer that keeps [2B, L, vocab] logits in float32 and their float32 log-softmax for backward.
     full_logits = T * arch.vocab * (4 + 4)
     est = Estimate(setting=s, base_weights=base, unquantized_weights=unquantized, lora_params=n_lora,

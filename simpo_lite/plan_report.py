@@ -18,11 +18,18 @@ def _gib(x: float) -> str:
 def _describe(cfg: Config, s: Setting) -> str:
     dtype = {2: cfg.model.compute_dtype if cfg.model.compute_dtype in ("bf16", "fp16") else "bf16", 4: "fp32"}[s.compute_bytes]
     optim = "paged 8-bit AdamW" if s.optimizer == "paged_adamw_8bit" else "fp32 AdamW"
-    return (f"{s.micro_batch} pairs x {s.seq_len} tokens per micro-batch ({s.rows} rows), "
+    return (f"{s.micro_batch} pairs x {s.seq_len} tokens per micro-batch ({_rows(s)}), "
             f"{'4-bit NF4' if s.quantize else dtype} base, LoRA r={s.lora_r} on {len(s.lora_targets)} linears/layer, "
             f"{optim}, {dtype} compute, {'fp32' if s.residual_bytes == 4 else dtype} residual stream, "
             f"gradient checkpointing {_checkpointing(s)}, "
             f"log-prob chunk {s.chunk_tokens} tokens")
+
+
+def _rows(s: Setting) -> str:
+    if not s.pack_prompt:
+        return f"{s.rows} rows"
+    rows = f"{s.rows} packed row{'s' if s.rows > 1 else ''}"
+    return f"{rows} of {s.row_len} tokens, {s.pairs_per_row} pair{'s' if s.pairs_per_row > 1 else ''} each"
 
 
 def _checkpointing(s: Setting) -> str:
@@ -47,10 +54,11 @@ def breakdown_rows(arch: Arch, est: Estimate) -> list[tuple[str, float, float]]:
          est.lora_weights_and_states, est.lora_weights_and_states),
         ("LoRA gradients (fp32)", est.lora_grads, est.lora_grads),
         (ckpt, est.checkpoints, est.checkpoints),
-        ("final hidden states + response gathers", est.decoder_io, est.decoder_io),
+        ("final hidden states + response gathers" + (" + packed attention mask" if s.pack_prompt else ""),
+         est.decoder_io, est.decoder_io),
         ("one layer recomputed in backward" if s.gradient_checkpointing else "backward working set",
          est.layer_recompute, est.layer_recompute),
-        (f"log-probs: [{min(s.chunk_tokens, s.tokens)}, {arch.vocab}] chunk | [{s.rows}, {s.seq_len}, {arch.vocab}] "
+        (f"log-probs: [{min(s.chunk_tokens, s.tokens)}, {arch.vocab}] chunk | [{s.rows}, {s.row_len}, {arch.vocab}] "
          f"fp32 logits + log-softmax", est.logp_chunk, est.full_logits),
     ]
     if est.fsdp_gathered:
