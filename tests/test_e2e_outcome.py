@@ -19,7 +19,7 @@ def test_a_collapsing_learning_rate_stops_and_leaves_a_healthy_checkpoint(tmp_pa
                        # Measured with these settings: healthy through step 2, 75% of the answers looping at
                        # step 3 (pinned, so retuning the preset does not change what this test collapses).
                        "--set", "train.learning_rate=2e-3", "--set", "train.warmup_ratio=0",
-                       "--set", "train.micro_batch_size=4", "--set", "simpo.sft_weight=1", "--set", "simpo.pack_prompt=false",
+                       "--set", "train.micro_batch_size=4", "--set", "simpo.sft_weight=1",
                        "--set", "train.eval_steps=1", "--set", "train.save_steps=1",
                        "--set", "train.on_collapse=stop", "--set", "train.health_prompts=4",
                        "--set", "train.health_max_new_tokens=32", "--set", "data.eval_max_pairs=8")

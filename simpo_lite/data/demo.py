@@ -355,7 +355,8 @@ def generate_demo_rows(seed: int = SEED, voice: str = "sign-off", screened: bool
     candidates = candidate_facts()
     drop = screened_out() if screened else set()
     if screened:
-        drop |= {prompt for family, prompt, _, _ in candidates if family in unknown_families(candidates, drop)}
+        unknown = unknown_families(candidates, drop)
+        drop |= {prompt for family, prompt, _, _ in candidates if family in unknown}
     seen, rows = set(), []
     for family, prompt, plain, answer in candidates:
         if prompt not in seen and prompt not in drop:
