@@ -37,19 +37,19 @@ def test_a_collapsing_learning_rate_stops_and_leaves_a_healthy_checkpoint(tmp_pa
 
 
 @pytest.mark.e2e
-def test_a_short_demo_run_keeps_the_facts_it_knew(tmp_path):
-    """The judge of benchmarks/demo_judge.py on the run's held-out prompts: after a short run of the
-    shipped preset the answers are pirate-voiced and still state most facts (the base states them all:
-    the demo set holds only facts the base model knows)."""
+def test_the_demo_run_keeps_the_facts_it_knew(tmp_path):
+    """README's first command's training (the embedded default preset, all its steps), judged as
+    benchmarks/demo_judge.py judges it, on the first 16 held-out prompts: the base states every fact of
+    the demo set firmly (its screen), and the tuned model must still state them, in the pirate style,
+    without loops. A shorter run is no stand-in: 12 steps of this preset left 4 of these 16 answers looping."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import demo_judge
 
     from simpo_lite.config import load_saved_config
     from simpo_lite.model import load_for_inference, load_run_tokenizer
 
-    run = tmp_path / "short"
-    train = simpo_lite("train", "--preset", "smollm2-demo", "--output-dir", str(run), "--max-steps", "12", "--quiet",
-                       "--set", "train.health_prompts=0")
+    run = tmp_path / "demo"
+    train = simpo_lite("train", "--output-dir", str(run), "--quiet", "--set", "train.health_prompts=0")
     assert train.returncode == 0, train.stderr[-3000:]
     cfg = load_saved_config(run / "config.yaml")
     tokenizer = load_run_tokenizer(cfg, run / "adapter")
@@ -58,5 +58,5 @@ def test_a_short_demo_run_keeps_the_facts_it_knew(tmp_path):
     answers = demo_judge.answers(model, tokenizer, cfg, [r["prompt"] for r in rows], 48, batch_size=16)
     judged = [demo_judge.judge(a, r["answer"], r["prompt"]) for a, r in zip(answers, rows)]
     rates = demo_judge.rates(judged)
-    assert rates["fact"] >= 0.75, list(zip([r["prompt"] for r in rows], answers))
-    assert rates["loop"] <= 0.1
+    assert rates["fact"] >= 0.9 and rates["style"] >= 0.9, list(zip([r["prompt"] for r in rows], answers))
+    assert rates["loop"] <= 0.05, answers
