@@ -15,8 +15,8 @@ Variants of the official trainer kept here: the hinge loss ``relu(1 - beta * log
 label smoothing (sigmoid only; hinge ignores it), and ``sft_weight`` times the NLL per token of the chosen
 responses, every token weighing the same as in the official trainer (``sft_weight = 0`` is pure SimPO;
 TRL's default ``cpo_alpha=1`` is this term, i.e. CPO-SimPO). Our ``sft_tokens: differing`` takes that
-NLL only over the chosen tokens after the prefix the chosen answer shares with the rejected one. Training and evaluation both compose the
-loss through ``objective_sums`` and ``objective_from_sums``.
+NLL only over the chosen tokens after the prefix the chosen answer shares with the rejected one.
+Training and evaluation both compose the loss through ``objective_sums`` and ``objective_from_sums``.
 
 ``anchor_weight`` is our addition, not the paper's (SimPO has no reference model at all): ``anchor_weight``
 times KL(p_base || p_policy) per token over the response tokens that the chosen and the rejected answer
