@@ -121,7 +121,8 @@ def generation_config(tokenizer, model, max_new_tokens: int, temperature: float,
 
 def generate_responses(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float,
                        batch_size: int, seed: int, progress=None, top_p: float = 1.0) -> list[dict]:
-    """[{text, tokens, truncated}] in prompt order; rows are left-padded so every prompt ends where generation starts."""
+    """[{text, ids, tokens, truncated}] in prompt order; rows are left-padded so every prompt ends where
+    generation starts (batch_size 1: no padding, the numbers of a lone prompt)."""
     import torch
 
     from simpo_lite.target import model_device
@@ -152,11 +153,13 @@ def generate_responses(model, tokenizer, prompt_ids: list[list[int]], max_new_to
 
 
 def decode_answer(tokenizer, new_ids: list[int], stops: list[int], max_new_tokens: int) -> dict:
-    """The response up to its first stop token; the rest is padding of shorter rows."""
+    """The response up to its first stop token (text, its token ids and their count); the rest is padding
+    of shorter rows."""
     end = next((k for k, t in enumerate(new_ids) if t in stops), None)
     tokens = new_ids if end is None else new_ids[:end]
     text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
-    return {"text": text, "tokens": len(tokens), "truncated": end is None and len(new_ids) >= max_new_tokens}
+    return {"text": text, "ids": tokens, "tokens": len(tokens),
+            "truncated": end is None and len(new_ids) >= max_new_tokens}
 
 
 def length_stats(responses: list[dict]) -> dict:

@@ -27,13 +27,14 @@ def verify(path: Path, merged_dir: Path, quant: str, say: Callable[[str], None])
     """The comparisons as a dict for the export result and card; RunError when the file fails them."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from simpo_lite.merge import PROMPTS, encode, greedy_answers, logits
+    from simpo_lite.generate import stop_ids
+    from simpo_lite.merge import PROMPTS, check_prompt_ids, greedy_answers, logits
 
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-    ids = [encode(tokenizer, p)["input_ids"] for p in PROMPTS]
+    ids = check_prompt_ids(tokenizer)
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32, device_map="cpu")
     reference, reference_greedy = logits(merged, ids), greedy_answers(merged, tokenizer, ids)
-    eos = merged.generation_config.eos_token_id
+    stops = stop_ids(tokenizer, merged)
     del merged
     gc.collect()
     report = {"quant": quant, "file": path.name, "size_mb": round(path.stat().st_size / 2**20, 1),
@@ -42,8 +43,7 @@ def verify(path: Path, merged_dir: Path, quant: str, say: Callable[[str], None])
     say(f"check: transformers reads the {quant} GGUF: same most likely next token at {t['top1']:.1%} of "
         f"{t['positions']} positions, max |logit diff| {t['max_logit_diff']:.3g} vs the merged model (fp32)")
     if _llama_cpp_installed():
-        report["llama_cpp"] = llama_cpp_check(path, tokenizer, PROMPTS, ids, reference, reference_greedy,
-                                              [eos] if isinstance(eos, int) else list(eos or []))
+        report["llama_cpp"] = llama_cpp_check(path, tokenizer, PROMPTS, ids, reference, reference_greedy, stops)
         c = report["llama_cpp"]
         say(f"check: llama.cpp runs the {quant} GGUF: tokenizes the check prompts "
             f"{'the same' if c['same_tokens'] else 'DIFFERENTLY'}; same most likely next token at {c['top1']:.1%} "
@@ -63,7 +63,7 @@ def verify(path: Path, merged_dir: Path, quant: str, say: Callable[[str], None])
 
 
 def prompt_texts(tokenizer, prompts) -> list[tuple[str, bool]]:
-    """(text, whether the tokenizer puts BOS before it) of each check prompt, as merge.encode tokenizes it."""
+    """(text, whether the tokenizer puts BOS before it) of each check prompt, as merge.check_prompt_ids tokenizes it."""
     if tokenizer.chat_template:
         return [(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                                tokenize=False), False) for p in prompts]
@@ -98,7 +98,7 @@ def compare(got: list[torch.Tensor], reference: list[torch.Tensor]) -> dict:
 
 
 def llama_cpp_check(path: Path, tokenizer, prompts, ids: list[torch.Tensor], reference: list[torch.Tensor],
-                    reference_greedy: list[list[int]], eos_ids: list[int]) -> dict:
+                    reference_greedy: list[list[int]], stops: list[int]) -> dict:
     """llama.cpp's tokens, logits and greedy continuation of each check prompt, against the merged model.
     The logits are computed on the run's own token ids, so a tokenizer difference cannot hide in them."""
     from simpo_lite.merge import continuation_agreement
@@ -115,7 +115,7 @@ def llama_cpp_check(path: Path, tokenizer, prompts, ids: list[torch.Tensor], ref
             llm.reset()
             llm.eval(tokens)
             got.append(torch.from_numpy(llm.scores[:len(tokens)].copy()).float().unsqueeze(0))
-            greedy.append(_greedy(llm, eos_ids))
+            greedy.append(_greedy(llm, stops))
     finally:
         llm.close()
     report = compare(got, reference)
@@ -128,15 +128,16 @@ def llama_cpp_check(path: Path, tokenizer, prompts, ids: list[torch.Tensor], ref
     return report
 
 
-def _greedy(llm, eos_ids: list[int]) -> list[int]:
+def _greedy(llm, stops: list[int]) -> list[int]:
+    """llama.cpp's greedy tokens up to (not including) a stop token, as merge.greedy_answers counts them."""
     from simpo_lite.merge import CONTINUATION_TOKENS
 
     out = []
     for _ in range(CONTINUATION_TOKENS):
         token = int(llm.scores[llm.n_tokens - 1].argmax())
-        out.append(token)
-        if token in eos_ids:
+        if token in stops:
             break
+        out.append(token)
         llm.eval([token])
     return out
 

@@ -33,7 +33,7 @@ def fill_merged(tmp: Path, run: Path, cfg: Config, dtype_name: str, summary: dic
                 say: Callable[[str], None]) -> None:
     """Merge, save into tmp, reload the saved files with plain transformers, check them, add a card."""
     tokenizer = load_run_tokenizer(cfg, run / "adapter")
-    ids = [encode(tokenizer, p)["input_ids"] for p in PROMPTS]
+    ids = check_prompt_ids(tokenizer)
     check_memory(cfg, say)
     result.trained_kind = "4-bit NF4" if cfg.model.quantize else "unquantized"
     say(f"computing reference logits and greedy answers of the run's {result.trained_kind} training model")
@@ -50,7 +50,7 @@ def fill_merged(tmp: Path, run: Path, cfg: Config, dtype_name: str, summary: dic
     say(f"info: greedy answers to the {len(ids)} check prompts: {result.greedy_agreement:.0%} of the first "
         f"{CONTINUATION_TOKENS} tokens are the trained model's (up to the first difference)")
     result.sample_prompt = PROMPTS[0]
-    result.sample = sample(exported, tokenizer, PROMPTS[0])
+    result.sample = greedy_text(exported, tokenizer, ids[0])
     say(f"sample (greedy): {PROMPTS[0]!r} -> {result.sample!r}")
     hub.write_model_card(tmp, cfg, summary, result)
 
@@ -74,11 +74,11 @@ def check_saved(folder: Path, cfg: Config, dtype_name: str, ids, reference, trai
     return exported
 
 
-def encode(tokenizer, prompt: str):
-    if tokenizer.chat_template:
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                             return_tensors="pt", return_dict=True)
-    return tokenizer(prompt, return_tensors="pt")
+def check_prompt_ids(tokenizer) -> list[torch.Tensor]:
+    """[1, n] token ids of each check prompt, rendered as `simpo-lite generate` renders a prompt."""
+    from simpo_lite.generate import render
+
+    return [torch.tensor([render(tokenizer, prompt, None)]) for prompt in PROMPTS]
 
 
 @torch.no_grad()
@@ -135,16 +135,14 @@ def trained_model_outputs(cfg: Config, adapter_dir: Path, ids: list[torch.Tensor
     return trained
 
 
-@torch.no_grad()
 def greedy_answers(model, tokenizer, ids: list[torch.Tensor]) -> list[list[int]]:
-    """CONTINUATION_TOKENS greedy tokens (fewer where the answer ends) after each prompt."""
-    from transformers import GenerationConfig
+    """CONTINUATION_TOKENS greedy tokens after each prompt, up to its stop token (generate's decoding,
+    one prompt at a time, so no padding moves the numbers)."""
+    from simpo_lite.generate import generate_responses
 
-    greedy = GenerationConfig(max_new_tokens=CONTINUATION_TOKENS, do_sample=False, use_cache=True,
-                              eos_token_id=model.generation_config.eos_token_id,
-                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    device = next(model.parameters()).device
-    return [model.generate(input_ids=i.to(device), generation_config=greedy)[0, i.shape[1]:].tolist() for i in ids]
+    answers = generate_responses(model, tokenizer, [i[0].tolist() for i in ids], CONTINUATION_TOKENS,
+                                 temperature=0.0, batch_size=1, seed=0)
+    return [a["ids"] for a in answers]
 
 
 def continuation_agreement(got: list[list[int]], trained: list[list[int]]) -> float:
@@ -219,17 +217,12 @@ def check_tolerance(result, cfg: Config, dtype_name: str) -> None:
                    f"{result.adapter_effect:.3g}): {why}; nothing was written to {result.out}; {fix}")
 
 
-@torch.no_grad()
-def sample(model, tokenizer, prompt: str) -> str:
-    from transformers import GenerationConfig
+def greedy_text(model, tokenizer, ids: torch.Tensor) -> str:
+    """The greedy answer (SAMPLE_TOKENS at most) to one check prompt, as the model card shows it."""
+    from simpo_lite.generate import generate_responses
 
-    enc = encode(tokenizer, prompt)
-    # A fresh greedy config: the model's own may ask for sampling.
-    greedy = GenerationConfig(max_new_tokens=SAMPLE_TOKENS, do_sample=False,
-                              eos_token_id=model.generation_config.eos_token_id,
-                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    out = model.generate(**enc, generation_config=greedy)
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return generate_responses(model, tokenizer, [ids[0].tolist()], SAMPLE_TOKENS, temperature=0.0,
+                              batch_size=1, seed=0)[0]["text"]
 
 
 def _free() -> None:

@@ -174,12 +174,11 @@ def test_bf16_export_is_sharded_and_checked_in_its_own_precision(run_dir, tmp_pa
     # the base in bf16 too; recompute it independently, on the export check's own prompts.
     from transformers import AutoTokenizer
 
-    from simpo_lite.merge import PROMPTS, encode
+    from simpo_lite.merge import check_prompt_ids
 
     tokenizer = AutoTokenizer.from_pretrained(out)
     recomputed = 0.0
-    for prompt in PROMPTS:
-        ids = encode(tokenizer, prompt)["input_ids"]
+    for ids in check_prompt_ids(tokenizer):
         with_adapter, _ = adapter_model_logits(run_dir, dtype=torch.bfloat16, ids=ids)
         recomputed = max(recomputed, (plain_logits(out, ids) - with_adapter).abs().max().item())
     assert report.merge_diff == pytest.approx(recomputed, rel=0.3, abs=1e-3)

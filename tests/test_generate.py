@@ -57,7 +57,7 @@ def testdecode_answer_stops_at_the_first_stop_token_and_flags_truncation(tokeniz
     hello = tokenizer("hello world", add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
     finished = decode_answer(tokenizer, hello + [eos, 7, 7], [eos], max_new_tokens=len(hello) + 3)
-    assert finished == {"text": "hello world", "tokens": len(hello), "truncated": False}
+    assert finished == {"text": "hello world", "ids": hello, "tokens": len(hello), "truncated": False}
     cut = decode_answer(tokenizer, hello, [eos], max_new_tokens=len(hello))
     assert cut["truncated"] and cut["tokens"] == len(hello)
 
