@@ -20,10 +20,16 @@ CPU seconds (process time) and wall seconds per step. The first step of every ru
     python benchmarks/bench_memory.py --lengths 128 256 512 1024     # the README table
     python benchmarks/bench_memory.py --report /tmp/bench_memory.json   # reprint saved results
     python benchmarks/bench_memory.py --pack-prompt                  # simpo-lite with simpo.pack_prompt
+    python benchmarks/bench_memory.py --lengths --memory-budget-gb 1.2  # auto-fit within 1.2 GiB of peak RSS
 
 With --pack-prompt the simpo-lite side runs one [prompt | chosen | rejected] row per pair; the
 fingerprint is still that of the unpacked batch built from the same token lists, and its first loss
 must still equal TRL's. The decoder-only floor stays unpacked.
+
+--uncheckpointed-layers is `auto` by default, as model.uncheckpointed_layers is: the driver resolves it
+once through simpo_lite.autofit for this batch (the longest row as data.max_length) and the budget a
+CPU run would take (--memory-budget-gb = train.memory_budget_gb, default half the RAM available), and
+every run of the measurement uses that number.
 """
 
 from __future__ import annotations
@@ -255,6 +261,7 @@ class StepMeter:
             raise ValueError("measure at least two steps: the first is a warm-up")
         return {"seconds": self.seconds[1:], "cpu_seconds": self.cpu_seconds[1:],
                 "peak_bytes": max(self.step_peaks[1:]), "peak_since_load_bytes": max(self.load_peaks),
+                "peak_rss_bytes": self.after_load + max(self.load_peaks),  # the process's peak while training
                 "step_peaks": self.step_peaks, "first_loss": self.losses[0]}
 
 
@@ -413,6 +420,32 @@ def worker(args) -> None:
 
 # ---- driver -----------------------------------------------------------------------------------
 
+def layers_arg(value: str) -> int | str:
+    return value if value == "auto" else int(value)
+
+
+def resolve_auto_layers(folder: Path, args, device: str) -> tuple[int, str]:
+    """(uncheckpointed layers, auto-fit's line): what `model.uncheckpointed_layers: auto` picks for the
+    bench's batch, its longest row as data.max_length, on this device's budget."""
+    from transformers import AutoTokenizer
+
+    from simpo_lite import autofit
+    from simpo_lite.config import Config, DataConfig, LoraConfig, ModelConfig, SimpoConfig, TrainConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    data = make_pairs(tokenizer, args.length)
+    batch = (simpo_lite_packed_batch if args.pack_prompt else simpo_lite_batch)(tokenizer, data, "cpu")
+    cfg = Config(model=ModelConfig(name_or_path=str(folder), compute_dtype="bf16" if device == "cuda" else "fp32",
+                                   frozen_dtype="compute" if args.frozen_compute else "fp32"),
+                 lora=LoraConfig(r=16, dropout=0.0),
+                 data=DataConfig(max_length=batch["input_ids"].shape[1]),
+                 simpo=SimpoConfig(logp_chunk_tokens=args.chunk_tokens, pack_prompt=args.pack_prompt),
+                 train=TrainConfig(micro_batch_size=len(data["prompt"]), memory_budget_gb=args.memory_budget_gb,
+                                   optimizer="adamw"))
+    fitted, choice = autofit.fit(cfg, device)
+    return fitted.model.uncheckpointed_layers, choice.line()
+
+
 def run_side_by_side(systems: tuple[str, ...], length: int, steps: int, memory: bool, args,
                      one_by_one: bool = False) -> dict:
     """Every system's run at once, each its own process: they share whatever else loads the machine,
@@ -466,8 +499,11 @@ def main() -> None:
     parser.add_argument("--memory-steps", type=int, default=2, help="steps per memory run, the first a warm-up")
     parser.add_argument("--lengths", type=int, nargs="*", default=[128, 256, 512], help="memory sweep")
     parser.add_argument("--chunk-tokens", type=int, default=256, help="simpo-lite logp_chunk_tokens (its default)")
-    parser.add_argument("--uncheckpointed-layers", type=int, default=0,
-                        help="simpo-lite's last n decoder layers keep their activations (model.uncheckpointed_layers)")
+    parser.add_argument("--uncheckpointed-layers", type=layers_arg, default="auto",
+                        help="simpo-lite's last n decoder layers keep their activations (model.uncheckpointed_layers; "
+                             "auto, its default, as a run would choose)")
+    parser.add_argument("--memory-budget-gb", type=float,
+                        help="train.memory_budget_gb for --uncheckpointed-layers auto (default: simpo-lite's)")
     parser.add_argument("--frozen-compute", action="store_true",
                         help="simpo-lite keeps embeddings, head and norms in the compute dtype (model.frozen_dtype)")
     parser.add_argument("--pack-prompt", action="store_true",
@@ -488,9 +524,13 @@ def main() -> None:
 
     started = time.perf_counter()
     gpu = torch.cuda.is_available()
-    quantized_folder("cuda" if gpu else "cpu", args.model)  # once, outside the measured runs
+    folder = quantized_folder("cuda" if gpu else "cpu", args.model)  # once, outside the measured runs
+    auto_line = ""
+    if args.uncheckpointed_layers == "auto":
+        args.uncheckpointed_layers, auto_line = resolve_auto_layers(folder, args, "cuda" if gpu else "cpu")
+        print(f"simpo-lite {auto_line}", file=sys.stderr, flush=True)
     results = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-               "time": {}, "memory": {}}
+               "auto_fit": auto_line, "time": {}, "memory": {}}
     plan = [("time", args.length, args.steps)]
     plan += [("memory", n, args.memory_steps) for n in [args.length] + sorted(set(args.lengths) - {args.length})]
     for kind, length, steps in plan:
@@ -530,6 +570,7 @@ def report(results: dict) -> str:
         f"load average {min(r['loadavg'] for r in timed.values()):.1f}-{max(r['loadavg'] for r in timed.values()):.1f} "
         "at the end of the timing runs",
         "",
+        *([f"simpo-lite {results['auto_fit']}", ""] if results.get("auto_fit") else []),
         "| per training step | simpo-lite | TRL CPOTrainer | simpo-lite / TRL |",
         "|---|---|---|---|",
     ]
@@ -542,6 +583,8 @@ def report(results: dict) -> str:
     row("peak memory of a step above the memory before it (MiB)", lambda s: memory[s]["peak_bytes"] / mib, ".0f")
     row("peak memory above the memory after model load (MiB)",
         lambda s: memory[s]["peak_since_load_bytes"] / mib, ".0f")
+    if all("peak_rss_bytes" in memory[s] for s in SYSTEMS):  # runs before 2026-12-06 did not record it
+        row("peak RSS of the process while training (MiB)", lambda s: memory[s]["peak_rss_bytes"] / mib, ".0f")
     cpu = {s: statistics.median(r["cpu_seconds"]) for s, r in timed.items()}
     row(f"CPU seconds ({measured})", cpu.get, ".1f")
     if FLOOR in cpu:

@@ -7,7 +7,13 @@ model loads, from simpo_lite.plan's estimate against a budget:
 - on the CPU `train.memory_budget_gb` (peak RSS of the run), by default half the RAM available at the
   start: the cores and memory of a CPU machine are usually shared, and glibc keeps freed blocks, so the
   resident set runs above the live tensors the plan counts. A CPU run also holds what the plan does not
-  count (CPU_PROCESS_BYTES).
+  count (CPU_PROCESS_BYTES), and the processes of a multi-process CPU run share the budget.
+
+`model.uncheckpointed_layers` is `auto` by default: a layer that keeps its activations is not run twice,
+and on the CPU's bench that is the larger part of what simpo-lite can save over TRL (README, "Memory
+and speed"). When the plan cannot read the model's architecture, the default falls back to recomputing
+every layer, which always fits where the model trains at all; an explicit `auto` micro-batch still
+needs the plan.
 
 The plan's peak is measured within -2.3%..+14% (README, "Plan memory before training"), and the step's
 own memory within -9%..+25%; MARGIN covers the worst under-estimate of either, so a run the plan says
@@ -46,12 +52,15 @@ class Choice:
     uncheckpointed_layers: int
     layers: int
     checkpointing: bool
-    planned_peak: float  # bytes, as plan's Estimate.peak
+    planned_peak: float  # bytes, as plan's Estimate.peak; 0 when the plan could not read the model
     budget: float        # bytes the plan's peak may take (the device budget less what the plan does not count)
     budget_note: str
 
     def line(self) -> str:
         batch = self.micro_batch_size * self.gradient_accumulation_steps
+        if not self.planned_peak:
+            return (f"auto-fit: uncheckpointed_layers=0, every layer recomputed in backward: {self.budget_note}; "
+                    f"set model.uncheckpointed_layers to a number to keep some layers' activations")
         return (f"auto-fit: micro_batch_size={self.micro_batch_size} x gradient_accumulation_steps="
                 f"{self.gradient_accumulation_steps} ({batch} pairs per step), uncheckpointed_layers="
                 f"{self.uncheckpointed_layers} of {self.layers}{'' if self.checkpointing else ' (checkpointing off)'}: planned peak {self.planned_peak / GIB:.2f} GiB "
@@ -83,8 +92,9 @@ def available_ram() -> float:
     return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
-def device_budget(cfg: Config, device: str) -> tuple[float, str]:
-    """(bytes the plan's peak may take on `device`, where that figure comes from)."""
+def device_budget(cfg: Config, device: str, processes: int = 1) -> tuple[float, str]:
+    """(bytes the plan's peak may take on `device` for each of `processes` local processes, where that
+    figure comes from)."""
     if device == "cuda":
         import torch
 
@@ -96,6 +106,8 @@ def device_budget(cfg: Config, device: str) -> tuple[float, str]:
     else:
         ram = available_ram()
         total, note = CPU_SHARE * ram, f"half the {ram / GIB:.1f} GiB of RAM available; set train.memory_budget_gb"
+    if processes > 1:
+        total, note = total / processes, f"{note}, shared by {processes} processes"
     return total - CPU_PROCESS_BYTES, f"{note}, less {CPU_PROCESS_BYTES / GIB:.1f} GiB for the process itself"
 
 
@@ -106,7 +118,13 @@ def choose(cfg: Config, device: str, budget: float, note: str = "") -> Choice:
     effective = effective_batch(cfg)
     placeholder = replace(cfg, train=replace(cfg.train, micro_batch_size=1 if auto_micro else cfg.train.micro_batch_size),
                           model=replace(cfg.model, uncheckpointed_layers=0 if auto_layers else cfg.model.uncheckpointed_layers))
-    arch = architecture(cfg.model)
+    try:
+        arch = architecture(cfg.model)
+    except (UserError, AttributeError) as err:  # a Hub model not cached yet, or a config the plan cannot read
+        if auto_micro:
+            raise
+        return Choice(cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps, 0, 0, True, 0.0, budget,
+                      f"the memory plan cannot read this model ({err})")
     s = setting_from_config(placeholder, device)
     usable = budget / (1 + MARGIN)
     micro, accumulation = s.micro_batch, cfg.train.gradient_accumulation_steps
@@ -126,17 +144,23 @@ def choose(cfg: Config, device: str, budget: float, note: str = "") -> Choice:
 
 def apply(cfg: Config, choice: Choice) -> Config:
     """`cfg` with the choice in place of `auto`: what the run trains with and saves to config.yaml."""
-    train = replace(cfg.train, micro_batch_size=choice.micro_batch_size,
-                    gradient_accumulation_steps=choice.gradient_accumulation_steps,
-                    batch_size=choice.micro_batch_size * choice.gradient_accumulation_steps)
-    return replace(cfg, train=train, model=replace(cfg.model, uncheckpointed_layers=choice.uncheckpointed_layers))
+    train = cfg.train
+    if train.micro_batch_size == "auto":
+        train = replace(train, micro_batch_size=choice.micro_batch_size,
+                        gradient_accumulation_steps=choice.gradient_accumulation_steps,
+                        batch_size=choice.micro_batch_size * choice.gradient_accumulation_steps)
+    model = cfg.model
+    if model.uncheckpointed_layers == "auto":
+        model = replace(model, uncheckpointed_layers=choice.uncheckpointed_layers)
+    return replace(cfg, train=train, model=model)
 
 
-def fit(cfg: Config, device: str) -> tuple[Config, Choice | None]:
-    """(cfg with `auto` resolved for `device`, the choice); cfg unchanged and None without `auto`."""
+def fit(cfg: Config, device: str, processes: int = 1) -> tuple[Config, Choice | None]:
+    """(cfg with `auto` resolved for `device`, shared by `processes` local processes on the CPU, the
+    choice); cfg unchanged and None without `auto`."""
     if not wants_autofit(cfg):
         return cfg, None
-    budget, note = device_budget(cfg, device)
+    budget, note = device_budget(cfg, device, processes)
     choice = choose(cfg, device, budget, note)
     return apply(cfg, choice), choice
 

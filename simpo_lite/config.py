@@ -44,9 +44,9 @@ class ModelConfig:
     attn_implementation: Optional[str] = _f(None, "Attention kernel (e.g. 'eager' for Gemma-2, 'sdpa'); null = model default.")
     gradient_checkpointing: bool = _f(True, "Recompute activations in backward (non-reentrant) to save memory.")
     uncheckpointed_layers: Union[int, Literal["auto"]] = _f(
-        0, "With gradient checkpointing, the last n decoder layers keep their activations instead of recomputing "
-        "them: faster steps for memory (simpo-lite plan shows how much); auto = as many as the memory plan fits "
-        "on the device (see train.memory_budget_gb).", ge=0)
+        "auto", "With gradient checkpointing, the last n decoder layers keep their activations instead of "
+        "recomputing them: faster steps for memory (simpo-lite plan shows how much); auto = as many as the memory "
+        "plan fits on the device (see train.memory_budget_gb), 0 = recompute every layer (the least memory).", ge=0)
     frozen_dtype: Literal["auto", "fp32", "compute"] = _f(
         "auto", "Dtype of a 4-bit model's embeddings, output head and norms: fp32 (peft's prepare_model_for_kbit_"
         "training upcast) or the compute dtype; auto = compute on bf16 GPUs (~6 GiB less for Llama-3-8B at "

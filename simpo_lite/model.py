@@ -332,8 +332,13 @@ def prepared_base(cfg: Config, base=None):
         model = prepare_frozen_weights(model, cfg.model, checkpointing, ckpt_kwargs)
     elif checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
-    if checkpointing and cfg.model.uncheckpointed_layers:
-        recompute_all_but_last(model, cfg.model.uncheckpointed_layers)
+    layers = cfg.model.uncheckpointed_layers
+    if layers == "auto":  # a config no run has fitted yet (a script's, a test's): fitted here, quietly
+        from simpo_lite import autofit
+
+        layers = autofit.fit(cfg, "cuda" if torch.cuda.is_available() else "cpu")[0].model.uncheckpointed_layers
+    if checkpointing and layers:
+        recompute_all_but_last(model, layers)
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
     return model
 

@@ -114,7 +114,8 @@ def setting_from_config(cfg: Config, device: str = "cuda") -> Setting:
                    # paged 8-bit AdamW: two 8-bit moments per parameter; torch AdamW: two fp32 moments.
                    optimizer_state_bytes=2 if optimizer == "paged_adamw_8bit" else 8, optimizer=optimizer,
                    gradient_checkpointing=cfg.model.gradient_checkpointing,
-                   uncheckpointed_layers=cfg.model.uncheckpointed_layers,
+                   # `auto` not resolved yet (simpo_lite.autofit fits it from this): every layer recomputed.
+                   uncheckpointed_layers=0 if cfg.model.uncheckpointed_layers == "auto" else cfg.model.uncheckpointed_layers,
                    eager_attention=cfg.model.attn_implementation == "eager",
                    chunk_tokens=cfg.simpo.logp_chunk_tokens, cuda=cuda,
                    lora_layer_count=None if cfg.lora.layers is None else len(set(cfg.lora.layers)),

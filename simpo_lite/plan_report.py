@@ -81,6 +81,8 @@ def plan_command(cfg: Config, gpu_memory: float | None = None, processes: int = 
     if processes < 1:
         raise UserError(f"--processes {processes}: must be at least 1 (the number of GPUs)")
     budget, budget_note = (gpu_memory * GIB, f"{gpu_memory:g} GiB (--gpu-memory)") if gpu_memory else default_budget()
+    # `auto` layers spend what the micro-batch leaves, so the micro-batch advice is for all layers recomputed.
+    auto_layers = cfg.model.uncheckpointed_layers == "auto"
     cfg = _resolve_auto(cfg, budget, budget_note, gpu_memory is None)
     arch = architecture(cfg.model)
     setting = replace(setting_from_config(cfg, "cuda"), fsdp_processes=processes if fsdp else 1)
@@ -100,10 +102,11 @@ def plan_command(cfg: Config, gpu_memory: float | None = None, processes: int = 
     console.print("Not every row is alive at once: the peak is the weights and optimizer state plus the larger of "
                   "the forward pass's end (checkpoints + log-probs) and the backward pass (one recomputed layer + "
                   "the larger of checkpoints and gradients).")
-    _print_fit(console, arch, setting, est, budget, budget_note, cfg)
-    if largest_micro_batch(arch, setting, budget) == 0:
+    least = replace(setting, uncheckpointed_layers=0) if auto_layers else setting
+    _print_fit(console, arch, least, est, budget, budget_note, cfg, advise_layers=not auto_layers)
+    if largest_micro_batch(arch, least, budget) == 0:
         raise RunError(f"plan: not even 1 pair x {setting.seq_len} tokens fits in {_gib(budget)}: "
-                       f"{what_would_fit(arch, setting, budget, cfg.data.max_prompt_length)}", exit_code=1)
+                       f"{what_would_fit(arch, least, budget, cfg.data.max_prompt_length)}", exit_code=1)
 
 
 def _resolve_auto(cfg: Config, budget: float, note: str, this_machine: bool) -> Config:
@@ -150,7 +153,10 @@ def what_would_fit(arch: Arch, s: Setting, budget: float, max_prompt_length: int
             f"shed some of it: {', or '.join(shed)}")
 
 
-def _print_fit(console, arch: Arch, s: Setting, est: Estimate, budget: float, note: str, cfg: Config) -> None:
+def _print_fit(console, arch: Arch, s: Setting, est: Estimate, budget: float, note: str, cfg: Config,
+               advise_layers: bool = True) -> None:
+    """Whether the run fits `budget`, the micro-batches that would (at `s`'s layers), and with
+    advise_layers the layers that could keep their activations."""
     effective = s.micro_batch * cfg.train.gradient_accumulation_steps
     console.print(f"[bold]budget[/] {note}: the configured micro-batch "
                   + ("fits" if est.peak() <= budget else "[red]does not fit[/]")
@@ -173,7 +179,7 @@ def _print_fit(console, arch: Arch, s: Setting, est: Estimate, budget: float, no
         console.print(f"Use it with: --set train.micro_batch_size={micro} "
                       f"--set train.gradient_accumulation_steps={accumulation}")
     kept = most_uncheckpointed_layers(arch, s, budget)
-    if kept > s.uncheckpointed_layers:
+    if advise_layers and kept > s.uncheckpointed_layers:
         console.print(f"Or spend the spare memory on speed at this micro-batch: --set model.uncheckpointed_layers={kept} "
                       f"(those layers are not recomputed in backward: {kept} of {arch.layers}).")
 

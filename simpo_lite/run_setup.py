@@ -186,7 +186,7 @@ def fit_auto_settings(cfg: Config, acc) -> Config:
         return cfg
     choice = None
     if acc.is_main_process:
-        _, choice = autofit.fit(cfg, "cuda" if torch.cuda.is_available() else "cpu")
+        _, choice = autofit.fit(cfg, "cuda" if torch.cuda.is_available() else "cpu", acc.num_processes)
         print(f"simpo-lite: {choice.line()}", file=sys.stderr, flush=True)
     if acc.num_processes > 1:
         from accelerate.utils import broadcast_object_list

@@ -110,3 +110,29 @@ def test_a_run_records_its_choice_and_its_resume_keeps_it(tmp_path):
     resumed = load_saved_config(tmp_path / "run" / "config.yaml")
     assert (resumed.train.micro_batch_size, resumed.train.gradient_accumulation_steps) == (1, 2)
     assert resumed.model.uncheckpointed_layers == saved["model"]["uncheckpointed_layers"]
+
+
+def test_layers_are_auto_by_default_and_leave_the_batch_alone():
+    cfg = resolve("llama3-8b-lora")
+    assert cfg.model.uncheckpointed_layers == "auto" and autofit.wants_autofit(cfg)
+    fitted = autofit.apply(cfg, autofit.choose(cfg, "cuda", 24 * GIB))
+    assert fitted.train == cfg.train  # batch_size stays null: a resume compares it with the checkpoint's
+    assert isinstance(fitted.model.uncheckpointed_layers, int)
+
+
+def test_a_model_the_plan_cannot_read_recomputes_every_layer_unless_the_micro_batch_is_auto():
+    cfg = resolve(sets=["model.name_or_path=some-org/not-cached-anywhere"])
+    choice = autofit.choose(cfg, "cpu", 8 * GIB)
+    assert (choice.uncheckpointed_layers, choice.micro_batch_size) == (0, cfg.train.micro_batch_size)
+    assert "uncheckpointed_layers=0" in choice.line() and "some-org/not-cached-anywhere" in choice.line()
+    with pytest.raises(UserError, match="no architecture for model 'some-org/not-cached-anywhere'"):
+        autofit.choose(resolve(sets=["model.name_or_path=some-org/not-cached-anywhere",
+                                     "train.micro_batch_size=auto"]), "cpu", 8 * GIB)
+
+
+def test_processes_on_one_cpu_share_its_budget():
+    cfg = resolve("smollm2-demo", sets=["train.memory_budget_gb=6"])
+    one, _ = autofit.device_budget(cfg, "cpu")
+    two, note = autofit.device_budget(cfg, "cpu", processes=2)
+    assert one == 6 * GIB - autofit.CPU_PROCESS_BYTES and two == 3 * GIB - autofit.CPU_PROCESS_BYTES
+    assert "shared by 2 processes" in note
