@@ -1,11 +1,13 @@
 """Padded [chosen; rejected] batches against padding-free ones (simpo.pack_prompt + simpo.pack_tokens).
 
 Pairs drawn like real preference data: response lengths log-normal, clipped to 10..1500 tokens, chosen
-and rejected drawn independently; prompts log-normal, 10..300 tokens. Both layouts run the same
-micro-batches (same pairs, same order: no length grouping) of a random float32 Llama through the
-log-probs, a weighted sum and backward on one thread; the first micro-batch is a warm-up. Reported:
-the padding share of each layout's batches, seconds per micro-batch, pairs/s and response tokens/s
-(labelled tokens, the same for both layouts), and the largest difference of their log-probs.
+and rejected drawn independently; prompts log-normal, 10..300 tokens. Each layout runs all the pairs
+through a random float32 Llama (log-probs, a weighted sum, backward) on one thread, in its own
+micro-batches: padded ones of --pairs pairs in drawing order, padded ones grouped by length as a run
+with data.group_by_length does, and the padding-free micro-batches a run with simpo.pack_tokens
+trains on (token_budget_batches: one row of up to --pack-tokens tokens). Each layout first runs its
+first micro-batch once, untimed (a warm-up). Reported: micro-batches, padding share, response tokens/s (labelled tokens of the timed
+micro-batches per second), and the largest difference of any pair's log-prob between layouts.
 
     OMP_NUM_THREADS=1 nice python benchmarks/bench_padding.py                   # tiny shape, ~2 min
     OMP_NUM_THREADS=1 nice python benchmarks/bench_padding.py --shape smollm2   # SmolLM2-135M shape
@@ -38,30 +40,40 @@ def draw_pairs(n: int, seed: int) -> list[dict]:
     return pairs
 
 
-def run(model, logps, batches) -> tuple[float, list[torch.Tensor]]:
-    """Seconds per micro-batch (after one warm-up) and the chosen log-probs of each micro-batch."""
-    values, start = [], None
-    for i, batch in enumerate(batches):
-        if i == 1:
-            start = time.perf_counter()
+def labelled(pair: dict) -> int:
+    return sum(len(pair[f"{s}_labels"]) - pair[f"{s}_labels"].count(-100) for s in ("chosen", "rejected"))
+
+
+def run(model, logps, collate, groups, pairs) -> tuple[float, int, dict[int, float]]:
+    """(seconds, response tokens) of all the micro-batches, after one untimed warm-up on the first, and
+    each pair's chosen log-prob by its index."""
+    values, seconds, tokens = {}, 0.0, 0
+    for i, group in enumerate([groups[0]] + groups):
+        batch = collate([pairs[j] for j in group])
+        start = time.perf_counter()
         chosen, rejected = logps(model, batch)
         (chosen - 0.5 * rejected).sum().backward()
         model.zero_grad(set_to_none=True)
-        values.append(chosen.detach())
-    return (time.perf_counter() - start) / (len(batches) - 1), values
+        if i:
+            seconds += time.perf_counter() - start
+            tokens += sum(labelled(pairs[j]) for j in group)
+        values.update(zip(group, chosen.detach().tolist()))
+    return seconds, tokens, values
 
 
 def main() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from simpo_lite.data import PairCollator, PackedPairCollator, padding_share
+    from simpo_lite.data import PairCollator, PackedPairCollator, batch_indices, padding_share
+    from simpo_lite.data.packing import token_budget_batches
     from simpo_lite.logprobs import concatenated_logps
     from simpo_lite.packed import packed_logps
+    from simpo_lite.run_setup import row_lengths
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
-    parser.add_argument("--pairs", type=int, default=4, help="pairs per micro-batch")
-    parser.add_argument("--batches", type=int, default=6, help="micro-batches (the first is a warm-up)")
+    parser.add_argument("--pairs", type=int, default=4, help="pairs per padded micro-batch")
+    parser.add_argument("--batches", type=int, default=6, help="padded micro-batches' worth of pairs to draw")
     parser.add_argument("--pack-tokens", type=int, default=4096, help="row budget of the padding-free layout")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -69,23 +81,32 @@ def main() -> None:
     model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, attn_implementation="sdpa", **SHAPES[args.shape]))
     model.train()
     pairs = draw_pairs(args.pairs * args.batches, args.seed)
-    groups = [pairs[i:i + args.pairs] for i in range(0, len(pairs), args.pairs)]
-    layouts = {"padded": ([PairCollator(0)(g) for g in groups], concatenated_logps),
-               f"padding-free (pack_tokens={args.pack_tokens})":
-                   ([PackedPairCollator(0, args.pack_tokens)(g) for g in groups], packed_logps)}
-    labelled = sum(len(f[f"{s}_labels"]) - f[f"{s}_labels"].count(-100) for g in groups[1:] for f in g
-                   for s in ("chosen", "rejected"))
-    print(f"{args.shape} Llama, {args.pairs} pairs x {args.batches} micro-batches, 1 thread, float32, sdpa")
-    print(f"| layout | padding share | s / micro-batch | pairs/s | response tokens/s |\n|---|---|---|---|---|")
-    results = {}
-    for name, (batches, logps) in layouts.items():
-        seconds, values = run(model, logps, batches)
+    columns = {"chosen_input_ids": [p["chosen_input_ids"] for p in pairs],
+               "rejected_input_ids": [p["rejected_input_ids"] for p in pairs],
+               "prompt_length": [p["chosen_labels"].count(-100) for p in pairs]}
+    padded_lengths, packed_lengths = row_lengths(columns, False), row_lengths(columns, True)
+    in_order = [list(range(i, i + args.pairs)) for i in range(0, len(pairs), args.pairs)]
+    layouts = {
+        f"padded, {args.pairs} pairs a micro-batch": (PairCollator(0), concatenated_logps, in_order),
+        f"padded, {args.pairs} pairs, length-grouped (data.group_by_length)": (
+            PairCollator(0), concatenated_logps, batch_indices(padded_lengths, args.pairs, seed=args.seed)),
+        f"padding-free, 1 row of up to {args.pack_tokens} tokens (simpo.pack_tokens)": (
+            PackedPairCollator(0, args.pack_tokens), packed_logps,
+            token_budget_batches(packed_lengths, 1, args.pack_tokens, seed=args.seed)),
+    }
+    print(f"{args.shape} Llama, {len(pairs)} pairs, 1 thread, float32, sdpa, after one untimed micro-batch per layout")
+    print("| layout | micro-batches | padding share | response tokens/s |\n|---|---|---|---|")
+    results, base = {}, None
+    for name, (collate, logps, groups) in layouts.items():
+        seconds, tokens, values = run(model, logps, collate, groups, pairs)
         results[name] = values
-        share = np.mean([padding_share(b) for b in batches])
-        print(f"| {name} | {share:.2f} | {seconds:.2f} | {args.pairs / seconds:.2f} | "
-              f"{labelled / (seconds * (args.batches - 1)):.0f} |")
-    first, second = results.values()
-    print(f"largest log-prob difference: {max(float((a - b).abs().max()) for a, b in zip(first, second)):.1e}")
+        share = np.mean([padding_share(collate([pairs[j] for j in g])) for g in groups])
+        rate = tokens / seconds
+        base = base or rate
+        print(f"| {name} | {len(groups)} | {share:.2f} | {rate:,.0f} ({rate / base:.1f}x) |")
+    first = next(iter(results.values()))
+    print(f"largest log-prob difference between layouts: "
+          f"{max(abs(v[i] - first[i]) for v in results.values() for i in first):.1e}")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ class Choice:
     planned_peak: float  # bytes, as plan's Estimate.peak; 0 when the plan could not read the model
     budget: float        # bytes the plan's peak may take (the device budget less what the plan does not count)
     budget_note: str
+    unit: str = "pairs"  # what micro_batch_size counts: rows of pack_tokens tokens with simpo.pack_tokens
 
     def line(self) -> str:
         batch = self.micro_batch_size * self.gradient_accumulation_steps
@@ -62,10 +63,12 @@ class Choice:
             return (f"auto-fit: uncheckpointed_layers=0, every layer recomputed in backward: {self.budget_note}; "
                     f"set model.uncheckpointed_layers to a number to keep some layers' activations")
         return (f"auto-fit: micro_batch_size={self.micro_batch_size} x gradient_accumulation_steps="
-                f"{self.gradient_accumulation_steps} ({batch} pairs per step), uncheckpointed_layers="
+                f"{self.gradient_accumulation_steps} ({batch} {self.unit} per step), uncheckpointed_layers="
                 f"{self.uncheckpointed_layers} of {self.layers}{'' if self.checkpointing else ' (checkpointing off)'}: planned peak {self.planned_peak / GIB:.2f} GiB "
                 f"+ {MARGIN:.0%} margin = {self.planned_peak * (1 + MARGIN) / GIB:.2f} GiB of "
-                f"{self.budget / GIB:.2f} GiB" + (f" ({self.budget_note})" if self.budget_note else ""))
+                f"{self.budget / GIB:.2f} GiB" + (f" ({self.budget_note})" if self.budget_note else "")
+                + ("; over the budget even with every layer recomputed: lower train.micro_batch_size or "
+                   "data.max_length, or raise the budget" if self.planned_peak * (1 + MARGIN) > self.budget else ""))
 
 
 def wants_autofit(cfg: Config) -> bool:
@@ -139,7 +142,8 @@ def choose(cfg: Config, device: str, budget: float, note: str = "") -> Choice:
     s = replace(s, micro_batch=micro)
     layers = most_uncheckpointed_layers(arch, s, usable) if auto_layers else s.uncheckpointed_layers
     s = replace(s, uncheckpointed_layers=layers)
-    return Choice(micro, accumulation, layers, arch.layers, s.gradient_checkpointing, estimate(arch, s).peak(), budget, note)
+    return Choice(micro, accumulation, layers, arch.layers, s.gradient_checkpointing, estimate(arch, s).peak(), budget,
+                  note, "rows" if s.pack_tokens else "pairs")
 
 
 def apply(cfg: Config, choice: Choice) -> Config:

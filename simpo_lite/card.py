@@ -58,7 +58,9 @@ def _training(cfg: Config, summary: dict | None) -> str:
              + (f", SFT weight {s.sft_weight:g}" if s.sft_weight else "")),
             ("learning rate", f"{t.learning_rate:g} ({t.lr_scheduler}, warmup {t.warmup_ratio:g})"),
             ("length", f"{t.max_steps} steps" if t.max_steps else f"{t.num_epochs:g} epoch(s)"),
-            ("batch", f"{t.micro_batch_size * t.gradient_accumulation_steps} pairs per step per process"),
+            ("batch", f"{t.micro_batch_size * t.gradient_accumulation_steps} "
+                      + (f"rows of up to {s.pack_tokens} tokens (as many pairs as fit)" if s.pack_tokens else "pairs")
+                      + " per step per process"),
             ("LoRA", f"r {lora.r}, alpha {lora.alpha}, dropout {lora.dropout:g}, {', '.join(lora.target_modules)}"),
             ("max length / prompt", f"{d.max_length} / {d.max_prompt_length}"),
             ("base weights in training", "4-bit NF4" if cfg.model.quantize else cfg.model.compute_dtype),

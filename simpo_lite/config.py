@@ -96,7 +96,7 @@ class SimpoConfig:
     anchor_weight: float = _f(0.0, "Weight of KL(base || policy) per token on the response tokens chosen and rejected share from their start, base = the model with its LoRA adapters off (0 = pure SimPO; not in the paper).", ge=0.0)
     logp_chunk_tokens: int = _f(256, "Response tokens projected through the output head at a time (256: 0.19x TRL's step peak at the same speed as 1024, see README).", ge=1)
     pack_prompt: bool = _f(False, "One row per pair, [prompt | chosen | rejected], so the prompt runs through the decoder once (needs sdpa or eager attention and no sliding window).")
-    pack_tokens: int = _f(0, "With pack_prompt: several pairs per row, first-fit up to this many tokens a row, so short pairs do not pad out to the longest (0 = one pair per row; a micro-batch still holds train.micro_batch_size pairs).", ge=0)
+    pack_tokens: int = _f(0, "With pack_prompt: training micro-batches counted in tokens, train.micro_batch_size rows of up to this many tokens holding as many pairs as fit (first-fit decreasing), so no compute goes to padding; pairs per step then vary, each weighing the same in the loss (0 = micro-batches of train.micro_batch_size pairs, one a row).", ge=0)
 
 
 @dataclass
@@ -107,8 +107,9 @@ class TrainConfig:
     num_epochs: float = _f(1.0, "Passes over the training data (ignored when max_steps is set).", gt=0.0)
     max_steps: Optional[int] = _f(None, "Stop after this many optimizer steps (null = num_epochs).", ge=1)
     micro_batch_size: Union[int, Literal["auto"]] = _f(
-        2, "Preference pairs per forward pass per process; auto = the most the memory plan fits on the device, "
-        "gradient_accumulation_steps then chosen to keep train.batch_size.", ge=1)
+        2, "Preference pairs per forward pass per process (with simpo.pack_tokens: rows of that many tokens); "
+        "auto = the most the memory plan fits on the device, gradient_accumulation_steps then chosen to keep "
+        "train.batch_size.", ge=1)
     batch_size: Optional[int] = _f(None, "Pairs per optimizer step per process (micro_batch_size x gradient_accumulation_"
                                          "steps); null = that product, or with micro_batch_size: auto, the micro-batch "
                                          "it replaces x gradient_accumulation_steps.", ge=1)

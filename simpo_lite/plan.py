@@ -43,7 +43,7 @@ DOUBLE_QUANT_BLOCK = 256  # double quantization: the absmaxes are themselves 8-b
 class Setting:
     """Everything besides the architecture that decides memory: a resolved config on a device."""
 
-    micro_batch: int        # preference pairs per forward; the forward sees 2 x micro_batch rows
+    micro_batch: int        # preference pairs per forward (2 x micro_batch rows); with pack_tokens, rows
     seq_len: int            # tokens per row (data.max_length: the worst case)
     lora_r: int
     lora_dropout: bool
@@ -63,22 +63,19 @@ class Setting:
     fsdp_processes: int = 1  # FSDP over this many GPUs (plan_fsdp.py); 1: the whole model on each GPU
     lora_layer_count: int | None = None  # lora.layers: adapters on this many decoder layers; None: on all
     pack_prompt: bool = False  # simpo.pack_prompt: one [prompt | chosen | rejected] row per pair
-    pack_tokens: int = 0       # simpo.pack_tokens: several such pairs a row, up to this many tokens
-
-    @property
-    def pairs_per_row(self) -> int:
-        """Pairs a packed row holds when every pair is at its longest (2 x seq_len tokens, less one prompt)."""
-        return min(self.micro_batch, max(1, self.pack_tokens // (2 * self.seq_len)))
+    pack_tokens: int = 0       # simpo.pack_tokens: micro_batch rows of up to this many tokens, pairs as fit
 
     @property
     def rows(self) -> int:
-        if not self.pack_prompt:
-            return 2 * self.micro_batch
-        return -(-self.micro_batch // self.pairs_per_row)
+        return self.micro_batch if self.pack_prompt else 2 * self.micro_batch
 
     @property
     def row_len(self) -> int:
-        return self.pairs_per_row * 2 * self.seq_len if self.pack_prompt else self.seq_len
+        """The longest row: a packed pair at its longest is 2 x seq_len tokens (less its prompt), and
+        one over the pack_tokens budget gets a row of its own."""
+        if not self.pack_prompt:
+            return self.seq_len
+        return max(self.pack_tokens, 2 * self.seq_len)
 
     @property
     def tokens(self) -> int:

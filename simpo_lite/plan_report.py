@@ -18,7 +18,9 @@ def _gib(x: float) -> str:
 def _describe(cfg: Config, s: Setting) -> str:
     dtype = {2: cfg.model.compute_dtype if cfg.model.compute_dtype in ("bf16", "fp16") else "bf16", 4: "fp32"}[s.compute_bytes]
     optim = "paged 8-bit AdamW" if s.optimizer == "paged_adamw_8bit" else "fp32 AdamW"
-    return (f"{s.micro_batch} pairs x {s.seq_len} tokens per micro-batch ({_rows(s)}), "
+    per_micro = (f"{s.micro_batch} rows of up to {s.pack_tokens} tokens" if s.pack_tokens
+                 else f"{s.micro_batch} pairs x {s.seq_len} tokens")
+    return (f"{per_micro} per micro-batch ({_rows(s)}), "
             f"{'4-bit NF4' if s.quantize else dtype} base, LoRA r={s.lora_r} on {len(s.lora_targets)} linears/layer, "
             f"{optim}, {dtype} compute, {'fp32' if s.residual_bytes == 4 else dtype} residual stream, "
             f"gradient checkpointing {_checkpointing(s)}, "
@@ -29,7 +31,7 @@ def _rows(s: Setting) -> str:
     if not s.pack_prompt:
         return f"{s.rows} rows"
     rows = f"{s.rows} packed row{'s' if s.rows > 1 else ''}"
-    return f"{rows} of {s.row_len} tokens, {s.pairs_per_row} pair{'s' if s.pairs_per_row > 1 else ''} each"
+    return f"{rows} of {s.row_len} tokens, " + ("as many pairs as fit" if s.pack_tokens else "one pair each")
 
 
 def _checkpointing(s: Setting) -> str:
@@ -167,7 +169,8 @@ def _print_fit(console, arch: Arch, s: Setting, est: Estimate, budget: float, no
             console.print(f"  {label}: not even 1 pair x {s.seq_len} tokens fits")
             continue
         micro, accumulation = batch_suggestion(effective, fit)
-        console.print(f"  {label}: up to {fit} pair{'s' if fit != 1 else ''} per micro-batch fit; for the effective batch of {effective}: "
+        unit = "row" if s.pack_tokens else "pair"
+        console.print(f"  {label}: up to {fit} {unit}{'s' if fit != 1 else ''} per micro-batch fit; for the effective batch of {effective}: "
                       f"micro_batch_size={micro}, gradient_accumulation_steps={accumulation}")
     fit = largest_micro_batch(arch, s, budget)
     if not fit:

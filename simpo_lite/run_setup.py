@@ -119,10 +119,14 @@ def row_lengths(train, pack_prompt: bool) -> list[int]:
 def batch_order(cfg: Config, train, processes: int) -> Callable[[int], list]:
     """epoch -> that epoch's micro-batches of training indices; refuses data too small for one step."""
     from simpo_lite.data import batch_indices
+    from simpo_lite.data.packing import token_budget_batches
 
     lengths = row_lengths(train, cfg.simpo.pack_prompt)
 
     def batches_for_epoch(epoch: int) -> list:
+        if cfg.simpo.pack_tokens:  # micro-batches counted in tokens: rows of up to pack_tokens
+            return token_budget_batches(lengths, cfg.train.micro_batch_size, cfg.simpo.pack_tokens,
+                                        seed=cfg.train.seed, epoch=epoch)
         return batch_indices(lengths, cfg.train.micro_batch_size, seed=cfg.train.seed, epoch=epoch,
                              shuffle=True, group_by_length=cfg.data.group_by_length)
 

@@ -26,8 +26,9 @@ from simpo_lite.resume import prepare_resume
 from simpo_lite.run_setup import RunParts, build_run_parts
 
 
-def _mean_records(records: list[dict]) -> dict:
-    return {key: sum(r[key] for r in records) / len(records) for key in records[0]}
+def _mean_records(records: list[dict], weights: list[int]) -> dict:
+    """Each micro-batch's metrics weighted by its pairs: the step's per-pair means."""
+    return {key: sum(r[key] * w for r, w in zip(records, weights)) / sum(weights) for key in records[0]}
 
 
 class Trainer:
@@ -56,13 +57,17 @@ class Trainer:
     def steps_per_epoch(self) -> int:
         return len(self.epoch_batches(0)) // self.per_step
 
-    def my_micro_batches(self) -> list[dict]:
-        """This process's micro-batches for the next optimizer step."""
+    def my_micro_batches(self) -> list[list[int]]:
+        """This process's micro-batches (dataset indices) for the next optimizer step."""
         batches = self.epoch_batches(self.state.epoch)
         first = self.state.batch_in_epoch
-        mine = [batches[first + a * self.world + self.rank] for a in range(self.cfg.train.gradient_accumulation_steps)]
-        dataset = self.parts.train_data
-        return [self.parts.collate([dataset[i] for i in idx]) for idx in mine]
+        return [batches[first + a * self.world + self.rank] for a in range(self.cfg.train.gradient_accumulation_steps)]
+
+    def step_pairs(self) -> int:
+        """Pairs in the next optimizer step over all processes (fixed, unless simpo.pack_tokens counts
+        micro-batches in tokens)."""
+        first = self.state.batch_in_epoch
+        return sum(len(batch) for batch in self.epoch_batches(self.state.epoch)[first:first + self.per_step])
 
     def advance(self) -> None:
         self.state.step += 1
@@ -76,10 +81,11 @@ class Trainer:
         from simpo_lite.policy import batch_objective
 
         policy, optimizer, acc = self.parts.policy, self.parts.optimizer, self.acc
-        micro = self.my_micro_batches()
+        micro, step_pairs = self.my_micro_batches(), self.step_pairs()
         start = time.perf_counter()
         records, tokens = [], 0
-        for i, batch in enumerate(micro):
+        for i, indices in enumerate(micro):
+            batch = self.parts.collate([self.parts.train_data[j] for j in indices])
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             # Real tokens the decoder runs over: both collators give a 2D mask that is 0 on padding
             # (a packed row holds its prompt once, so it counts it once).
@@ -88,11 +94,14 @@ class Trainer:
             sync = acc.no_sync(policy) if i < len(micro) - 1 else contextlib.nullcontext()
             with sync:
                 loss, metrics = batch_objective(policy, batch, self.cfg.simpo)
-                acc.backward(loss / len(micro))
+                # The loss is this micro-batch's mean over its pairs, and DDP averages over processes:
+                # scaled so that the step's gradient is the mean over all its pairs. With micro-batches
+                # of equal size the divisor is exactly gradient_accumulation_steps.
+                acc.backward(loss / (step_pairs / (len(indices) * self.world)))
             records.append(metrics)
         max_norm = self.cfg.train.max_grad_norm or float("inf")
         grad_norm = sharding.clip_grad_norm(acc, policy, self.parts.trainable, max_norm)
-        record = self._reduce(_mean_records(records))
+        record = self._reduce(_mean_records(records, [len(indices) for indices in micro]))
         if not (math.isfinite(record["loss"]) and math.isfinite(grad_norm)):
             optimizer.zero_grad(set_to_none=True)
             return self._on_nonfinite(record["loss"], grad_norm)
@@ -104,6 +113,7 @@ class Trainer:
         tokens = int(self._reduce({"t": float(tokens)}, op="sum")["t"])
         self.advance()
         return {"step": self.state.step, "epoch": self._epoch_float(), "lr": lr, "grad_norm": grad_norm, **record,
+                "pairs": step_pairs,
                 "tokens_per_s": tokens / elapsed, "step_time_s": elapsed, "peak_mem_mb": peak_memory_mb()}
 
     def _epoch_float(self) -> float:

@@ -136,3 +136,9 @@ def test_processes_on_one_cpu_share_its_budget():
     two, note = autofit.device_budget(cfg, "cpu", processes=2)
     assert one == 6 * GIB - autofit.CPU_PROCESS_BYTES and two == 3 * GIB - autofit.CPU_PROCESS_BYTES
     assert "shared by 2 processes" in note
+
+
+def test_a_budget_nothing_fits_in_says_so_when_only_the_layers_are_auto():
+    choice = autofit.choose(resolve("llama3-8b-lora"), "cuda", 8 * GIB)
+    assert choice.uncheckpointed_layers == 0 and "over the budget even with every layer recomputed" in choice.line()
+    assert "over the budget" not in autofit.choose(resolve("llama3-8b-lora"), "cuda", 24 * GIB).line()

@@ -98,6 +98,16 @@ def test_inspect_shows_boundary_lengths_drops_and_padding(tmp_path, smollm2):
     assert "Padding: " in text and "with length grouping" in text
 
 
+def test_inspect_shows_the_token_counted_micro_batches_of_pack_tokens(tmp_path, smollm2):
+    path = write_jsonl(tmp_path / "d.jsonl", string_rows(20))
+    cfg = cfgmod.resolve(None, None, {"data": {"source": str(path)}},
+                         ["data.eval_fraction=0", "simpo.pack_prompt=true", "simpo.pack_tokens=256",
+                          "train.micro_batch_size=1"])
+    text = run_inspect(cfg, smollm2, index=1)
+    assert "micro-batches of 1 row x up to 256 tokens (simpo.pack_tokens)" in text
+    assert "pairs each on average" in text and "length grouping" not in text
+
+
 def test_inspect_index_out_of_range(tmp_path, smollm2):
     cfg = cfgmod.resolve(None, None, {"data": {"source": str(write_jsonl(tmp_path / "d.jsonl", string_rows(3)))}})
     with pytest.raises(Exception, match="--index 7 is out of range"):

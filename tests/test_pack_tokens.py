@@ -1,12 +1,15 @@
 """simpo.pack_tokens: several [prompt | chosen | rejected] pairs per row must give what the padded
 (unpacked) batch gives, per pair and in the pair order, in float64: log-probs and every gradient."""
 
+import random
+
 import pytest
 import torch
 
 from simpo_lite.data import padding_share
 from simpo_lite.data.batching import PairCollator
-from simpo_lite.data.packing import CHOSEN, PAD, PROMPT, REJECTED, PackedPairCollator, fill_rows, make_collator
+from simpo_lite.data.packing import (CHOSEN, PAD, PROMPT, REJECTED, PackedPairCollator, fill_rows, make_collator,
+                                     token_budget_batches)
 from simpo_lite.errors import UserError
 from simpo_lite.logprobs import concatenated_logps
 from simpo_lite.packed import packed_attention_mask, packed_logps
@@ -17,6 +20,7 @@ from tiny_models import tiny_model_folder, write_pairs
 
 # (prompt, chosen, rejected) lengths from 1 to 40 tokens: a padded batch is mostly padding here.
 SHAPES = [(2, 40, 3), (1, 1, 2), (12, 5, 30), (3, 2, 1), (7, 18, 18), (1, 3, 9)]
+FILL = 0.95  # token-counted micro-batches fill at least this share of their rows (0.98 in the test below)
 BUDGET = 64  # rows of up to 64 tokens: the 6 pairs (45, 4, 47, 6, 43, 13 tokens) fill 3 rows: 47+13+4, 45+6, 43
 
 
@@ -120,8 +124,60 @@ def test_pack_tokens_needs_pack_prompt():
 
 
 def test_trainer_steps_and_evals_match_padded(tmp_path):
-    """simpo.pack_tokens wired through config, collator, policy and evaluation: a 4-bit LoRA run gives
-    the padded run's losses, metrics and evaluations (2 pairs a micro-batch share one 128-token row)."""
+    """simpo.pack_tokens wired through config, token-counted batches, collator, policy and evaluation: a
+    4-bit LoRA run gives the padded run's losses, metrics and evaluations. One row of 2048 tokens holds
+    all 10 training pairs (each at most 128 tokens), so each step sees what a padded micro-batch of 16
+    pairs sees: the whole training set."""
     model, data = tiny_model_folder(tmp_path / "model", tie=True), write_pairs(tmp_path / "pairs.jsonl", 12)
-    padded = train_records(tmp_path, model, data, False)
-    assert_runs_match(train_records(tmp_path, model, data, True, pack_tokens=128), padded)
+    padded = train_records(tmp_path, model, data, False, micro_batch_size=16)
+    packed = train_records(tmp_path, model, data, True, pack_tokens=2048, micro_batch_size=1)
+    assert_runs_match(packed, padded)
+    assert [r["pairs"] for r in packed if "loss" in r] == [r["pairs"] for r in padded if "loss" in r] == [10, 10]
+
+
+def test_token_budget_batches_cover_the_epoch_in_full_rows():
+    """Training micro-batches counted in tokens: every pair once an epoch, each micro-batch packed by
+    the collator's own fill_rows into at most `rows` rows of the budget, the fullest one first."""
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 60) for _ in range(300)] + [150]  # the last pair is over the budget
+    batches = token_budget_batches(lengths, rows=2, budget=100, seed=3, epoch=0)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    for batch in batches:
+        rows = fill_rows([lengths[i] for i in batch], 100)
+        assert len(rows) <= 2
+        assert all(len(row) == 1 or sum(lengths[batch[i]] for i in row) <= 100 for row in rows)
+    assert 300 in batches[0]  # its 2 x 150 slots are the most any micro-batch needs
+    assert sum(lengths) / (2 * 100 * len(batches)) > FILL
+    assert batches == token_budget_batches(lengths, rows=2, budget=100, seed=3, epoch=0)
+    assert batches != token_budget_batches(lengths, rows=2, budget=100, seed=3, epoch=1)
+
+
+def test_a_step_weighs_every_pair_the_same_whatever_micro_batch_holds_it():
+    """Token-counted micro-batches hold different numbers of pairs (3 and 1 here): one optimizer step
+    over them must follow the gradient of the mean loss over its 4 pairs, as one batch of 4 would."""
+    from accelerate import Accelerator
+
+    from simpo_lite.config import Config, SimpoConfig, TrainConfig
+    from simpo_lite.policy import ConcatenatedPolicy, batch_objective
+    from simpo_lite.run_folder import TrainerState
+    from simpo_lite.run_setup import RunParts
+    from simpo_lite.trainer import Trainer
+
+    model = tiny("llama")
+    features = random_features(SHAPES[:4], seed=3)
+    cfg = Config(simpo=SimpoConfig(pack_prompt=True, pack_tokens=BUDGET),
+                 train=TrainConfig(micro_batch_size=1, gradient_accumulation_steps=2, max_grad_norm=0.0))
+    collate = PackedPairCollator(0, BUDGET)
+    policy = ConcatenatedPolicy(model, cfg.simpo.logp_chunk_tokens, True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss, _ = batch_objective(policy, collate(features), cfg.simpo)
+    expected = torch.autograd.grad(loss, params)
+    before = [p.detach().clone() for p in params]
+    optimizer = torch.optim.SGD(params, lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    parts = RunParts(cfg, Accelerator(cpu=True), None, features, None, collate, lambda epoch: [[0, 1, 2], [3]],
+                     policy, optimizer, scheduler, 1, params, TrainerState(0, 0, 0), None, None)
+    record = Trainer(cfg, parts, quiet=True).train_step()
+    assert record["loss"] == pytest.approx(loss.item(), rel=1e-12)
+    for p, start, grad in zip(params, before, expected):
+        torch.testing.assert_close(start - p.detach(), grad, rtol=1e-9, atol=1e-12)

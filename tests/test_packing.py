@@ -219,13 +219,15 @@ def test_row_lengths_follow_the_layout():
     assert row_lengths(train, pack_prompt=True) == [9, 11]
 
 
-def train_records(tmp_path, model, data, pack: bool, pack_tokens: int = 0) -> list[dict]:
+def train_records(tmp_path, model, data, pack: bool, pack_tokens: int = 0, micro_batch_size: int = 2) -> list[dict]:
     run = tmp_path / f"run-pack-{pack}-{pack_tokens}"
-    config = write_config(tmp_path / f"pack-{pack}-{pack_tokens}.yaml", model, data, run, max_steps=2, eval_steps=2)
+    config = write_config(tmp_path / f"pack-{pack}-{pack_tokens}.yaml", model, data, run, max_steps=2, eval_steps=2,
+                          micro_batch_size=micro_batch_size)
     cfg = yaml.safe_load(config.read_text())
     cfg["simpo"]["pack_prompt"] = pack
     cfg["simpo"]["pack_tokens"] = pack_tokens
     cfg["lora"]["dropout"] = 0.0  # dropout masks are drawn per tensor element, so they follow the layout
+    cfg["model"]["compute_dtype"] = "fp32"  # auto is bf16 on CPUs with AVX512-BF16, whose rounding follows the layout
     cfg["data"]["group_by_length"] = False  # packed rows group by another length: same batches for both
     config.write_text(yaml.safe_dump(cfg))
     result = subprocess.run([sys.executable, "-m", "simpo_lite", "train", "--config", str(config), "--quiet"],

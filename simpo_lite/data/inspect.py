@@ -97,6 +97,19 @@ def padding_line(prepared: PreparedData, batch_size: int, group_by_length: bool,
             f"({other:.1%} {'without' if group_by_length else 'with'} it; data.group_by_length={group_by_length})")
 
 
+def packed_line(prepared: PreparedData, rows: int, budget: int, seed: int) -> str:
+    """Padding and pairs per micro-batch of one epoch's token-counted micro-batches (simpo.pack_tokens)."""
+    from simpo_lite.data.packing import batch_slots, token_budget_batches
+    from simpo_lite.run_setup import row_lengths
+
+    lengths = row_lengths(prepared.train, pack_prompt=True)
+    batches = token_budget_batches(lengths, rows, budget, seed=seed)
+    slots = sum(batch_slots([lengths[i] for i in batch], budget) for batch in batches)
+    return (f"Padding: {1 - sum(lengths) / slots:.1%} of the token slots of {len(batches)} micro-batches of "
+            f"{rows} row{'s' if rows > 1 else ''} x up to {budget} tokens (simpo.pack_tokens), "
+            f"{len(lengths) / len(batches):.1f} pairs each on average")
+
+
 def _load_tokenizer(cfg):
     from simpo_lite.model import load_tokenizer
 
@@ -126,7 +139,10 @@ def inspect_data(cfg, index: int = 0, tokenizer=None, console: Optional[Console]
         from simpo_lite.autofit import fit
 
         cfg, _ = fit(cfg, "cuda" if _has_cuda() else "cpu")
-    console.print(padding_line(prepared, cfg.train.micro_batch_size, cfg.data.group_by_length, cfg.train.seed))
+    if cfg.simpo.pack_tokens and cfg.simpo.pack_prompt:
+        console.print(packed_line(prepared, cfg.train.micro_batch_size, cfg.simpo.pack_tokens, cfg.train.seed))
+    else:
+        console.print(padding_line(prepared, cfg.train.micro_batch_size, cfg.data.group_by_length, cfg.train.seed))
     return prepared
 
 

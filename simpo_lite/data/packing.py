@@ -13,13 +13,16 @@ exactly what it is in its own unpacked row:
 
 With simpo.pack_tokens, several such pairs share a row (first-fit decreasing up to that many tokens),
 so rows of different lengths do not pad each other out: pair_index says which pair each token belongs
-to, the mask keeps pairs apart and the log-probs are reduced per pair, in the batch's pair order.
+to, the mask keeps pairs apart and the log-probs are reduced per pair, in the batch's pair order. A
+training micro-batch is then counted in tokens, not pairs (token_budget_batches): train.micro_batch_size
+rows of up to pack_tokens tokens, as many pairs as fit.
 """
 
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from simpo_lite.data.batching import PairCollator, _Collator
@@ -27,6 +30,9 @@ from simpo_lite.logprobs import IGNORE_INDEX
 from simpo_lite.errors import UserError
 
 PAD, PROMPT, CHOSEN, REJECTED = -1, 0, 1, 2
+# Waiting pairs a token-counted micro-batch looks through to fill its rows: enough to fill them to
+# about 99% on mixed lengths, few enough that no pair moves far from its shuffled place.
+LOOKAHEAD = 64
 
 
 def make_collator(pad_token_id: Optional[int], pack_prompt: bool, pack_tokens: int = 0):
@@ -84,6 +90,40 @@ def fill_rows(lengths: Sequence[int], budget: int) -> list[list[int]]:
             rows[fit].append(i)
             room[fit] -= lengths[i]
     return [sorted(row) for row in rows]
+
+
+def token_budget_batches(lengths: Sequence[int], rows: int, budget: int, *, seed: int = 0,
+                         epoch: int = 0) -> list[list[int]]:
+    """One epoch's micro-batches of pair indices counted in tokens (simpo.pack_tokens).
+
+    Pairs come in a shuffled order. A micro-batch opens with the first pair waiting, then takes each of
+    the next LOOKAHEAD waiting pairs that fill_rows (the collator's own packing) still fits into at most
+    `rows` rows of `budget` tokens (a pair over the budget goes alone); the rest wait for the next one.
+    The micro-batch with the most token slots goes first, so running out of memory happens at step 1.
+    Same arguments, same batches."""
+    if rows < 1 or budget < 1:
+        raise ValueError("rows and budget must be >= 1")
+    waiting = np.random.default_rng([seed, epoch]).permutation(len(lengths)).tolist()
+    batches = []
+    while waiting:
+        batch, passed = [waiting[0]], []
+        for i in waiting[1:LOOKAHEAD + 1]:
+            if len(fill_rows([lengths[j] for j in batch + [i]], budget)) <= rows:
+                batch.append(i)
+            else:
+                passed.append(i)
+        waiting = passed + waiting[LOOKAHEAD + 1:]
+        batches.append(batch)
+    if batches:
+        fullest = max(range(len(batches)), key=lambda b: batch_slots([lengths[i] for i in batches[b]], budget))
+        batches.insert(0, batches.pop(fullest))
+    return batches
+
+
+def batch_slots(lengths: Sequence[int], budget: int) -> int:
+    """Token slots (rows x the longest row) of the batch the collator packs pairs of these lengths into."""
+    rows = fill_rows(lengths, budget)
+    return len(rows) * max(sum(lengths[i] for i in row) for row in rows)
 
 
 class PackedPairCollator(_Collator):
