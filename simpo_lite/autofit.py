@@ -67,12 +67,16 @@ class Choice:
                 f"{self.uncheckpointed_layers} of {self.layers}{'' if self.checkpointing else ' (checkpointing off)'}: planned peak {self.planned_peak / GIB:.2f} GiB "
                 f"+ {MARGIN:.0%} margin = {self.planned_peak * (1 + MARGIN) / GIB:.2f} GiB of "
                 f"{self.budget / GIB:.2f} GiB" + (f" ({self.budget_note})" if self.budget_note else "")
-                + ("; over the budget even with every layer recomputed: lower train.micro_batch_size or "
-                   "data.max_length, or raise the budget" if self.planned_peak * (1 + MARGIN) > self.budget else ""))
+                + ("; the plan's worst case (every row at data.max_length) is over the budget even with every "
+                   "layer recomputed: lower train.micro_batch_size or data.max_length, or raise the budget"
+                   if self.planned_peak * (1 + MARGIN) > self.budget else ""))
 
 
 def wants_autofit(cfg: Config) -> bool:
-    return cfg.train.micro_batch_size == "auto" or cfg.model.uncheckpointed_layers == "auto"
+    """Whether `cfg` leaves anything to choose: without gradient checkpointing every layer keeps its
+    activations anyway, so `auto` layers then stand for nothing (and stay `auto` in config.yaml)."""
+    auto_layers = cfg.model.uncheckpointed_layers == "auto" and cfg.model.gradient_checkpointing
+    return cfg.train.micro_batch_size == "auto" or auto_layers
 
 
 def effective_batch(cfg: Config) -> int:

@@ -118,6 +118,10 @@ def test_layers_are_auto_by_default_and_leave_the_batch_alone():
     fitted = autofit.apply(cfg, autofit.choose(cfg, "cuda", 24 * GIB))
     assert fitted.train == cfg.train  # batch_size stays null: a resume compares it with the checkpoint's
     assert isinstance(fitted.model.uncheckpointed_layers, int)
+    # Without gradient checkpointing (the demo preset) there is nothing to choose: no plan, no line.
+    assert resolve("smollm2-demo").model.gradient_checkpointing is False
+    assert not autofit.wants_autofit(resolve("smollm2-demo"))
+    assert autofit.fit(resolve("smollm2-demo"), "cpu") == (resolve("smollm2-demo"), None)
 
 
 def test_a_model_the_plan_cannot_read_recomputes_every_layer_unless_the_micro_batch_is_auto():
