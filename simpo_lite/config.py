@@ -336,6 +336,9 @@ def _cross_checks(cfg: Config) -> list[str]:
     if cfg.simpo.loss_type == "hinge" and cfg.simpo.label_smoothing > 0:
         # The reference trainer ignores label smoothing for the hinge loss with a warning; do the same.
         warnings.warn("simpo.label_smoothing is ignored with simpo.loss_type=hinge", stacklevel=2)
+    if cfg.simpo.pack_tokens and not cfg.simpo.pack_prompt:
+        problems.append(f"simpo.pack_tokens={cfg.simpo.pack_tokens} packs several [prompt | chosen | rejected] pairs "
+                        "per row, which needs simpo.pack_prompt=true: set it, or simpo.pack_tokens=0")
     if cfg.simpo.anchor_weight > 0 and cfg.simpo.pack_prompt:
         problems.append("simpo.anchor_weight > 0 does not work with simpo.pack_prompt=true yet: "
                         "set simpo.pack_prompt=false or simpo.anchor_weight=0")

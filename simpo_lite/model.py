@@ -319,9 +319,8 @@ def prepared_base(cfg: Config, base=None):
     """The frozen base as training runs it: 4-bit unless model.quantize is false, frozen weights in
     training's dtype, gradient checkpointing as configured, no KV cache. `base`: the loaded base
     model to prepare (default: load it)."""
-    from simpo_lite.kernels import apply_kernels, check_kernels
+    from simpo_lite.kernels import apply_kernels
 
-    check_kernels(cfg.model)
     model = base if base is not None else load_base_model(cfg.model)
     apply_kernels(model, cfg.model)
     checkpointing = cfg.model.gradient_checkpointing

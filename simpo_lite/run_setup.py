@@ -206,6 +206,10 @@ def build_run_parts(cfg: Config, resume_path: Path | None, quiet: bool, reuse: R
     from simpo_lite.model import load_tokenizer
     from simpo_lite.optim import build_optimizer, build_scheduler, total_steps
 
+    from simpo_lite.kernels import check_kernels
+
+    # What this machine cannot run is refused before the data is prepared and anything loads.
+    check_kernels(cfg.model)
     acc = make_accelerator(cfg)
     sharding.check_fsdp_setup(acc, cfg)
     set_seed(cfg.train.seed)

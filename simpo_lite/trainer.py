@@ -101,7 +101,8 @@ class Trainer:
             records.append(metrics)
         max_norm = self.cfg.train.max_grad_norm or float("inf")
         grad_norm = sharding.clip_grad_norm(acc, policy, self.parts.trainable, max_norm)
-        record = self._reduce(_mean_records(records, [len(indices) for indices in micro]))
+        record = self._pair_mean(_mean_records(records, [len(indices) for indices in micro]),
+                                 sum(len(indices) for indices in micro), step_pairs)
         if not (math.isfinite(record["loss"]) and math.isfinite(grad_norm)):
             optimizer.zero_grad(set_to_none=True)
             return self._on_nonfinite(record["loss"], grad_norm)
@@ -118,6 +119,13 @@ class Trainer:
 
     def _epoch_float(self) -> float:
         return round(self.state.epoch + self.state.batch_in_epoch / max(self.steps_per_epoch() * self.per_step, 1), 4)
+
+    def _pair_mean(self, record: dict, pairs: int, step_pairs: int) -> dict:
+        """The step's per-pair means over all processes, from this process's means over its `pairs`."""
+        if self.world == 1:
+            return record
+        summed = self._reduce({key: value * pairs for key, value in record.items()}, op="sum")
+        return {key: value / step_pairs for key, value in summed.items()}
 
     def _reduce(self, record: dict, op: str = "mean") -> dict:
         if self.world == 1:

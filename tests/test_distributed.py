@@ -29,13 +29,14 @@ def setup(tmp_path_factory):
     return tiny_model_folder(root / "model", tie=True), write_pairs(root / "pairs.jsonl", 40), root
 
 
-def config_for(setup, name, accumulation, pack_prompt=False):
+def config_for(setup, name, accumulation, pack_prompt=False, pack_tokens=0):
     model, data, root = setup
     path = write_config(root / f"{name}.yaml", model, data, root / name, max_steps=4, save_steps=2, eval_steps=2,
-                        gradient_accumulation_steps=accumulation)
+                        gradient_accumulation_steps=accumulation, micro_batch_size=1 if pack_tokens else 2)
     cfg = yaml.safe_load(path.read_text())
     cfg["lora"]["dropout"] = 0.0  # each process draws its own dropout masks; without dropout the runs must agree
     cfg["simpo"]["pack_prompt"] = pack_prompt
+    cfg["simpo"]["pack_tokens"] = pack_tokens
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -79,6 +80,22 @@ def test_packed_rows_under_ddp(setup):
     single, ddp = train_losses(root / "packed_single"), train_losses(root / "packed_ddp")
     assert sorted(ddp) == [1, 2, 3, 4]
     assert ddp == pytest.approx(single, rel=1e-4, abs=1e-5)
+
+
+def test_token_counted_micro_batches_under_ddp(setup):
+    """simpo.pack_tokens: micro-batches of one 180-token row hold 2 or 3 pairs (of about 60 tokens), so each
+    process weighs its gradient by its share of the step's pairs; 2 processes must still train like 1
+    process accumulating the same 2 micro-batches."""
+    _, _, root = setup
+    launch(config_for(setup, "tokens_single", accumulation=2, pack_prompt=True, pack_tokens=180), nproc=1)
+    launch(config_for(setup, "tokens_ddp", accumulation=1, pack_prompt=True, pack_tokens=180), nproc=2)
+    single, ddp = train_losses(root / "tokens_single"), train_losses(root / "tokens_ddp")
+    assert sorted(ddp) == [1, 2, 3, 4]
+    assert ddp == pytest.approx(single, rel=1e-4, abs=1e-5)
+    assert grad_norms(root / "tokens_ddp") == pytest.approx(grad_norms(root / "tokens_single"), rel=1e-4)
+    pairs = [json.loads(line)["pairs"] for line in (root / "tokens_ddp" / "metrics.jsonl").read_text().splitlines()
+             if '"loss"' in line]
+    assert len(set(pairs)) > 1  # the steps really held different numbers of pairs
 
 
 def test_two_nodes_over_loopback_match_one_process_with_accumulation(setup):

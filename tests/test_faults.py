@@ -472,6 +472,7 @@ def test_liger_kernels_without_a_cuda_gpu_are_one_line_before_any_model_loads(ti
     assert result.returncode == 2
     line = one_error_line(result.stderr)
     assert "model.kernels: liger needs a CUDA GPU" in line and "leave model.kernels at none" in line, line
+    assert "train + " not in result.stderr  # refused before the data was even prepared
     assert not (tmp_path / "run" / "checkpoint-2").exists()
 
 

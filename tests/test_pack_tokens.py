@@ -10,7 +10,6 @@ from simpo_lite.data import padding_share
 from simpo_lite.data.batching import PairCollator
 from simpo_lite.data.packing import (CHOSEN, PAD, PROMPT, REJECTED, PackedPairCollator, fill_rows, make_collator,
                                      token_budget_batches)
-from simpo_lite.errors import UserError
 from simpo_lite.logprobs import concatenated_logps
 from simpo_lite.packed import packed_attention_mask, packed_logps
 from simpo_lite.policy import chosen_lengths
@@ -118,8 +117,11 @@ def test_a_mask_that_lets_pairs_see_each_other_is_caught():
 
 
 def test_pack_tokens_needs_pack_prompt():
-    with pytest.raises(UserError, match=r"simpo\.pack_tokens=512.*simpo\.pack_prompt=true"):
-        make_collator(0, pack_prompt=False, pack_tokens=512)
+    from simpo_lite.config import ConfigError, resolve
+
+    with pytest.raises(ConfigError, match=r"simpo\.pack_tokens=512.*simpo\.pack_prompt=true"):
+        resolve(sets=["simpo.pack_tokens=512"])
+    assert resolve(sets=["simpo.pack_tokens=512", "simpo.pack_prompt=true"]).simpo.pack_tokens == 512
     assert make_collator(0, pack_prompt=True, pack_tokens=512).pack_tokens == 512
 
 

@@ -36,10 +36,7 @@ LOOKAHEAD = 64
 
 
 def make_collator(pad_token_id: Optional[int], pack_prompt: bool, pack_tokens: int = 0):
-    """The collator simpo.pack_prompt (and simpo.pack_tokens) ask for."""
-    if pack_tokens and not pack_prompt:
-        raise UserError(f"simpo.pack_tokens={pack_tokens} packs several [prompt | chosen | rejected] pairs per row, "
-                        "which needs simpo.pack_prompt=true: set it, or simpo.pack_tokens=0")
+    """The collator simpo.pack_prompt (and simpo.pack_tokens, which config checks needs pack_prompt) ask for."""
     return PackedPairCollator(pad_token_id, pack_tokens) if pack_prompt else PairCollator(pad_token_id)
 
 
