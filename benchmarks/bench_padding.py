@@ -2,15 +2,16 @@
 
 Pairs drawn like real preference data: response lengths log-normal, clipped to 10..1500 tokens, chosen
 and rejected drawn independently; prompts log-normal, 10..300 tokens. Each layout runs all the pairs
-through a random float32 Llama (log-probs, a weighted sum, backward) on one thread, in its own
+through a random float32 Llama (log-probs, a weighted sum, backward) on torch's threads, in its own
 micro-batches: padded ones of --pairs pairs in drawing order, padded ones grouped by length as a run
 with data.group_by_length does, and the padding-free micro-batches a run with simpo.pack_tokens
 trains on (token_budget_batches: one row of up to --pack-tokens tokens). Each layout first runs its
-first micro-batch once, untimed (a warm-up). Reported: micro-batches, padding share, response tokens/s (labelled tokens of the timed
-micro-batches per second), and the largest difference of any pair's log-prob between layouts.
+first micro-batch once, untimed (a warm-up). Reported: micro-batches, padding share, response tokens/s
+(labelled tokens per second), and the largest difference of any pair's log-prob between layouts.
 
-    OMP_NUM_THREADS=1 nice python benchmarks/bench_padding.py                   # tiny shape, ~2 min
-    OMP_NUM_THREADS=1 nice python benchmarks/bench_padding.py --shape smollm2   # SmolLM2-135M shape
+    OMP_NUM_THREADS=1 python benchmarks/bench_padding.py --pack-tokens 1024      # tiny shape, 15 s
+    OMP_NUM_THREADS=2 python benchmarks/bench_padding.py --shape smollm2 --pairs 2 --batches 4 \
+        --pack-tokens 2048                                                        # SmolLM2-135M shape, 6 min
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ def main() -> None:
             PackedPairCollator(0, args.pack_tokens), packed_logps,
             token_budget_batches(packed_lengths, 1, args.pack_tokens, seed=args.seed)),
     }
-    print(f"{args.shape} Llama, {len(pairs)} pairs, 1 thread, float32, sdpa, after one untimed micro-batch per layout")
+    print(f"{args.shape} Llama, {len(pairs)} pairs, {torch.get_num_threads()} thread(s), float32, sdpa, after one "
+          f"untimed micro-batch per layout")
     print("| layout | micro-batches | padding share | response tokens/s |\n|---|---|---|---|")
     results, base = {}, None
     for name, (collate, logps, groups) in layouts.items():
