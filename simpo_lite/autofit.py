@@ -163,11 +163,15 @@ def apply(cfg: Config, choice: Choice) -> Config:
     return replace(cfg, train=train, model=model)
 
 
-def fit(cfg: Config, device: str, processes: int = 1) -> tuple[Config, Choice | None]:
-    """(cfg with `auto` resolved for `device`, shared by `processes` local processes on the CPU, the
-    choice); cfg unchanged and None without `auto`."""
+def fit(cfg: Config, device: str | None = None, processes: int = 1) -> tuple[Config, Choice | None]:
+    """(cfg with `auto` resolved for `device` (default: this machine's, as a run here would), shared by
+    `processes` local processes on the CPU, the choice); cfg unchanged and None without `auto`."""
     if not wants_autofit(cfg):
         return cfg, None
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     budget, note = device_budget(cfg, device, processes)
     choice = choose(cfg, device, budget, note)
     return apply(cfg, choice), choice

@@ -335,7 +335,7 @@ def prepared_base(cfg: Config, base=None):
     if layers == "auto":  # a config no run has fitted yet (a script's, a test's): fitted here, quietly
         from simpo_lite import autofit
 
-        layers = autofit.fit(cfg, "cuda" if torch.cuda.is_available() else "cpu")[0].model.uncheckpointed_layers
+        layers = autofit.fit(cfg)[0].model.uncheckpointed_layers
     if checkpointing and layers:
         recompute_all_but_last(model, layers)
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing

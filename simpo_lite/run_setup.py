@@ -190,7 +190,7 @@ def fit_auto_settings(cfg: Config, acc) -> Config:
         return cfg
     choice = None
     if acc.is_main_process:
-        _, choice = autofit.fit(cfg, "cuda" if torch.cuda.is_available() else "cpu", acc.num_processes)
+        _, choice = autofit.fit(cfg, processes=acc.num_processes)
         print(f"simpo-lite: {choice.line()}", file=sys.stderr, flush=True)
     if acc.num_processes > 1:
         from accelerate.utils import broadcast_object_list
@@ -203,10 +203,9 @@ def build_run_parts(cfg: Config, resume_path: Path | None, quiet: bool, reuse: R
     from accelerate.utils import set_seed
 
     from simpo_lite.data import make_collator
+    from simpo_lite.kernels import check_kernels
     from simpo_lite.model import load_tokenizer
     from simpo_lite.optim import build_optimizer, build_scheduler, total_steps
-
-    from simpo_lite.kernels import check_kernels
 
     # What this machine cannot run is refused before the data is prepared and anything loads.
     check_kernels(cfg.model)

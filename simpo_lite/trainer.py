@@ -101,8 +101,8 @@ class Trainer:
             records.append(metrics)
         max_norm = self.cfg.train.max_grad_norm or float("inf")
         grad_norm = sharding.clip_grad_norm(acc, policy, self.parts.trainable, max_norm)
-        record = self._pair_mean(_mean_records(records, [len(indices) for indices in micro]),
-                                 sum(len(indices) for indices in micro), step_pairs)
+        sizes = [len(indices) for indices in micro]
+        record = self._pair_mean(_mean_records(records, sizes), sum(sizes), step_pairs)
         if not (math.isfinite(record["loss"]) and math.isfinite(grad_norm)):
             optimizer.zero_grad(set_to_none=True)
             return self._on_nonfinite(record["loss"], grad_norm)

@@ -138,15 +138,10 @@ def inspect_data(cfg, index: int = 0, tokenizer=None, console: Optional[Console]
     if cfg.train.micro_batch_size == "auto":  # the micro-batch a run on this machine would choose
         from simpo_lite.autofit import fit
 
-        cfg, _ = fit(cfg, "cuda" if _has_cuda() else "cpu")
-    if cfg.simpo.pack_tokens and cfg.simpo.pack_prompt:
+        cfg, _ = fit(cfg)
+    if cfg.simpo.pack_tokens:  # config refuses pack_tokens without pack_prompt
         console.print(packed_line(prepared, cfg.train.micro_batch_size, cfg.simpo.pack_tokens, cfg.train.seed))
     else:
         console.print(padding_line(prepared, cfg.train.micro_batch_size, cfg.data.group_by_length, cfg.train.seed))
     return prepared
 
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
