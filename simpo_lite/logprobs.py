@@ -87,10 +87,10 @@ def causal_lm(model):
 
 
 def final_hidden_states(lm, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                        position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """[rows, length, hidden] after the final norm, without ever calling the output head."""
-    # position_ids only when given: the unpacked path keeps the model's own default positions.
-    extra = {"position_ids": position_ids} if position_ids is not None else {}
+                        **extra) -> torch.Tensor:
+    """[rows, length, hidden] after the final norm, without ever calling the output head. `extra`
+    (position_ids, segment_layout) goes to the decoder only when given: the unpacked path keeps the
+    model's own default positions."""
     out = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 

@@ -1,12 +1,10 @@
 """Log-probs of packed [prompt | chosen | rejected] rows (simpo.pack_prompt), equal to the unpacked ones.
 
 The decoder sees each prompt once. What makes a packed row compute the same numbers as two unpacked
-rows is a 4D attention mask (rejected tokens never see chosen ones) and position ids that restart
-after the prompt (simpo_lite.data.packing builds both). transformers passes an already-4D mask to the
-attention kernel unchanged; sdpa and eager both take an additive float mask (eager adds it to the
-scores, and would add a boolean mask as 0/1), so the mask is additive: 0 where a query may attend,
-the dtype's minimum elsewhere. Kernels that build their own mask (flash attention) or models whose
-layers restrict attention further (sliding windows) would silently compute something else: refused.
+rows is attention by segments (rejected tokens see the prompt and each other, never the chosen ones;
+simpo_lite.segments) and position ids that restart after the prompt (simpo_lite.data.packing builds
+them). Models whose layers restrict or transform attention further (sliding windows, soft-capped
+scores) or build their own attention (flex attention) would compute something else: refused.
 """
 
 from __future__ import annotations
@@ -18,8 +16,10 @@ import torch
 from simpo_lite.data.packing import PAD, PROMPT
 from simpo_lite.errors import UserError
 from simpo_lite.logprobs import IGNORE_INDEX, causal_lm, check_counts, final_hidden_states, head_logps, text_config
+from simpo_lite.segments import PREFIX, SegmentLayout, check_layout_used, use_segment_attention
 
-MASKED_KERNELS = ("sdpa", "eager")  # attention implementations that apply a custom 4D mask as given
+# The model's own kernels that segment attention stands in for (flash-attention 2 for its varlen kernel).
+SEGMENT_KERNELS = ("sdpa", "eager", "flash_attention_2")
 
 
 def packed_logps(model, batch: dict, chunk_tokens: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,8 +32,14 @@ def packed_logps(model, batch: dict, chunk_tokens: int = 1024) -> tuple[torch.Te
     keep_c, keep_r = chosen_t != IGNORE_INDEX, rejected_t != IGNORE_INDEX
     pair_index = batch["pair_index"][:, :-1]
     pairs = int(batch["pair_index"].max()) + 1
-    mask = packed_attention_mask(batch["segment_ids"][:, :-1], lm.get_input_embeddings().weight.dtype, pair_index)
-    hidden = final_hidden_states(lm, batch["input_ids"][:, :-1], mask, batch["position_ids"][:, :-1])
+    use_segment_attention(lm)
+    layout = SegmentLayout.from_batch(batch["segment_ids"][:, :-1], pair_index)
+    input_ids = batch["input_ids"][:, :-1]
+    # Segment attention needs no mask. Given none, transformers would infer one from the restarting
+    # position ids and build it at [rows, T, T]; an all-ones mask lets it skip that.
+    hidden = final_hidden_states(lm, input_ids, torch.ones_like(input_ids), position_ids=batch["position_ids"][:, :-1],
+                                 segment_layout=layout)
+    check_layout_used(layout, text_config(lm.config).num_hidden_layers, model_kind(lm))
     # One head pass over both sides; the last prompt position appears in both (it predicts the first
     # chosen and the first rejected token) and its gradient is the sum of the two.
     token_logps = head_logps(lm, torch.cat([hidden[keep_c], hidden[keep_r]]),
@@ -57,44 +63,31 @@ def pair_lengths(targets: torch.Tensor, pair_index: torch.Tensor) -> torch.Tenso
     return torch.bincount(pair_index[keep], minlength=int(pair_index.max()) + 1)
 
 
-def packed_attention_mask(segment_ids: torch.Tensor, dtype: torch.dtype,
-                          pair_index: torch.Tensor | None = None) -> torch.Tensor:
-    """Additive [rows, 1, T, T] mask: a query attends to earlier keys of its own pair's prompt or of its
-    own segment (pair_index None: one pair per row).
-
-    Padding keys are masked for every query; a padding query attends only to itself, so no softmax
-    row is all-masked (an all-masked row gives NaN, which would leak into gradients).
-    """
-    length = segment_ids.shape[1]
-    query, key = segment_ids[:, :, None], segment_ids[:, None, :]
-    causal = torch.ones(length, length, dtype=torch.bool, device=segment_ids.device).tril()
-    allowed = causal & (key != PAD) & (query != PAD) & ((key == PROMPT) | (key == query))
-    if pair_index is not None:
-        allowed &= pair_index[:, :, None] == pair_index[:, None, :]
-    allowed |= torch.eye(length, dtype=torch.bool, device=segment_ids.device)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device)
-    return mask.masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)
-
-
 def check_packable(model) -> None:
     """Raise UserError when a packed row would not compute what two unpacked rows compute."""
     lm = causal_lm(model)
     cfg = text_config(lm.config)
-    kind = getattr(cfg, "model_type", type(lm).__name__)
-    fix = "or set simpo.pack_prompt=false"
-    kernel = getattr(cfg, "_attn_implementation", None) or getattr(lm.config, "_attn_implementation", None)
-    if kernel not in MASKED_KERNELS:
-        raise UserError(f"simpo.pack_prompt=true needs an attention kernel that applies a custom mask "
-                        f"('sdpa' or 'eager'), but this {kind} model uses '{kernel}': set "
-                        f"model.attn_implementation=sdpa {fix}")
+    kind = model_kind(lm)
+    kernel = (getattr(cfg, "_attn_implementation", None) or "sdpa").removeprefix(PREFIX)
+    if kernel not in SEGMENT_KERNELS:
+        raise UserError(f"simpo.pack_prompt=true computes attention segment by segment in place of the "
+                        f"model's kernel ({', '.join(SEGMENT_KERNELS)}), but this {kind} model uses "
+                        f"'{kernel}': set model.attn_implementation=sdpa or set simpo.pack_prompt=false")
     window = getattr(cfg, "sliding_window", None)
     limited = sorted(set(getattr(cfg, "layer_types", None) or []) - {"full_attention"})
-    if window or limited:
-        what = f"sliding_window={window}" if window else f"layer types {limited}"
+    softcap = getattr(cfg, "attn_logit_softcapping", None)
+    if window or limited or softcap:
+        what = (f"sliding_window={window}" if window else f"layer types {limited}" if limited
+                else f"attn_logit_softcapping={softcap}")
         raise UserError(f"simpo.pack_prompt=true cannot pack {kind}: its attention is restricted ({what}), "
-                        f"and a custom mask replaces that restriction instead of adding to it; "
+                        f"which attention by segments does not apply; "
                         f"set simpo.pack_prompt=false")
     takes_positions = "position_ids" in inspect.signature(lm.get_decoder().forward).parameters
     if not takes_positions or getattr(cfg, "alibi", False):
         raise UserError(f"simpo.pack_prompt=true needs rotary/learned positions given by position_ids, which "
                         f"{kind} does not take; set simpo.pack_prompt=false")
+
+
+def model_kind(lm) -> str:
+    """The model type that refusals name (llama, gemma2, ...)."""
+    return getattr(text_config(lm.config), "model_type", type(lm).__name__)

@@ -183,8 +183,9 @@ def layer_activation_bytes_per_token(arch: Arch, s: Setting) -> float:
 
 
 def attention_score_bytes(arch: Arch, s: Setting) -> float:
-    """Eager attention's [rows, heads, L, L] tensors for one layer (zero for sdpa/flash kernels)."""
-    if not s.eager_attention:
+    """Eager attention's [rows, heads, L, L] tensors for one layer (zero for sdpa/flash kernels, and for
+    packed rows, which attend segment by segment with SDPA whatever the model's kernel)."""
+    if not s.eager_attention or s.pack_prompt:
         return 0.0
     C = s.compute_bytes
     # fp32 softmax output, its cast to the compute dtype, the raw scores; the soft cap keeps one more.
@@ -193,9 +194,10 @@ def attention_score_bytes(arch: Arch, s: Setting) -> float:
 
 
 def packed_mask_bytes(s: Setting) -> float:
-    """Packed rows carry an additive [rows, 1, T, T] mask in the embeddings' dtype (simpo_lite.packed),
-    alive from the first layer's forward to the last layer's backward; unpacked rows need none."""
-    return s.rows * s.row_len * s.row_len * s.residual_bytes if s.pack_prompt else 0.0
+    """Segment attention needs no mask, and for sdpa and flash kernels transformers builds none; for an
+    eager model it still builds an additive [rows, 1, T, T] one in the embeddings' dtype, alive from the
+    first layer's forward to the last layer's backward."""
+    return s.rows * s.row_len * s.row_len * s.residual_bytes if s.pack_prompt and s.eager_attention else 0.0
 
 
 @dataclass

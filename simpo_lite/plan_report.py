@@ -56,7 +56,7 @@ def breakdown_rows(arch: Arch, est: Estimate) -> list[tuple[str, float, float]]:
          est.lora_weights_and_states, est.lora_weights_and_states),
         ("LoRA gradients (fp32)", est.lora_grads, est.lora_grads),
         (ckpt, est.checkpoints, est.checkpoints),
-        ("final hidden states + response gathers" + (" + packed attention mask" if s.pack_prompt else ""),
+        ("final hidden states + response gathers" + (" + packed attention mask" if s.pack_prompt and s.eager_attention else ""),
          est.decoder_io, est.decoder_io),
         ("one layer recomputed in backward" if s.gradient_checkpointing else "backward working set",
          est.layer_recompute, est.layer_recompute),

@@ -11,10 +11,11 @@ from simpo_lite.data.batching import PairCollator
 from simpo_lite.data.packing import (CHOSEN, PAD, PROMPT, REJECTED, PackedPairCollator, fill_rows, make_collator,
                                      token_budget_batches)
 from simpo_lite.logprobs import concatenated_logps
-from simpo_lite.packed import packed_attention_mask, packed_logps
+from simpo_lite.packed import packed_logps
+from simpo_lite.segments import SegmentLayout
 from simpo_lite.policy import chosen_lengths
 from test_logprobs import tiny
-from test_packing import X, assert_runs_match, assert_same, feature, random_features, train_records, values_and_grads
+from test_packing import X, visible, assert_runs_match, assert_same, feature, random_features, train_records, values_and_grads
 from tiny_models import tiny_model_folder, write_pairs
 
 # (prompt, chosen, rejected) lengths from 1 to 40 tokens: a padded batch is mostly padding here.
@@ -44,16 +45,16 @@ def test_rows_hold_several_pairs_with_their_own_positions():
     assert padding_share(batch) == pytest.approx(3 / 18)
 
 
-def test_mask_keeps_pairs_apart():
+def test_segments_keep_pairs_apart():
     segments = torch.tensor([[PROMPT, CHOSEN, REJECTED, PROMPT, CHOSEN, PAD]])
     pairs = torch.tensor([[0, 0, 0, 1, 1, -1]])
-    allowed = packed_attention_mask(segments, torch.float32, pairs)[0, 0] == 0
+    allowed = visible(SegmentLayout.from_batch(segments, pairs))[0]
     expected = torch.tensor([[1, 0, 0, 0, 0, 0],
                              [1, 1, 0, 0, 0, 0],
                              [1, 0, 1, 0, 0, 0],   # rejected: its prompt and itself
                              [0, 0, 0, 1, 0, 0],   # the next pair's prompt sees nothing of pair 0
                              [0, 0, 0, 1, 1, 0],
-                             [0, 0, 0, 0, 0, 1]], dtype=torch.bool)
+                             [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
     assert torch.equal(allowed, expected)
 
 
@@ -98,21 +99,18 @@ def test_lora_grads_match_padded_with_checkpointing():
     assert_same(ours, reference)
 
 
-def test_a_mask_that_lets_pairs_see_each_other_is_caught():
+def test_a_layout_that_lets_pairs_see_each_other_is_caught(monkeypatch):
     """The tolerance has teeth: a row's later pairs attending to its earlier ones is far outside it."""
-    import simpo_lite.packed as packed
-
-    honest = packed.packed_attention_mask
+    honest = SegmentLayout.from_batch
     model = tiny("llama")
     features = random_features(SHAPES, seed=1)
     padded, packed_batch = PairCollator(0)(features), PackedPairCollator(0, BUDGET)(features)
     with torch.no_grad():
         expected, _ = concatenated_logps(model, padded)
-        packed.packed_attention_mask = lambda segments, dtype, pairs=None: honest(segments, dtype)
-        try:
-            got, _ = packed.packed_logps(model, packed_batch)
-        finally:
-            packed.packed_attention_mask = honest
+        # A layout blind to pair boundaries: every real token of a row counted in pair 0.
+        monkeypatch.setattr(SegmentLayout, "from_batch",
+                            lambda segments, pairs: honest(segments, torch.where(pairs < 0, pairs, 0)))
+        got, _ = packed_logps(model, packed_batch)
     assert (got - expected).abs().max() > 1e-2
 
 

@@ -18,7 +18,8 @@ from simpo_lite.data.packing import CHOSEN, PAD, PROMPT, REJECTED, PackedPairCol
 from simpo_lite.errors import UserError
 from simpo_lite.logprobs import IGNORE_INDEX, concatenated_logps
 from simpo_lite.policy import ConcatenatedPolicy
-from simpo_lite.packed import check_packable, packed_attention_mask, packed_logps
+from simpo_lite.packed import check_packable, packed_logps
+from simpo_lite.segments import SegmentLayout
 from test_logprobs import VOCAB, close, tiny
 
 X = IGNORE_INDEX
@@ -70,15 +71,31 @@ def test_collator_refuses_pairs_without_a_shared_prompt():
         pack_pair(bad)
 
 
-def test_mask_keeps_rejected_away_from_chosen_and_padding():
+def visible(layout: SegmentLayout) -> torch.Tensor:
+    """[rows, T, T]: which keys each query attends to under a segment layout, bottom-right causal within
+    each segment (query j of lq sees keys 0 .. lk - lq + j of its lk), as flash_attn_varlen_func does."""
+    seen = torch.zeros(layout.rows * layout.length, layout.rows * layout.length, dtype=torch.bool)
+    for i in range(len(layout.cu_q) - 1):
+        queries = layout.q_index[layout.cu_q[i]:layout.cu_q[i + 1]].tolist()
+        keys = layout.k_index[layout.cu_k[i]:layout.cu_k[i + 1]].tolist()
+        for j, q in enumerate(queries):
+            seen[q, keys[:len(keys) - len(queries) + j + 1]] = True
+    # Segments never cross rows, so the flat [N, N] matrix is block-diagonal in rows.
+    rows = [seen[r * layout.length:(r + 1) * layout.length, r * layout.length:(r + 1) * layout.length]
+            for r in range(layout.rows)]
+    assert int(seen.sum()) == sum(int(r.sum()) for r in rows)
+    return torch.stack(rows)
+
+
+def test_segments_keep_rejected_away_from_chosen_and_padding():
     segments = torch.tensor([[PROMPT, PROMPT, CHOSEN, CHOSEN, REJECTED, PAD]])
-    allowed = packed_attention_mask(segments, torch.float32)[0, 0] == 0
+    allowed = visible(SegmentLayout.from_batch(segments, torch.tensor([[0, 0, 0, 0, 0, -1]])))[0]
     expected = torch.tensor([[1, 0, 0, 0, 0, 0],
                              [1, 1, 0, 0, 0, 0],
                              [1, 1, 1, 0, 0, 0],
                              [1, 1, 1, 1, 0, 0],
                              [1, 1, 0, 0, 1, 0],   # rejected: prompt and itself, not chosen
-                             [0, 0, 0, 0, 0, 1]],  # padding: only itself, so its softmax is defined
+                             [0, 0, 0, 0, 0, 0]],  # padding: nothing (its output is zeros)
                             dtype=torch.bool)
     assert torch.equal(allowed, expected)
 
@@ -125,22 +142,30 @@ def test_values_and_grads_match_unpacked(tied, head_trainable, kernel):
     assert_same(ours, reference)
 
 
-def test_a_wrong_mask_is_caught(monkeypatch):
+def test_a_wrong_layout_is_caught(monkeypatch):
     """The tolerance has teeth: letting rejected tokens see the chosen ones is far outside it."""
-    import simpo_lite.packed as packed
+    honest = SegmentLayout.from_batch
 
-    honest = packed.packed_attention_mask
-
-    def leaky(segment_ids, dtype, pair_index=None):
-        return honest(torch.where(segment_ids == REJECTED, CHOSEN, segment_ids), dtype, pair_index)
+    def leaky(segment_ids, pair_index):
+        return honest(torch.where(segment_ids == REJECTED, CHOSEN, segment_ids), pair_index)
 
     model = tiny("llama")
     unpacked, packed_batch = unpacked_and_packed(random_features(SHAPES))
     with torch.no_grad():
         _, expected = concatenated_logps(model, unpacked)
-        monkeypatch.setattr(packed, "packed_attention_mask", leaky)
-        _, got = packed.packed_logps(model, packed_batch)
+        monkeypatch.setattr(SegmentLayout, "from_batch", leaky)
+        _, got = packed_logps(model, packed_batch)
     assert (got - expected).abs().max() > 1e-2
+
+
+def test_a_model_that_drops_the_layout_is_refused(monkeypatch):
+    """A decoder that does not pass keywords on to attention would attend across the whole row."""
+    model = tiny("llama")
+    decoder = model.get_decoder()
+    forward = decoder.forward
+    monkeypatch.setattr(decoder, "forward", lambda *a, segment_layout=None, **kw: forward(*a, **kw))
+    with pytest.raises(UserError, match=r"only 0 of its \d+ attention layers took the packed layout"):
+        packed_logps(model, unpacked_and_packed(random_features(SHAPES))[1])
 
 
 def test_lora_grads_match_unpacked_with_checkpointing():
@@ -193,16 +218,15 @@ def test_refuses_sliding_window_models():
     ConcatenatedPolicy(tiny("gemma2"), 4)  # unpacked stays available
 
 
-@pytest.mark.parametrize("kernel", ["flash_attention_2", "flex_attention"])
-def test_refuses_kernels_that_ignore_a_custom_mask(kernel):
+def test_refuses_kernels_segments_cannot_stand_in_for():
     model = tiny("llama")
-    model.config._attn_implementation = kernel
-    with pytest.raises(UserError, match=rf"'{kernel}'.*model\.attn_implementation=sdpa"):
+    model.config._attn_implementation = "flex_attention"
+    with pytest.raises(UserError, match=r"'flex_attention'.*model\.attn_implementation=sdpa"):
         check_packable(model)
 
 
 def test_accepts_plain_llama():
-    for kernel in ("sdpa", "eager"):
+    for kernel in ("sdpa", "eager", "flash_attention_2"):
         model = tiny("llama")
         model.config._attn_implementation = kernel
         assert check_packable(model) is None  # no refusal
