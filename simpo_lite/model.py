@@ -348,12 +348,16 @@ def with_fresh_lora(base, cfg: Config):
     from accelerate.utils import set_seed
     from peft import get_peft_model
 
+    from simpo_lite.lora_inputs import keep_lora_inputs_once
+
     _check_lora_layers(cfg.lora.layers, base)
     set_seed(cfg.train.seed)
     try:
-        return get_peft_model(base, lora_config(cfg.lora, base))
+        model = get_peft_model(base, lora_config(cfg.lora, base))
     except ValueError as err:  # e.g. target modules that the model does not have
         raise UserError(f"lora.target_modules {cfg.lora.target_modules}: {err}") from None
+    keep_lora_inputs_once(model)
+    return model
 
 
 def _check_lora_layers(layers, base) -> None:

@@ -155,28 +155,25 @@ def weight_bytes(arch: Arch, s: Setting) -> tuple[float, float]:
 def layer_activation_bytes_per_token(arch: Arch, s: Setting) -> float:
     """Bytes per token that one decoder layer's forward keeps for its backward.
 
-    Counted from what autograd saves in a Llama-style layer whose linears are 4-bit with LoRA:
-    - each RMSNorm keeps its input in fp32; the two norm outputs feeding attention and MLP are kept;
-    - a 4-bit matmul keeps its input, as a cast copy when that is not in the compute dtype;
-    - a LoRA branch keeps its dropout mask (1 byte) and its own copy of the input (fp32, or the compute
-      dtype under autocast), and its rank-r intermediate;
+    Counted from what autograd saves in a Llama-style layer whose linears are 4-bit with LoRA
+    (benchmarks/layer_memory.py measures it):
+    - each RMSNorm keeps its input in fp32;
+    - the inputs of the linears, once each: the two norm outputs (q, k, v and gate, up share them),
+      the attention output and the MLP product. bitsandbytes' 4-bit matmul keeps none of them; the
+      LoRA adapters keep them, once, in the residual stream's dtype (simpo_lite.lora_inputs);
+    - a LoRA adapter also keeps its 1-byte dropout keep-mask and its rank-r intermediate;
     - attention keeps q, k, v (k and v repeated to every head: the padded batch carries a mask, so
       sdpa cannot use grouped-query kernels), its output and the softmax log-sum-exp;
-    - the gated MLP keeps gate, up, the activation and their product.
+    - the gated MLP keeps gate, up and the activation.
     """
     R, C = s.residual_bytes, s.compute_bytes
     attn = C if s.autocast else R            # sdpa runs in the compute dtype under autocast
-    lora_in = C if s.autocast else 4         # adapter weights are fp32; autocast casts their input
+    lora_mid = C if s.autocast else 4        # adapter weights are fp32; under autocast they run in C
     q_out, H, I = arch.heads * arch.head_dim, arch.hidden, arch.intermediate
-    inputs = {"q_proj": R, "k_proj": R, "v_proj": R, "o_proj": attn, "gate_proj": R, "up_proj": R, "down_proj": R}
-    total = arch.norms_per_layer * 4 * H + 2 * R * H + attn * q_out + R * I  # norms; linear inputs
+    total = arch.norms_per_layer * 4 * H + 2 * R * H + attn * q_out + R * I  # norm inputs; linear inputs
     for name, (d_in, _) in linear_shapes(arch).items():
-        if inputs[name] != C:
-            total += C * d_in
         if name in s.lora_targets:
-            total += (d_in if s.lora_dropout else 0) + s.lora_r * lora_in
-            if s.lora_dropout or lora_in != inputs[name]:
-                total += lora_in * d_in
+            total += (d_in if s.lora_dropout else 0) + s.lora_r * lora_mid
     total += 4 * q_out * attn + 4 * arch.heads  # q, k, v, output; log-sum-exp
     total += 3 * R * I  # gate, up, activation(gate)
     return total
