@@ -12,6 +12,10 @@
 #   train-fp32      the same with model.frozen_dtype=fp32 (peft's upcast kept, as TRL loads the model);
 #   train-packed    the same with simpo.pack_prompt=true;
 #   train-keep16    the same with model.uncheckpointed_layers=16 (half the layers not recomputed);
+#   train-tokens    the same with padding-free rows: simpo.pack_tokens=8192, one row a micro-batch;
+#   numerics        benchmarks/gpu_numerics.py: attention by segments (SDPA, and flash-attention's varlen
+#                   kernel where flash-attn is installed) and LoRA inputs kept once, against the unpacked
+#                   batch and peft's path, on CUDA;
 #   train-liger     the same with model.kernels=liger (Liger-Kernel's RMSNorm/SwiGLU/RoPE), its per-step
 #                   losses and grad norms printed beside those of `train` (run that stage first); the
 #                   machine cannot reach PyPI, so LIGER_WHEEL=path/to/liger_kernel-*.whl is installed first
@@ -26,7 +30,7 @@ OUT=${OUT:?set OUT to a folder for the results}
 TOKENIZER=${TOKENIZER:?set TOKENIZER to a tokenizer folder with a chat template}
 WORK=${WORK:-/tmp/simpo-gpu}
 PY=${PYTHON:-python3}
-STAGES=${STAGES:-plan train bench bench-small fsdp}
+STAGES=${STAGES:-numerics plan train train-tokens bench bench-small fsdp}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 SIMPO_LITE_CACHE="$WORK/cache"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT" "$WORK"
@@ -71,6 +75,9 @@ for stage in $STAGES; do
     train-fp32) train_big train-fp32 --set model.frozen_dtype=fp32 ;;
     train-packed) train_big train-packed --set simpo.pack_prompt=true ;;
     train-keep16) train_big train-keep16 --set model.uncheckpointed_layers=16 ;;
+    train-tokens) train_big train-tokens --set simpo.pack_prompt=true --set simpo.pack_tokens=8192 \
+      --set train.micro_batch_size=1 ;;
+    numerics) run numerics 120 $PY benchmarks/gpu_numerics.py ;;
     train-liger)
       [ -n "${LIGER_WHEEL:-}" ] && run liger-install 120 $PY -m pip install --no-deps "$LIGER_WHEEL"
       train_big train-liger --set model.kernels=liger

@@ -7,7 +7,8 @@ model loads, from simpo_lite.plan's estimate against a budget:
 - on the CPU `train.memory_budget_gb` (peak RSS of the run), by default half the RAM available at the
   start: the cores and memory of a CPU machine are usually shared, and glibc keeps freed blocks, so the
   resident set runs above the live tensors the plan counts. A CPU run also holds what the plan does not
-  count (CPU_PROCESS_BYTES), and the processes of a multi-process CPU run share the budget.
+  count (process_bytes: what it holds already, plus what loading the model leaves behind), and the
+  processes of a multi-process CPU run share the budget.
 
 `model.uncheckpointed_layers` is `auto` by default: a layer that keeps its activations is not run twice,
 and on the CPU's bench that is the larger part of what simpo-lite can save over TRL (README, "Memory
@@ -37,10 +38,12 @@ from simpo_lite.plan import (GIB, architecture, batch_suggestion, estimate, larg
 MARGIN = 0.10
 # Share of the RAM available at the start that a CPU run takes by default (see the module docstring).
 CPU_SHARE = 0.5
-# What a CPU training process holds besides the plan's tensors: Python, torch and the libraries (470 MiB
-# measured), the tokenized data (70 MiB for the demo set) and what loading the 4-bit model leaves behind
-# in the allocator (about 250 MiB): 800 MiB measured for the demo run, rounded up.
-CPU_PROCESS_BYTES = 1.0 * GIB
+# What loading the 4-bit model leaves behind in the CPU allocator besides the tensors the plan counts:
+# about 250 MiB measured for SmolLM2-135M, rounded up.
+LOAD_RESIDUE_BYTES = 0.3 * GIB
+# The whole allowance where the resident set cannot be read: 800 MiB measured for the demo run (Python,
+# torch and the libraries 470 MiB, the tokenized data 70 MiB, the load residue), rounded up.
+CPU_PROCESS_FALLBACK_BYTES = 1.0 * GIB
 
 
 @dataclass(frozen=True)
@@ -115,7 +118,22 @@ def device_budget(cfg: Config, device: str, processes: int = 1) -> tuple[float, 
         total, note = CPU_SHARE * ram, f"half the {ram / GIB:.1f} GiB of RAM available; set train.memory_budget_gb"
     if processes > 1:
         total, note = total / processes, f"{note}, shared by {processes} processes"
-    return total - CPU_PROCESS_BYTES, f"{note}, less {CPU_PROCESS_BYTES / GIB:.1f} GiB for the process itself"
+    held = process_bytes()
+    return total - held, f"{note}, less {held / GIB:.2f} GiB for the process itself"
+
+
+def process_bytes() -> float:
+    """What a CPU training process holds besides the plan's tensors: its resident set now (auto-fit runs
+    after the data is prepared and before the model loads: Python, torch, the libraries, the data) plus
+    what loading the model will leave behind."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024.0 + LOAD_RESIDUE_BYTES
+    except OSError:
+        pass
+    return CPU_PROCESS_FALLBACK_BYTES
 
 
 def choose(cfg: Config, device: str, budget: float, note: str = "") -> Choice:

@@ -49,8 +49,8 @@ class ModelConfig:
         "plan fits on the device (see train.memory_budget_gb), 0 = recompute every layer (the least memory).", ge=0)
     frozen_dtype: Literal["auto", "fp32", "compute"] = _f(
         "auto", "Dtype of a 4-bit model's embeddings, output head and norms: fp32 (peft's prepare_model_for_kbit_"
-        "training upcast) or the compute dtype; auto = compute on bf16 GPUs (~6 GiB less for Llama-3-8B at "
-        "2 x 2048), fp32 on fp16 GPUs and CPUs; always compute under FSDP.")
+        "training upcast) or the compute dtype; auto = compute where that is bf16, GPU or CPU (~6 GiB less for "
+        "Llama-3-8B at 2 x 2048), fp32 on fp16 GPUs and CPUs without bf16; always compute under FSDP.")
     trust_remote_code: bool = _f(False, "Allow the model repository to run its own Python code.")
     kernels: Literal["none", "liger"] = _f(
         "none", "Fused training kernels: liger = Liger-Kernel's RMSNorm, SwiGLU and RoPE (CUDA GPUs with liger-kernel installed; refused elsewhere).")

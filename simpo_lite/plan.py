@@ -99,7 +99,7 @@ def setting_from_config(cfg: Config, device: str = "cuda") -> Setting:
 
     # With fp32 embeddings, head and norms (model.frozen_dtype) the residual stream is fp32 too.
     compute_dtype = torch.bfloat16 if compute == 2 else torch.float32
-    residual = 4 if keeps_fp32_frozen_weights(cfg.model, cuda, compute_dtype) else compute
+    residual = 4 if keeps_fp32_frozen_weights(cfg.model, compute_dtype) else compute
     from simpo_lite.optim import optimizer_name
 
     optimizer = optimizer_name(cfg.train.optimizer, cuda)
