@@ -21,6 +21,12 @@ CPU seconds (process time) and wall seconds per step. The first step of every ru
     python benchmarks/bench_memory.py --report /tmp/bench_memory.json   # reprint saved results
     python benchmarks/bench_memory.py --pack-prompt                  # simpo-lite with simpo.pack_prompt
     python benchmarks/bench_memory.py --lengths --memory-budget-gb 1.2  # auto-fit within 1.2 GiB of peak RSS
+    python benchmarks/bench_memory.py --lengths --simpo-lite-defaults   # simpo-lite on all its own defaults
+
+The simpo-lite side is held to TRL's numerics by default: fp32 on the CPU, LoRA dropout 0, the model TRL
+loads. With --simpo-lite-defaults it loads and quantizes the model itself as a run does, on its own
+defaults (on a CPU with native bf16: bf16 compute and residual stream; lora.dropout 0.05): "everything
+on its defaults" against TRL's; the first losses then agree only to bf16 rounding (3e-2).
 
 With --pack-prompt the simpo-lite side runs one [prompt | chosen | rejected] row per pair; the
 fingerprint is still that of the unpacked batch built from the same token lists, and its first loss
@@ -44,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -275,15 +282,20 @@ def _lora_model(folder: Path, data: dict, device: str, options, pack_prompt: boo
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoTokenizer
 
-    from simpo_lite.model import cast_frozen_weights, recompute_all_but_last
+    from simpo_lite.lora_inputs import keep_lora_inputs_once
+    from simpo_lite.model import cast_frozen_weights, load_model, recompute_all_but_last
 
-    model = prepare_model_for_kbit_training(load_4bit(folder, device), use_gradient_checkpointing=True,
-                                            gradient_checkpointing_kwargs={"use_reentrant": False})
-    if options.frozen_compute:
-        cast_frozen_weights(model, torch.bfloat16 if device == "cuda" else torch.float32)
-    if options.uncheckpointed_layers:
-        recompute_all_but_last(model, options.uncheckpointed_layers)
-    model = get_peft_model(model, lora_config())
+    if options.simpo_lite_defaults:
+        model = load_model(simpo_lite_config(source_folder(options.model), options, device))
+    else:
+        model = prepare_model_for_kbit_training(load_4bit(folder, device), use_gradient_checkpointing=True,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        if options.frozen_compute:
+            cast_frozen_weights(model, torch.bfloat16 if device == "cuda" else torch.float32)
+        if options.uncheckpointed_layers:
+            recompute_all_but_last(model, options.uncheckpointed_layers)
+        model = get_peft_model(model, lora_config())
+        keep_lora_inputs_once(model)  # simpo-lite's LoRA path (the same as peft's at dropout 0 in fp32)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
@@ -415,7 +427,7 @@ def worker(args) -> None:
         result = run_decoder_only(folder, data, args.steps, device, args)
     else:
         result = run_trl(folder, data, args.steps, device)
-    print("RESULT " + json.dumps(result | {"device": device}), flush=True)
+    print("RESULT " + json.dumps(result | {"device": device, "defaults": args.simpo_lite_defaults}), flush=True)
 
 
 # ---- driver -----------------------------------------------------------------------------------
@@ -430,20 +442,33 @@ def resolve_auto_layers(folder: Path, args, device: str) -> tuple[int, str]:
     from transformers import AutoTokenizer
 
     from simpo_lite import autofit
-    from simpo_lite.config import Config, DataConfig, LoraConfig, ModelConfig, SimpoConfig, TrainConfig
+    from simpo_lite.config import DataConfig, TrainConfig
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     data = make_pairs(tokenizer, args.length)
     batch = (simpo_lite_packed_batch if args.pack_prompt else simpo_lite_batch)(tokenizer, data, "cpu")
-    cfg = Config(model=ModelConfig(name_or_path=str(folder), compute_dtype="bf16" if device == "cuda" else "fp32",
-                                   frozen_dtype="compute" if args.frozen_compute else "fp32"),
-                 lora=LoraConfig(r=16, dropout=0.0),
-                 data=DataConfig(max_length=batch["input_ids"].shape[1]),
-                 simpo=SimpoConfig(logp_chunk_tokens=args.chunk_tokens, pack_prompt=args.pack_prompt),
-                 train=TrainConfig(micro_batch_size=len(data["prompt"]), memory_budget_gb=args.memory_budget_gb,
-                                   optimizer="adamw"))
+    cfg = simpo_lite_config(folder, args, device, auto_layers=True)
+    cfg = replace(cfg, data=DataConfig(max_length=batch["input_ids"].shape[1]),
+                  train=TrainConfig(micro_batch_size=len(data["prompt"]), memory_budget_gb=args.memory_budget_gb,
+                                    optimizer="adamw"))
     fitted, choice = autofit.fit(cfg, device)
     return fitted.model.uncheckpointed_layers, choice.line()
+
+
+def simpo_lite_config(folder: Path, args, device: str, auto_layers: bool = False):
+    """The Config of simpo-lite's side: the bench's fixed settings (fp32 on the CPU, as TRL there, LoRA
+    dropout 0) or, with --simpo-lite-defaults, simpo-lite's own defaults for everything but r and alpha."""
+    from simpo_lite.config import Config, LoraConfig, ModelConfig, SimpoConfig
+
+    layers = "auto" if auto_layers else args.uncheckpointed_layers
+    if args.simpo_lite_defaults:
+        model, lora = ModelConfig(name_or_path=str(folder), uncheckpointed_layers=layers), LoraConfig(r=16, alpha=32)
+    else:
+        model = ModelConfig(name_or_path=str(folder), compute_dtype="bf16" if device == "cuda" else "fp32",
+                            frozen_dtype="compute" if args.frozen_compute else "fp32", uncheckpointed_layers=layers)
+        lora = LoraConfig(r=16, alpha=32, dropout=0.0)
+    return Config(model=replace(model, gradient_checkpointing=True), lora=lora,
+                  simpo=SimpoConfig(logp_chunk_tokens=args.chunk_tokens, pack_prompt=args.pack_prompt))
 
 
 def run_side_by_side(systems: tuple[str, ...], length: int, steps: int, memory: bool, args,
@@ -460,6 +485,7 @@ def run_side_by_side(systems: tuple[str, ...], length: int, steps: int, memory: 
         cmd += ["--model", str(args.model)] if args.model else []
         cmd += ["--pack-prompt"] if args.pack_prompt else []
         cmd += ["--frozen-compute"] if args.frozen_compute else []
+        cmd += ["--simpo-lite-defaults"] if args.simpo_lite_defaults else []
         cmd += ["--uncheckpointed-layers", str(args.uncheckpointed_layers)]
         procs[system] = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if one_by_one:
@@ -486,8 +512,9 @@ def _collect(system: str, length: int, proc: subprocess.Popen, memory: bool) -> 
 def same_inputs(a: dict, b: dict, where: str) -> None:
     if a["fingerprint"] != b["fingerprint"]:
         sys.exit(f"{where}: the two systems saw different token batches:\n{a['fingerprint']}\n{b['fingerprint']}")
-    # fp32 on the CPU agrees to 1e-3; bf16 autocast on a GPU rounds differently in each system.
-    tolerance = 1e-3 if a.get("device") == "cpu" else 3e-2
+    # fp32 on the CPU agrees to 1e-3; bf16 (autocast on a GPU, simpo-lite's defaults on a bf16 CPU)
+    # rounds differently in each system.
+    tolerance = 1e-3 if a.get("device") == "cpu" and not (a.get("defaults") or b.get("defaults")) else 3e-2
     if abs(a["first_loss"] - b["first_loss"]) > tolerance:
         sys.exit(f"{where}: first-step losses differ: {a['first_loss']} vs {b['first_loss']}")
 
@@ -506,6 +533,9 @@ def main() -> None:
                         help="train.memory_budget_gb for --uncheckpointed-layers auto (default: simpo-lite's)")
     parser.add_argument("--frozen-compute", action="store_true",
                         help="simpo-lite keeps embeddings, head and norms in the compute dtype (model.frozen_dtype)")
+    parser.add_argument("--simpo-lite-defaults", action="store_true",
+                        help="simpo-lite loads the model itself, on its own defaults (compute and frozen dtype auto: "
+                             "bf16 on a CPU with native bf16; lora.dropout 0.05), against TRL as configured")
     parser.add_argument("--pack-prompt", action="store_true",
                         help="simpo-lite runs one [prompt | chosen | rejected] row per pair (simpo.pack_prompt)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (0 = torch's default)")

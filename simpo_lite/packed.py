@@ -13,7 +13,6 @@ import inspect
 
 import torch
 
-from simpo_lite.data.packing import PAD, PROMPT
 from simpo_lite.errors import UserError
 from simpo_lite.logprobs import IGNORE_INDEX, causal_lm, check_counts, final_hidden_states, head_logps, text_config
 from simpo_lite.segments import PREFIX, SegmentLayout, check_layout_used, use_segment_attention

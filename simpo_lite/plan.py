@@ -46,7 +46,6 @@ class Setting:
     micro_batch: int        # preference pairs per forward (2 x micro_batch rows); with pack_tokens, rows
     seq_len: int            # tokens per row (data.max_length: the worst case)
     lora_r: int
-    lora_dropout: bool
     lora_targets: tuple[str, ...]
     quantize: bool
     double_quant: bool
@@ -105,7 +104,7 @@ def setting_from_config(cfg: Config, device: str = "cuda") -> Setting:
     optimizer = optimizer_name(cfg.train.optimizer, cuda)
     targets = tuple(LINEAR_NAMES) if cfg.lora.target_modules == ["all-linear"] else tuple(cfg.lora.target_modules)
     return Setting(micro_batch=cfg.train.micro_batch_size, seq_len=cfg.data.max_length, lora_r=cfg.lora.r,
-                   lora_dropout=cfg.lora.dropout > 0, lora_targets=targets, quantize=cfg.model.quantize,
+                   lora_targets=targets, quantize=cfg.model.quantize,
                    double_quant=cfg.model.double_quant, compute_bytes=compute, residual_bytes=residual,
                    autocast=cuda and compute == 2 and cfg.train.mixed_precision != "no",
                    # paged 8-bit AdamW: two 8-bit moments per parameter; torch AdamW: two fp32 moments.
@@ -161,7 +160,7 @@ def layer_activation_bytes_per_token(arch: Arch, s: Setting) -> float:
     - the inputs of the linears, once each: the two norm outputs (q, k, v and gate, up share them),
       the attention output and the MLP product. bitsandbytes' 4-bit matmul keeps none of them; the
       LoRA adapters keep them, once, in the residual stream's dtype (simpo_lite.lora_inputs);
-    - a LoRA adapter also keeps its 1-byte dropout keep-mask and its rank-r intermediate;
+    - a LoRA adapter also keeps its rank-r intermediate (its dropout mask is drawn again from a seed);
     - attention keeps q, k, v (k and v repeated to every head: the padded batch carries a mask, so
       sdpa cannot use grouped-query kernels), its output and the softmax log-sum-exp;
     - the gated MLP keeps gate, up and the activation.
@@ -173,7 +172,7 @@ def layer_activation_bytes_per_token(arch: Arch, s: Setting) -> float:
     total = arch.norms_per_layer * 4 * H + 2 * R * H + attn * q_out + R * I  # norm inputs; linear inputs
     for name, (d_in, _) in linear_shapes(arch).items():
         if name in s.lora_targets:
-            total += (d_in if s.lora_dropout else 0) + s.lora_r * lora_mid
+            total += s.lora_r * lora_mid
     total += 4 * q_out * attn + 4 * arch.heads  # q, k, v, output; log-sum-exp
     total += 3 * R * I  # gate, up, activation(gate)
     return total

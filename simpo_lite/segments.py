@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from simpo_lite.data.packing import CHOSEN, PAD, PROMPT, REJECTED
+from simpo_lite.data.packing import CHOSEN, PROMPT, REJECTED
 from simpo_lite.errors import UserError
 from simpo_lite.logprobs import text_config
 
@@ -56,7 +56,7 @@ class SegmentLayout:
 
     @classmethod
     def from_batch(cls, segment_ids: torch.Tensor, pair_index: torch.Tensor) -> "SegmentLayout":
-        """The layout of a packed batch's [rows, length] segment_ids and pair_index (padding: PAD, -1)."""
+        """The layout of a packed batch's [rows, length] segment_ids and pair_index (padding: data.packing.PAD, -1)."""
         rows, length = segment_ids.shape
         segments, pairs = segment_ids.cpu().numpy(), pair_index.cpu().numpy()
         q_parts, k_parts, cu_q, cu_k = [], [], [0], [0]

@@ -2,14 +2,13 @@
 
 import copy
 
-import pytest
 import torch
 
-from simpo_lite.lora_inputs import LoraDown, _DroppedDown, keep_lora_inputs_once
-from simpo_lite.logprobs import concatenated_logps
-from test_logprobs import tiny
-from test_packing import assert_same, random_features, values_and_grads, WEIGHTS, SHAPES
 from simpo_lite.data.batching import PairCollator
+from simpo_lite.logprobs import concatenated_logps
+from simpo_lite.lora_inputs import LoraDown, _DroppedDown, keep_lora_inputs_once, keep_mask
+from test_logprobs import tiny
+from test_packing import SHAPES, WEIGHTS, assert_same, random_features, values_and_grads
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -36,15 +35,33 @@ def test_values_and_grads_match_peft_without_dropout():
 
 
 def test_function_is_dropout_then_linear():
-    """Values and gradients of dropout(x) @ w.T with a given keep-mask, checked numerically in float64."""
+    """Values and gradients of dropout(x) @ w.T with the keep-mask of a seed, checked numerically in
+    float64; backward draws that same mask again."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 6, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(3, 6, dtype=torch.float64, generator=g, requires_grad=True)
-    keep = torch.rand(2, 5, 6, generator=g) > 0.3
+    keep = keep_mask(x, seed=123, p=0.3)
+    assert torch.equal(keep, keep_mask(x, seed=123, p=0.3)) and not torch.equal(keep, keep_mask(x, seed=124, p=0.3))
     expected = torch.nn.functional.linear(x * keep / 0.7, w)
-    torch.testing.assert_close(_DroppedDown.apply(x, w, keep, 0.3), expected, rtol=0, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda x, w: _DroppedDown.apply(x, w, keep, 0.3), (x, w))
-    assert torch.autograd.gradcheck(lambda x, w: _DroppedDown.apply(x, w, None, 0.0), (x, w))
+    torch.testing.assert_close(_DroppedDown.apply(x, w, 123, 0.3), expected, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x, w: _DroppedDown.apply(x, w, 123, 0.3), (x, w))
+    assert torch.autograd.gradcheck(lambda x, w: _DroppedDown.apply(x, w, 0, 0.0), (x, w))
+
+
+def test_checkpointing_recomputes_the_same_mask():
+    """A checkpointed layer runs its forward again in backward: the gradient must be that of the first
+    forward's draw, as with peft's dropout under checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
+    down = LoraDown(torch.nn.Linear(6, 3, bias=False).double(), dropout=0.5)
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(3)
+    checkpoint(down, x, use_reentrant=False).sum().backward()
+    recomputed = x.grad.clone()
+    x.grad = None
+    torch.manual_seed(3)
+    down(x).sum().backward()
+    torch.testing.assert_close(recomputed, x.grad, rtol=0, atol=0)
 
 
 def test_dropout_draws_like_peft():
@@ -75,12 +92,12 @@ def test_bf16_input_keeps_its_dtype_and_is_kept_once():
     out.float().sum().backward()
     assert x.grad.dtype == torch.bfloat16 and attn.q_proj.lora_A["default"].weight.grad.dtype == torch.float32
     inputs = [t for t in saved if t.shape == x.shape]
-    assert {t.dtype for t in inputs} == {torch.bfloat16, torch.bool}  # x itself and the 1-byte keep-mask
+    assert inputs and {t.dtype for t in inputs} == {torch.bfloat16}  # x itself, no cast, dropped copy or mask
 
 
 def test_a_layer_keeps_less_for_backward():
     """Saved-for-backward bytes of a forward (distinct storages), fp32 and dropout 0.1: peft keeps a
-    noise tensor and a dropped copy per adapter; LoraDown keeps x once and a 1-byte mask per adapter."""
+    noise tensor and a dropped copy per adapter; LoraDown keeps x once."""
     def saved_bytes(model):
         storages = {}
         def pack(t):
