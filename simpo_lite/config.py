@@ -53,7 +53,7 @@ class ModelConfig:
         "Llama-3-8B at 2 x 2048), fp32 on fp16 GPUs and CPUs without bf16; always compute under FSDP.")
     trust_remote_code: bool = _f(False, "Allow the model repository to run its own Python code.")
     kernels: Literal["none", "liger"] = _f(
-        "none", "Fused training kernels: liger = Liger-Kernel's RMSNorm, SwiGLU and RoPE (CUDA GPUs with liger-kernel installed; refused elsewhere).")
+        "none", "Fused training kernels: liger = Liger-Kernel's RMSNorm, SwiGLU and RoPE (CUDA GPUs with liger-kernel installed; refused elsewhere); none = simpo-lite's PyTorch RMSNorm and SwiGLU that keep less for backward (Llama, Mistral, Qwen).")
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""`model.kernels: liger`: Liger-Kernel's fused Triton kernels (RMSNorm, SwiGLU/GeGLU MLP, RoPE) in training.
+"""`model.kernels`: Liger-Kernel's fused Triton kernels (RMSNorm, SwiGLU/GeGLU MLP, RoPE) in training with
+`liger`; with `none`, simpo_lite.lean_layers' PyTorch RMSNorm and SwiGLU, which keep as little for backward.
 
 Liger patches a loaded model in place, per architecture (`apply_liger_kernel_to_<model_type>`). Its
 cross-entropy and fused linear-cross-entropy kernels stay off: simpo-lite never builds the logits
@@ -36,8 +37,12 @@ def check_kernels(model_cfg, cuda_available: bool | None = None) -> None:
 
 
 def apply_kernels(model, model_cfg) -> None:
-    """Patch `model` (a loaded transformers causal LM, before LoRA) with Liger's fused layers."""
+    """Patch `model` (a loaded transformers causal LM, before LoRA) with Liger's fused layers, or, with
+    model.kernels none, with simpo_lite.lean_layers' PyTorch ones that keep less for backward."""
     if model_cfg.kernels == "none":
+        from simpo_lite.lean_layers import use_lean_layers
+
+        use_lean_layers(model)
         return
     from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
 

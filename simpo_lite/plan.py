@@ -46,6 +46,7 @@ class Setting:
     micro_batch: int        # preference pairs per forward (2 x micro_batch rows); with pack_tokens, rows
     seq_len: int            # tokens per row (data.max_length: the worst case)
     lora_r: int
+    lora_dropout: bool
     lora_targets: tuple[str, ...]
     quantize: bool
     double_quant: bool
@@ -63,6 +64,8 @@ class Setting:
     lora_layer_count: int | None = None  # lora.layers: adapters on this many decoder layers; None: on all
     pack_prompt: bool = False  # simpo.pack_prompt: one [prompt | chosen | rejected] row per pair
     pack_tokens: int = 0       # simpo.pack_tokens: micro_batch rows of up to this many tokens, pairs as fit
+    # The full-logits trainer's layers instead of simpo-lite's: transformers' own norms and MLP, peft's LoRA path.
+    peer: bool = False
 
     @property
     def rows(self) -> int:
@@ -104,7 +107,7 @@ def setting_from_config(cfg: Config, device: str = "cuda") -> Setting:
     optimizer = optimizer_name(cfg.train.optimizer, cuda)
     targets = tuple(LINEAR_NAMES) if cfg.lora.target_modules == ["all-linear"] else tuple(cfg.lora.target_modules)
     return Setting(micro_batch=cfg.train.micro_batch_size, seq_len=cfg.data.max_length, lora_r=cfg.lora.r,
-                   lora_targets=targets, quantize=cfg.model.quantize,
+                   lora_dropout=cfg.lora.dropout > 0, lora_targets=targets, quantize=cfg.model.quantize,
                    double_quant=cfg.model.double_quant, compute_bytes=compute, residual_bytes=residual,
                    autocast=cuda and compute == 2 and cfg.train.mixed_precision != "no",
                    # paged 8-bit AdamW: two 8-bit moments per parameter; torch AdamW: two fp32 moments.
@@ -156,25 +159,35 @@ def layer_activation_bytes_per_token(arch: Arch, s: Setting) -> float:
 
     Counted from what autograd saves in a Llama-style layer whose linears are 4-bit with LoRA
     (benchmarks/layer_memory.py measures it):
-    - each RMSNorm keeps its input in fp32;
+    - each RMSNorm keeps its input as it comes and an fp32 scale per token (simpo_lite.lean_layers;
+      transformers' own keeps an fp32 copy of the input);
     - the inputs of the linears, once each: the two norm outputs (q, k, v and gate, up share them),
       the attention output and the MLP product. bitsandbytes' 4-bit matmul keeps none of them; the
       LoRA adapters keep them, once, in the residual stream's dtype (simpo_lite.lora_inputs);
-    - a LoRA adapter also keeps its rank-r intermediate (its dropout mask is drawn again from a seed);
+    - a LoRA adapter also keeps its rank-r intermediate (its dropout mask is drawn again from a seed).
+      peft's path (s.peer) keeps, per adapter, its dropout mask (a bool on a GPU, the fp32 noise on the
+      CPU) and its own copy of the input: the dropped one, or one cast to its weights' dtype;
     - attention keeps q, k, v (k and v repeated to every head: the padded batch carries a mask, so
       sdpa cannot use grouped-query kernels), its output and the softmax log-sum-exp;
-    - the gated MLP keeps gate, up and the activation.
+    - the gated MLP keeps gate and up (lean_layers computes silu(gate) again; transformers' own keeps it too).
     """
     R, C = s.residual_bytes, s.compute_bytes
     attn = C if s.autocast else R            # sdpa runs in the compute dtype under autocast
     lora_mid = C if s.autocast else 4        # adapter weights are fp32; under autocast they run in C
+    lean = arch.lean_layers and not s.peer
     q_out, H, I = arch.heads * arch.head_dim, arch.hidden, arch.intermediate
-    total = arch.norms_per_layer * 4 * H + 2 * R * H + attn * q_out + R * I  # norm inputs; linear inputs
+    inputs = {"q_proj": R, "k_proj": R, "v_proj": R, "o_proj": attn, "gate_proj": R, "up_proj": R, "down_proj": R}
+    norm = R * H + 4 if lean else 4 * H
+    total = arch.norms_per_layer * norm + 2 * R * H + attn * q_out + R * I  # norm inputs; linear inputs
     for name, (d_in, _) in linear_shapes(arch).items():
         if name in s.lora_targets:
             total += s.lora_r * lora_mid
+            if s.peer and s.lora_dropout:
+                total += (1 if s.cuda else 4) * d_in
+            if s.peer and (s.lora_dropout or lora_mid != inputs[name]):
+                total += lora_mid * d_in
     total += 4 * q_out * attn + 4 * arch.heads  # q, k, v, output; log-sum-exp
-    total += 3 * R * I  # gate, up, activation(gate)
+    total += (2 if lean else 3) * R * I  # gate, up (and activation(gate))
     return total
 
 
@@ -296,7 +309,9 @@ def estimate(arch: Arch, s: Setting) -> Estimate:
 
 
 def largest_micro_batch(arch: Arch, s: Setting, budget: float, full_logits: bool = False, limit: int = 4096) -> int:
-    """The most pairs per micro-batch whose estimated peak fits `budget` bytes (0 if not even one)."""
+    """The most pairs per micro-batch whose estimated peak fits `budget` bytes (0 if not even one); with
+    full_logits, for the full-logits trainer (its logits and its layers)."""
+    s = replace(s, peer=full_logits)
     fits = lambda b: estimate(arch, replace(s, micro_batch=b)).peak(full_logits) <= budget  # noqa: E731
     if not fits(1):
         return 0
@@ -353,8 +368,9 @@ def plan_summary(cfg: Config, device: str = "cuda") -> dict:
     from simpo_lite.plan_report import breakdown_rows
 
     arch = architecture(cfg.model)
-    est = estimate(arch, setting_from_config(cfg, device))
-    return {"tensors": est.tensors(), "peak": est.peak(), "full_logits_peak": est.peak(True),
+    s = setting_from_config(cfg, device)
+    est = estimate(arch, s)
+    return {"tensors": est.tensors(), "peak": est.peak(), "full_logits_peak": estimate(arch, replace(s, peer=True)).peak(True),
             "persistent": est.persistent(), "step": est.tensors() - est.persistent(),
             "forward_phase": est.forward_phase(), "backward_phase": est.backward_phase(),
             "components": {name: ours for name, ours, _ in breakdown_rows(arch, est)}}

@@ -22,6 +22,7 @@ class Arch:
     norms_per_layer: int = 2          # Gemma-2 has four RMSNorms per decoder layer
     attn_softcap: bool = False        # Gemma-2 soft-caps attention scores (one more [L, L] tensor in eager)
     logit_softcap: bool = False       # Gemma-2 soft-caps the final logits (one more [chunk, vocab] buffer)
+    lean_layers: bool = True          # Llama-style RMSNorm and SiLU MLP (simpo_lite.lean_layers); Gemma-2 not
     source: str = ""
 
 
@@ -43,7 +44,8 @@ KNOWN_ARCHS: dict[str, Arch] = {
         tied_embeddings=False, source=_hf("mistralai/Mistral-7B-Instruct-v0.2")),
     "google/gemma-2-9b-it": Arch(
         hidden=3584, layers=42, heads=16, kv_heads=8, head_dim=256, intermediate=14336, vocab=256000,
-        tied_embeddings=True, norms_per_layer=4, attn_softcap=True, logit_softcap=True, source=_hf("google/gemma-2-9b-it")),
+        tied_embeddings=True, norms_per_layer=4, attn_softcap=True, logit_softcap=True, lean_layers=False,
+        source=_hf("google/gemma-2-9b-it")),
     "Qwen/Qwen2.5-7B-Instruct": Arch(
         hidden=3584, layers=28, heads=28, kv_heads=4, head_dim=128, intermediate=18944, vocab=152064,
         tied_embeddings=False, source=_hf("Qwen/Qwen2.5-7B-Instruct")),
@@ -66,6 +68,7 @@ ALIASES = {
 
 
 def arch_from_hf_config(hf_config, source: str) -> Arch:
+    from simpo_lite.lean_layers import FAMILIES
     from simpo_lite.logprobs import text_config
 
     text = text_config(hf_config)
@@ -78,7 +81,8 @@ def arch_from_hf_config(hf_config, source: str) -> Arch:
                 tied_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
                 norms_per_layer=4 if kind.startswith(("gemma2", "gemma3")) else 2,
                 attn_softcap=bool(getattr(text, "attn_logit_softcapping", None)),
-                logit_softcap=bool(getattr(text, "final_logit_softcapping", None)), source=source)
+                logit_softcap=bool(getattr(text, "final_logit_softcapping", None)), lean_layers=kind in FAMILIES,
+                source=source)
 
 
 def _local_config(name_or_path: str, revision: str | None):

@@ -41,8 +41,10 @@ def _checkpointing(s: Setting) -> str:
 
 
 def breakdown_rows(arch: Arch, est: Estimate) -> list[tuple[str, float, float]]:
-    """(component, simpo-lite bytes, full-logits trainer bytes)."""
+    """(component, simpo-lite bytes, full-logits trainer bytes): the trainer with transformers' own
+    layers and peft's LoRA path (plan.Setting.peer), the same settings otherwise."""
     s = est.setting
+    peer = estimate(arch, replace(s, peer=True))
     frozen = "fp32: prepare_model_for_kbit_training upcasts them" if s.quantize and s.residual_bytes == 4 else "compute dtype"
     head = "embeddings" if arch.tied_embeddings else "embeddings + output head"
     quant = "NF4 + double-quant constants" if s.double_quant else "NF4 + fp32 absmax"
@@ -55,19 +57,19 @@ def breakdown_rows(arch: Arch, est: Estimate) -> list[tuple[str, float, float]]:
         (f"LoRA: {est.lora_params / 1e6:.1f}M params, fp32 weights + {s.optimizer_state_bytes} B/param optimizer state",
          est.lora_weights_and_states, est.lora_weights_and_states),
         ("LoRA gradients (fp32)", est.lora_grads, est.lora_grads),
-        (ckpt, est.checkpoints, est.checkpoints),
+        (ckpt, est.checkpoints, peer.checkpoints),
         ("final hidden states + response gathers" + (" + packed attention mask" if s.pack_prompt and s.eager_attention else ""),
          est.decoder_io, est.decoder_io),
         ("one layer recomputed in backward" if s.gradient_checkpointing else "backward working set",
-         est.layer_recompute, est.layer_recompute),
+         est.layer_recompute, peer.layer_recompute),
         (f"log-probs: [{min(s.chunk_tokens, s.tokens)}, {arch.vocab}] chunk | [{s.rows}, {s.row_len}, {arch.vocab}] "
-         f"fp32 logits + log-softmax", est.logp_chunk, est.full_logits),
+         f"fp32 logits + log-softmax", est.logp_chunk, peer.full_logits),
     ]
     if est.fsdp_gathered:
         rows.append(("FSDP: unsharded root unit (embeddings, head) + 2 gathered layers", est.fsdp_gathered,
                      est.fsdp_gathered))
     if s.cuda:
-        rows.append((f"CUDA context + {ALLOCATOR_SLACK:.0%} allocator slack", est.overhead(), est.overhead(True)))
+        rows.append((f"CUDA context + {ALLOCATOR_SLACK:.0%} allocator slack", est.overhead(), peer.overhead(True)))
     return rows
 
 
@@ -97,8 +99,9 @@ def plan_command(cfg: Config, gpu_memory: float | None = None, processes: int = 
         console.print(f"[bold]per GPU[/] of {processes}: " + ("FSDP shards the weights, LoRA and optimizer state"
                       if fsdp else "each holds the whole model (DDP; add --fsdp to shard it)"))
     rows = [[name, _gib(ours), _gib(theirs)] for name, ours, theirs in breakdown_rows(arch, est)]
-    rows.append(["[bold]peak (tensors)[/]", _gib(est.tensors()), _gib(est.tensors(True))])
-    rows.append(["[bold]peak (device)[/]", f"[bold]{_gib(est.peak())}[/]", f"[bold]{_gib(est.peak(True))}[/]"])
+    peer = estimate(arch, replace(setting, peer=True))
+    rows.append(["[bold]peak (tensors)[/]", _gib(est.tensors()), _gib(peer.tensors(True))])
+    rows.append(["[bold]peak (device)[/]", f"[bold]{_gib(est.peak())}[/]", f"[bold]{_gib(peer.peak(True))}[/]"])
     print_table(["component", "simpo-lite", "full-logits trainer"], rows,
                 title="estimated peak GPU memory" + (" per GPU" if processes > 1 else ""))
     console.print("Not every row is alive at once: the peak is the weights and optimizer state plus the larger of "

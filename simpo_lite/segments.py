@@ -94,8 +94,8 @@ def use_segment_attention(lm) -> None:
     if name not in AttentionInterface._global_mapping:
         def attention(module, query, key, value, attention_mask, segment_layout=None, **kwargs):
             if segment_layout is None:
-                fallback = AttentionInterface().get_interface(original, own_eager_attention(module))
-                return fallback(module, query, key, value, attention_mask, **kwargs)
+                kernel = own_eager_attention(module) if original == "eager" else AttentionInterface()[original]
+                return kernel(module, query, key, value, attention_mask, **kwargs)
             return segment_attention(module, query, key, value, segment_layout, original, **kwargs)
         AttentionInterface.register(name, attention)
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])

@@ -33,7 +33,7 @@ def test_auto_keeps_the_effective_batch_of_the_micro_batch_it_replaces():
         resolve("llama3-8b-lora", sets=["train.micro_batch_size=many"])
 
 
-@pytest.mark.parametrize("budget_gib, micro, layers", [(24, 4, 3), (40, 8, 2), (80, 16, 3)])
+@pytest.mark.parametrize("budget_gib, micro, layers", [(24, 4, 3), (40, 8, 3), (80, 16, 4)])
 def test_the_choice_for_a_gpu_budget_is_the_largest_that_fits_with_the_margin(budget_gib, micro, layers):
     cfg = resolve("llama3-8b-lora", sets=AUTO)
     choice = autofit.choose(cfg, "cuda", budget_gib * GIB)
