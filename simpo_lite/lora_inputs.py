@@ -1,4 +1,4 @@
-"""LoRA adapters that keep their input once, for backward, instead of twice per adapter.
+"""LoRA adapters that keep their input once for backward, instead of up to three tensors per adapter.
 
 peft computes an adapter as lora_B(lora_A(dropout(cast(x)))) * scaling. For backward autograd then keeps,
 per adapter: its own cast copy of x (fp32 when the residual stream is bf16), the dropout's noise (on the
