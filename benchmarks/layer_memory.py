@@ -6,14 +6,15 @@ linear, bf16 compute), keeps the last layer's activations, and runs bench_memory
 about 400 tokens) forward through the trainer's log-prob path under saved_tensors_hooks. A tensor is
 counted once per storage, for the layer whose modules saved it; parameters are left out.
 
-    python benchmarks/layer_memory.py                 # LoRA inputs kept once (simpo_lite.lora_inputs)
-    python benchmarks/layer_memory.py --peft-path     # peft's own LoRA path, for comparison
+    python benchmarks/layer_memory.py                 # simpo-lite: lora_inputs and lean_layers
+    python benchmarks/layer_memory.py --peft-path     # peft's LoRA path and transformers' own layers
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -55,13 +56,15 @@ def saved_bytes_per_layer(model, batch) -> dict[int, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--length", type=int, default=400, help="tokens per sequence (bench_memory's default)")
-    ap.add_argument("--peft-path", action="store_true", help="leave peft's LoRA forward as it is")
+    ap.add_argument("--peft-path", action="store_true",
+                    help="leave peft's LoRA forward and transformers' norms and MLPs as they are (the plan's peer)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     from transformers.utils import logging
 
     logging.disable_progress_bar()
     logging.set_verbosity_error()
+    import simpo_lite.lean_layers as lean_layers
     import simpo_lite.lora_inputs as lora_inputs
     from bench_memory import make_pairs, simpo_lite_batch
     from simpo_lite.config import Config, LoraConfig, ModelConfig
@@ -71,7 +74,9 @@ def main() -> None:
 
     if args.peft_path:
         lora_inputs.keep_lora_inputs_once = lambda model: 0
-    print(f"LoRA path: {'peft' if args.peft_path else 'simpo_lite.lora_inputs (inputs kept once)'}")
+        lean_layers.use_lean_layers = lambda model: 0
+    print("layers: " + ("peft's LoRA path, transformers' norms and MLPs" if args.peft_path
+                        else "simpo_lite.lora_inputs and simpo_lite.lean_layers"))
     print("| frozen_dtype | lora.dropout | measured B/token, last layer (kept) | a checkpointed layer | plan B/token |")
     print("|---|---|---|---|---|")
     for frozen, dropout in SETTINGS:
@@ -83,7 +88,8 @@ def main() -> None:
         tokens = batch["input_ids"].shape[0] * (batch["input_ids"].shape[1] - 1)  # the last column is never fed
         per_layer = saved_bytes_per_layer(model, batch)
         last = max(per_layer)
-        plan = layer_activation_bytes_per_token(architecture(cfg.model), setting_from_config(cfg, "cpu"))
+        setting = replace(setting_from_config(cfg, "cpu"), peer=args.peft_path)
+        plan = layer_activation_bytes_per_token(architecture(cfg.model), setting)
         print(f"| {frozen} | {dropout} | {per_layer[last] / tokens:,.0f} | {per_layer[0] / tokens:,.0f} | {plan:,.0f} |",
               flush=True)
         del model

@@ -178,14 +178,17 @@ def layer_activation_bytes_per_token(arch: Arch, s: Setting) -> float:
     q_out, H, I = arch.heads * arch.head_dim, arch.hidden, arch.intermediate
     inputs = {"q_proj": R, "k_proj": R, "v_proj": R, "o_proj": attn, "gate_proj": R, "up_proj": R, "down_proj": R}
     norm = R * H + 4 if lean else 4 * H
-    total = arch.norms_per_layer * norm + 2 * R * H + attn * q_out + R * I  # norm inputs; linear inputs
+    total = arch.norms_per_layer * norm
     for name, (d_in, _) in linear_shapes(arch).items():
         if name in s.lora_targets:
             total += s.lora_r * lora_mid
             if s.peer and s.lora_dropout:
                 total += (1 if s.cuda else 4) * d_in
             if s.peer and (s.lora_dropout or lora_mid != inputs[name]):
-                total += lora_mid * d_in
+                total += lora_mid * d_in  # the adapter's own copy; the input it was made from is not kept
+                inputs[name] = 0
+    # The inputs of the linears, each kept once: q, k, v share one, gate and up another.
+    total += inputs["q_proj"] * H + inputs["gate_proj"] * H + inputs["o_proj"] * q_out + inputs["down_proj"] * I
     total += 4 * q_out * attn + 4 * arch.heads  # q, k, v, output; log-sum-exp
     total += (2 if lean else 3) * R * I  # gate, up (and activation(gate))
     return total
