@@ -15,10 +15,7 @@ import torch
 
 from simpo_lite.errors import UserError
 from simpo_lite.logprobs import IGNORE_INDEX, causal_lm, check_counts, final_hidden_states, head_logps, text_config
-from simpo_lite.segments import PREFIX, SegmentLayout, check_layout_used, use_segment_attention
-
-# The model's own kernels that segment attention stands in for (flash-attention 2 for its varlen kernel).
-SEGMENT_KERNELS = ("sdpa", "eager", "flash_attention_2")
+from simpo_lite.segments import PREFIX, SEGMENT_KERNELS, SegmentLayout, check_layout_used, use_segment_attention
 
 
 def packed_logps(model, batch: dict, chunk_tokens: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,6 +35,8 @@ from simpo_lite.errors import UserError
 from simpo_lite.logprobs import text_config
 
 PREFIX = "simpo_segments+"   # attention implementation name: PREFIX + the model's original kernel
+# The model's own kernels that segment attention stands in for (flash-attention 2 for its varlen kernel).
+SEGMENT_KERNELS = ("sdpa", "eager", "flash_attention_2")
 
 
 @dataclass
@@ -118,7 +120,7 @@ def segment_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
     flat = lambda x: x.transpose(1, 2).reshape(rows * length, x.shape[1], dim)
     q = flat(query).index_select(0, layout.q_index)
     k, v = (flat(x).index_select(0, layout.k_index) for x in (key, value))
-    kernel = flash_varlen if original.startswith("flash_attention") and query.is_cuda else sdpa_varlen
+    kernel = flash_varlen if original == "flash_attention_2" and query.is_cuda else sdpa_varlen
     out = kernel(q, k, v, layout.cu_q, layout.cu_k, scaling, dropout)
     layout.calls += 1
     full = out.new_zeros(rows * length, heads, dim).index_copy(0, layout.q_index, out)
