@@ -282,13 +282,16 @@ def _lora_model(folder: Path, data: dict, device: str, options, pack_prompt: boo
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoTokenizer
 
+    from simpo_lite.lean_layers import use_lean_layers
     from simpo_lite.lora_inputs import keep_lora_inputs_once
     from simpo_lite.model import cast_frozen_weights, load_model, recompute_all_but_last
 
     if options.simpo_lite_defaults:
         model = load_model(simpo_lite_config(source_folder(options.model), options, device))
     else:
-        model = prepare_model_for_kbit_training(load_4bit(folder, device), use_gradient_checkpointing=True,
+        model = load_4bit(folder, device)
+        use_lean_layers(model)  # simpo-lite's norms and MLPs: the same forward values as TRL's model
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
         if options.frozen_compute:
             cast_frozen_weights(model, torch.bfloat16 if device == "cuda" else torch.float32)
