@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-import typer.main
 
+from simpo_lite.cli_args import normalise_argv
 from simpo_lite.errors import ConfigError, RunError, UserError
 
 # Plain click help: it is not boxed to 80 columns when piped, and switches show no '<bool>' metavar.
@@ -56,13 +56,20 @@ def _flags(**values) -> dict:
     return layer
 
 
-def _resolve(preset, config, sets, **flags):
-    from simpo_lite import config as cfgmod
-
+def _preset_or_default(preset, config):
+    """No preset and no config file means the embedded default preset, said once."""
     if preset is None and config is None:
-        preset = cfgmod.DEFAULT_PRESET
+        from simpo_lite.config import DEFAULT_PRESET
+
+        preset = DEFAULT_PRESET
         _info(f"No --preset or --config given: using the embedded default preset '{preset}'.")
-    return cfgmod.resolve(preset, config, _flags(**flags), sets or [])
+    return preset
+
+
+def _resolve(preset, config, sets, **flags):
+    from simpo_lite.config import resolve
+
+    return resolve(_preset_or_default(preset, config), config, _flags(**flags), sets or [])
 
 
 def _info(message: str) -> None:
@@ -163,8 +170,8 @@ def presets_show(name: str = typer.Argument(..., metavar="NAME", help="Preset na
     from simpo_lite import config as cfgmod
 
     path = cfgmod.preset_path(name)
-    cfgmod.resolve(name)  # a broken preset fails here rather than printing as if valid
-    typer.echo(yaml.safe_dump(cfgmod.resolve(name).to_dict(), sort_keys=False) if resolved else path.read_text())
+    cfg = cfgmod.resolve(name)  # a broken preset fails here rather than printing as if valid
+    typer.echo(yaml.safe_dump(cfg.to_dict(), sort_keys=False) if resolved else path.read_text())
 
 
 @data_app.command("inspect")
@@ -304,66 +311,11 @@ def sweep(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Plain log lines instead of live progress bars."),
 ):
     """Short runs over a grid of settings, ranked by held-out reward accuracy; collapsed trials disqualified."""
-    from simpo_lite import config as cfgmod
-    from simpo_lite import sweep as sweepmod
-    from simpo_lite.errors import ConfigError as _ConfigError
+    from simpo_lite.sweep import sweep_command
 
-    if resume not in (None, "latest"):
-        raise UserError(f"--resume takes no value in sweep (got {resume!r}): it continues the sweep in --output-dir")
-    if preset is None and config is None:
-        preset = cfgmod.DEFAULT_PRESET
-        _info(f"No --preset or --config given: using the embedded default preset '{preset}'.")
-    parsed, problems = sweepmod.parse_grid(grid)
-    try:
-        base = cfgmod.resolve(preset, config, None, sets or [])
-    except _ConfigError as err:
-        problems += err.problems
-    if problems:
-        raise _ConfigError(problems)
-    plan = sweepmod.Sweep(preset, str(config) if config else None, list(sets or []), parsed, max_steps, train_pairs,
-                          trials, sweepmod.grid_trials(parsed, trials, base.train.seed))
-    result = sweepmod.run_sweep(plan, output_dir, resume=resume is not None, overwrite=overwrite,
-                                budget_minutes=budget_minutes, quiet=quiet or not sys.stderr.isatty(), say=_info)
-    sweepmod.print_ranking(plan, result, output_dir)
-
-
-GLOBAL_FLAGS = ("--debug", "--verbose")
-TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
-
-
-def _switch_names() -> set[str]:
-    """Long names of every on/off flag of every command (click builds the tree without running anything)."""
-    command = typer.main.get_command(app)
-    names, todo = set(), [command]
-    while todo:
-        current = todo.pop()
-        todo += list(getattr(current, "commands", {}).values())
-        names |= {opt for p in current.params if getattr(p, "is_flag", False) for opt in p.opts if opt.startswith("--")}
-    return names
-
-
-def _normalise_argv(argv: list[str]) -> tuple[list[str], dict[str, bool]]:
-    """Pull out --debug, --verbose (and --version) wherever they are; let a bare --resume mean 'latest';
-    accept --switch=true / --switch=false for every on/off flag."""
-    flags = {"debug": "--debug" in argv or os.environ.get("SIMPO_LITE_DEBUG") == "1",
-             "verbose": "--verbose" in argv or os.environ.get("SIMPO_LITE_VERBOSE") == "1"}
-    argv = [a for a in argv if a not in GLOBAL_FLAGS]
-    if "--version" in argv and "--" not in argv[:argv.index("--version")]:
-        argv = ["--version"]
-    switches = _switch_names() if any(a.startswith("--") and "=" in a for a in argv) else set()
-    out = []
-    for i, arg in enumerate(argv):
-        name, _, value = arg.partition("=")
-        if name in switches and value:
-            if value.lower() in TRUE:
-                out.append(name)
-            elif value.lower() not in FALSE:
-                raise UserError(f"{arg}: {name} is a switch; give it alone, or {name}=true / {name}=false")
-            continue
-        out.append(arg)
-        if arg == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
-            out.append("latest")
-    return out, flags
+    sweep_command(_preset_or_default(preset, config), config, sets or [], grid, max_steps=max_steps,
+                  train_pairs=train_pairs, output_dir=output_dir, trials=trials, budget_minutes=budget_minutes,
+                  resume=resume, overwrite=overwrite, quiet=quiet or not sys.stderr.isatty(), say=_info)
 
 
 def _fail(message: str) -> None:
@@ -388,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     raw = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in raw or os.environ.get("SIMPO_LITE_DEBUG") == "1"
     try:
-        args, flags = _normalise_argv(raw)
+        args, flags = normalise_argv(raw, app)
         quiet_libraries(flags["verbose"])  # before anything imports transformers, datasets or bitsandbytes
         app(args=args, prog_name="simpo-lite", standalone_mode=False)
     except ConfigError as err:

@@ -18,6 +18,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from simpo_lite.config_check import check_bounds, check_type, is_str_type, suggest, type_name
 from simpo_lite.errors import ConfigError, UserError
 from simpo_lite.files import missing_path, read_text, write_text
 
@@ -183,79 +184,15 @@ def schema() -> dict[str, dict[str, dataclasses.Field]]:
     return {name: {f.name: f for f in dataclasses.fields(cls)} for name, cls in SECTIONS.items()}
 
 
-def _suggest(word: str, options: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
-    return f"; did you mean '{close[0]}'?" if close else ""
-
-
 def _suggest_key(section: str, key: str) -> str:
     fields = schema()
     elsewhere = [s for s, fs in fields.items() if key in fs]
     if elsewhere:
         return f"; it belongs to section '{elsewhere[0]}' ('{elsewhere[0]}.{key}')"
-    hint = _suggest(key, fields[section])
+    hint = suggest(key, fields[section])
     if hint:
         return hint.replace("'", f"'{section}.", 1)
     return f"; valid keys: {', '.join(fields[section])}"
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin is typing.Union:
-        inner = [a for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(_type_name(a) for a in inner) + (" or null" if len(inner) < len(typing.get_args(tp)) else "")
-    if origin is list:
-        return "a list of " + _type_name(typing.get_args(tp)[0]) + "s"
-    if origin is dict:
-        return "a mapping of strings"
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}[tp]
-
-
-def _check_type(value: Any, tp: Any) -> tuple[bool, Any]:
-    """(ok, normalised value). Ints are accepted where floats are expected, never bools for numbers."""
-    origin = typing.get_origin(tp)
-    if origin is typing.Union:
-        if value is None:
-            return type(None) in typing.get_args(tp), None
-        checked = [_check_type(value, a) for a in typing.get_args(tp) if a is not type(None)]
-        return next(((True, v) for ok, v in checked if ok), (False, value))
-    if origin is Literal:
-        return value in typing.get_args(tp), value
-    if origin is list:
-        if isinstance(value, str):  # a single item is a one-item list: `--set lora.target_modules=q_proj`
-            value = [value]
-        if not isinstance(value, list):
-            return False, value
-        item = typing.get_args(tp)[0]
-        checked = [_check_type(v, item) for v in value]
-        return all(ok for ok, _ in checked), [v for _, v in checked]
-    if origin is dict:
-        ok = isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
-        return ok, value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string; users mean the number
-            try:
-                return True, float(value)
-            except ValueError:
-                return False, value
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return ok, float(value) if ok else value
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    return isinstance(value, tp), value
-
-
-def _check_bounds(key: str, value: Any, meta: typing.Mapping) -> str | None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return None
-    for name, test, word in (("ge", lambda b: value >= b, ">="), ("gt", lambda b: value > b, ">"),
-                             ("le", lambda b: value <= b, "<="), ("lt", lambda b: value < b, "<")):
-        bound = meta.get(name)
-        if bound is not None and not test(bound):
-            return f"{key}: {value!r} is out of range; it must be {word} {bound}"
-    return None
 
 
 def validate_layer(layer: Any, source: str) -> tuple[dict, list[str]]:
@@ -270,7 +207,7 @@ def validate_layer(layer: Any, source: str) -> tuple[dict, list[str]]:
         return valid, [f"{source}: expected a mapping of sections ({', '.join(SECTIONS)}), got {type(layer).__name__}"]
     for section, values in layer.items():
         if section not in fields:
-            hint = _suggest(str(section), fields) or f"; sections are {', '.join(fields)}"
+            hint = suggest(str(section), fields) or f"; sections are {', '.join(fields)}"
             problems.append(f"{source}: unknown section '{section}'{hint}")
             continue
         if not isinstance(values, dict):
@@ -282,11 +219,11 @@ def validate_layer(layer: Any, source: str) -> tuple[dict, list[str]]:
                 problems.append(f"{source}: unknown key '{dotted}'{_suggest_key(section, str(key))}")
                 continue
             tp = hints[section][key]
-            ok, value = _check_type(value, tp)
+            ok, value = check_type(value, tp)
             if not ok:
-                problems.append(f"{source}: {dotted} must be {_type_name(tp)}, got {value!r}")
+                problems.append(f"{source}: {dotted} must be {type_name(tp)}, got {value!r}")
                 continue
-            bound_problem = _check_bounds(dotted, value, fields[section][key].metadata)
+            bound_problem = check_bounds(dotted, value, fields[section][key].metadata)
             if bound_problem:
                 problems.append(f"{source}: {bound_problem}")
                 continue
@@ -310,16 +247,10 @@ def parse_set(assignments: list[str]) -> tuple[dict, list[str]]:
         except yaml.YAMLError:
             value = raw
         # A string field keeps the text as typed, so `--set model.revision=1234` stays '1234'.
-        if section in hints and name in hints[section] and _is_str_type(hints[section][name]) and raw not in ("null", "~"):
+        if section in hints and name in hints[section] and is_str_type(hints[section][name]) and raw not in ("null", "~"):
             value = raw
         layer.setdefault(section, {})[name] = value
     return layer, problems
-
-
-def _is_str_type(tp: Any) -> bool:
-    if typing.get_origin(tp) is typing.Union:
-        return any(_is_str_type(a) for a in typing.get_args(tp) if a is not type(None))
-    return tp is str
 
 
 def _merge(base: dict, layer: dict) -> None:
@@ -354,7 +285,7 @@ def _cross_checks(cfg: Config) -> list[str]:
                         f"accumulation_steps ({t.micro_batch_size} x {t.gradient_accumulation_steps}), or leave it null")
     unknown_trackers = [t for t in cfg.train.report_to if t not in ("tensorboard", "wandb")]
     for t in unknown_trackers:
-        problems.append(f"train.report_to: unknown tracker '{t}'{_suggest(t, ['tensorboard', 'wandb'])}")
+        problems.append(f"train.report_to: unknown tracker '{t}'{suggest(t, ['tensorboard', 'wandb'])}")
     return problems
 
 

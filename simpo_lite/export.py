@@ -115,7 +115,7 @@ def _stored_dtype(cfg: Config) -> str:
     """The precision the base checkpoint was published in: merging into it loses nothing the base had."""
     from transformers import AutoConfig
 
-    from simpo_lite.model import resolve_model_source
+    from simpo_lite.model_source import resolve_model_source
 
     try:
         base = AutoConfig.from_pretrained(resolve_model_source(cfg.model.name_or_path), revision=cfg.model.revision,

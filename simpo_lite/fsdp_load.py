@@ -76,7 +76,8 @@ def _meta_skeleton(model_cfg: ModelConfig, layout: dict | None, device: torch.de
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from simpo_lite.model import keep_one_cpu_4bit_kernel, compute_dtype, resolve_model_source
+    from simpo_lite.model import keep_one_cpu_4bit_kernel, compute_dtype
+    from simpo_lite.model_source import resolve_model_source
 
     source = resolve_model_source(model_cfg.name_or_path, need="config")
     config = AutoConfig.from_pretrained(source, revision=model_cfg.revision,

@@ -31,7 +31,7 @@ def check_request(quant: str, run: Path, cfg) -> None:
     """Everything a GGUF export of a run can be refused for, checked before any work: the quant type, the
     base's architecture and RoPE, the tokenizer, and llama.cpp where the quant type needs it."""
     from simpo_lite.gguf_vocab import tokenizer_kind
-    from simpo_lite.model import resolve_model_source
+    from simpo_lite.model_source import resolve_model_source
 
     if quant not in QUANTS:
         raise UserError(f"--quant '{quant}' is not supported: use one of {', '.join(QUANTS)}")

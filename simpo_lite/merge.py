@@ -20,7 +20,8 @@ import torch
 from simpo_lite import hub
 from simpo_lite.config import Config
 from simpo_lite.errors import RunError, UserError
-from simpo_lite.model import DTYPES, load_base_model, load_for_inference, load_run_tokenizer, resolve_model_source
+from simpo_lite.model import DTYPES, load_base_model, load_for_inference, load_run_tokenizer
+from simpo_lite.model_source import resolve_model_source
 
 PROMPTS = ("What is the capital of France?", "Write a haiku about autumn leaves.",
            "Explain in one sentence why the sky is blue.")

@@ -87,7 +87,7 @@ def arch_from_hf_config(hf_config, source: str) -> Arch:
 
 def _local_config(name_or_path: str, revision: str | None):
     """The model's config from a local folder or the Hugging Face cache; None when not there."""
-    from simpo_lite.model import BUNDLED_MODELS, cache_dir
+    from simpo_lite.model_source import BUNDLED_MODELS, cache_dir
 
     if name_or_path in BUNDLED_MODELS:
         # Converting the bundled GGUF takes a while; plan reads the folder only if it already exists.

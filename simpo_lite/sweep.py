@@ -13,8 +13,6 @@ the winner's settings at the length of the full run, to train from.
 
 from __future__ import annotations
 
-import csv
-import io
 import itertools
 import json
 import random
@@ -27,13 +25,8 @@ import yaml
 
 from simpo_lite import config as cfgmod
 from simpo_lite.errors import ConfigError, RunError, UserError
-from simpo_lite.files import write_json, write_text
-
-SWEEP_FILE = "sweep.json"
-RANKED = ("eval_rewards/accuracies", "eval_rewards/margins")
-COLUMNS = ("trial", "status", "eval_rewards/accuracies", "eval_rewards/margins", "eval_loss",
-           "health/length_ratio", "health/looping", "train_seconds")
-
+from simpo_lite.sweep_report import (RANKED, SWEEP_FILE, plot, print_ranking, ranking, save_tables, settings_text,
+                                     trial_name, write_best, yaml_value)
 
 @dataclass
 class Sweep:
@@ -59,7 +52,7 @@ class Sweep:
         args = ["simpo-lite", "sweep", *(["--preset", self.preset] if self.preset else []),
                 *(["--config", self.config_file] if self.config_file else [])]
         args += [a for s in self.sets for a in ("--set", s)]
-        args += [a for k, v in self.grid.items() for a in ("--grid", f"{k}={_yaml_value(v)}")]
+        args += [a for k, v in self.grid.items() for a in ("--grid", f"{k}={yaml_value(v)}")]
         args += ["--max-steps", str(self.max_steps), *(["--train-pairs", str(self.train_pairs)] if self.train_pairs else []),
                  *(["--trials", str(self.drawn)] if self.drawn else []), "--output-dir", str(out_dir)]
         return shlex.join(args)
@@ -107,20 +100,12 @@ def grid_trials(grid: dict[str, list], trials: int | None, seed: int) -> list[di
     return combos
 
 
-def _yaml_value(value) -> str:
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
-
-
 def trial_sets(sweep: Sweep, values: dict, trial_dir: Path) -> list[str]:
-    return [*sweep.sets, *(f"{k}={_yaml_value(v)}" for k, v in values.items()),
+    return [*sweep.sets, *(f"{k}={yaml_value(v)}" for k, v in values.items()),
             f"train.max_steps={sweep.max_steps}", f"train.output_dir={trial_dir}",
             # A collapsed trial is disqualified: no use spending the budget on the rest of it.
             "train.on_collapse=stop",
             *([f"data.max_train_pairs={sweep.train_pairs}"] if sweep.train_pairs else [])]
-
-
-def trial_name(index: int, count: int) -> str:
-    return f"trial-{index + 1:0{max(2, len(str(count)))}d}"
 
 
 def resolve_trials(sweep: Sweep, out_dir: Path) -> list[tuple[str, cfgmod.Config]]:
@@ -185,90 +170,6 @@ def outcome(summary: dict) -> dict:
     return {"status": "ok", **{k: end[k] for k in keep if k in end}, "train_seconds": summary.get("train_seconds")}
 
 
-def ranking(sweep: Sweep) -> list[tuple[str, dict]]:
-    """Qualified trials first, best first (accuracy, then margin, then lower loss); then the rest."""
-    rows = list(sweep.results.items())
-
-    def key(item):
-        r = item[1]
-        if r["status"] != "ok" or r.get(RANKED[0]) is None:
-            return (1, 0.0, 0.0, 0.0)
-        return (0, -r[RANKED[0]], -r.get(RANKED[1], 0.0), r.get("eval_loss", 0.0))
-
-    return sorted(rows, key=key)
-
-
-def save_tables(sweep: Sweep, out_dir: Path) -> None:
-    ranked = ranking(sweep)
-    write_json(out_dir / SWEEP_FILE, {"definition": sweep.definition(), "results": sweep.results,
-                                       "ranking": [name for name, _ in ranked]})
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    keys = list(sweep.grid)
-    writer.writerow(["rank", *keys, *COLUMNS, "reason"])
-    index = dict(zip(_names(sweep), sweep.trials))
-    for rank, (name, r) in enumerate(ranked, 1):
-        writer.writerow([rank if r["status"] == "ok" else "", *(index[name][k] for k in keys), name,
-                         *(r.get(c) for c in COLUMNS[1:]), r.get("reason", "")])
-    write_text(out_dir / "sweep.csv", buffer.getvalue())
-
-
-def write_best(sweep: Sweep, out_dir: Path) -> tuple[str, Path] | None:
-    """The winner's grid values on the full run's config (its steps and data, not the sweep's)."""
-    ranked = ranking(sweep)
-    if not ranked or ranked[0][1]["status"] != "ok":
-        return None
-    name, result = ranked[0]
-    values = sweep.trials[_names(sweep).index(name)]
-    cfg = cfgmod.resolve(sweep.preset, sweep.config_file, None,
-                         [*sweep.sets, *(f"{k}={_yaml_value(v)}" for k, v in values.items())])
-    header = (f"# The winner of the sweep in {out_dir}: {name} ({_settings(values)}), held-out reward accuracy "
-              f"{result[RANKED[0]]:.3f}, margin {result.get(RANKED[1], float('nan')):.3f} after "
-              f"{sweep.max_steps} steps.\n# Train it: simpo-lite train --config {out_dir / 'best.yaml'}\n")
-    path = out_dir / "best.yaml"
-    write_text(path, header + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    return name, path
-
-
-def _names(sweep: Sweep) -> list[str]:
-    return [trial_name(i, len(sweep.trials)) for i in range(len(sweep.trials))]
-
-
-def _settings(values: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in values.items())
-
-
-def plot(sweep: Sweep, out_dir: Path) -> Path | None:
-    """sweep.png: training loss and held-out reward accuracy per step, one curve per trial."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed; must precede pyplot's import
-    import matplotlib.pyplot as plt
-
-    from simpo_lite.run_folder import METRICS, read_metrics
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, values in zip(_names(sweep), sweep.trials):
-        if name not in sweep.results:
-            continue
-        records = read_metrics(out_dir / name / METRICS)
-        train = [r for r in records if "loss" in r]
-        evals = [r for r in records if "eval_rewards/accuracies" in r]
-        style = "-" if sweep.results[name]["status"] == "ok" else ":"
-        label = f"{name}: {_settings(values)}" + ("" if style == "-" else " (disqualified)")
-        line, = left.plot([r["step"] for r in train], [r["loss"] for r in train], style, label=label)
-        right.plot([r["step"] for r in evals], [r["eval_rewards/accuracies"] for r in evals], style, marker="o",
-                   color=line.get_color())
-    left.set(xlabel="step", ylabel="training loss", title="training loss")
-    right.set(xlabel="step", ylabel="held-out reward accuracy", title="held-out reward accuracy", ylim=(-0.05, 1.05))
-    left.legend(fontsize=7)
-    fig.tight_layout()
-    path = out_dir / "sweep.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def _trial_outcome(name: str, trial_dir: Path, run) -> dict:
     """Run one trial; a collapse or divergence disqualifies it instead of ending the sweep."""
     from simpo_lite.errors import DiskFull, first_line
@@ -321,7 +222,7 @@ def run_sweep(sweep: Sweep, out_dir: Path, *, resume: bool = False, overwrite: b
             say(f"sweep: budget of {budget_minutes:g} min reached after {elapsed / 60:.1f} min; "
                 f"{len(configs) - len(sweep.results)} trials not run (continue with --resume and a larger budget)")
             break
-        say(f"sweep: {name} ({_settings(values)})")
+        say(f"sweep: {name} ({settings_text(values)})")
         t0 = time.perf_counter()
         try:
             result = _trial_outcome(name, out_dir / name,
@@ -350,28 +251,24 @@ def run_sweep(sweep: Sweep, out_dir: Path, *, resume: bool = False, overwrite: b
     return {"ranking": ranking(sweep), "best": best, "main": main}
 
 
-def print_ranking(sweep: Sweep, result: dict, out_dir: Path) -> None:
-    """The ranked table on stdout (console.print_table: tab-separated rows when piped), then where
-    the files are and the winner."""
-    from simpo_lite.console import print_table
 
-    if not result["main"]:
-        return
-    index = dict(zip(_names(sweep), sweep.trials))
-    head = ["rank", "trial", *sweep.grid, "accuracy", "margin", "loss", "length x", "looping", "status"]
-    rows = []
-    for rank, (name, r) in enumerate(result["ranking"], 1):
-        ok = r["status"] == "ok"
-        figures = [f"{r[k]:.3f}" if ok and r.get(k) is not None else "-"
-                   for k in (*RANKED, "eval_loss", "health/length_ratio", "health/looping")]
-        rows.append([str(rank) if ok else "-", name, *(str(index[name][k]) for k in sweep.grid), *figures,
-                     "ok" if ok else f"disqualified: {r['reason']}"])
-    # Cells are plain text (a reason or a grid value may hold [brackets]).
-    print_table(head, rows, title="sweep ranking", markup=False)
-    print(f"tables: {out_dir / 'sweep.csv'}, {out_dir / SWEEP_FILE}; curves: {out_dir / 'sweep.png'}")
-    if result["best"]:
-        name, path = result["best"]
-        print(f"best: {name} ({_settings(index[name])}); train it with: simpo-lite train --config {path}")
-    else:
-        print("best: none; every finished trial was disqualified. Try lower learning rates or a larger "
-              "simpo.sft_weight, and read the trials' samples.jsonl")
+
+def sweep_command(preset: str | None, config_file, sets: list[str], grid: list[str], *, max_steps: int,
+                  train_pairs: int | None, output_dir: Path, trials: int | None, budget_minutes: float | None,
+                  resume: str | None, overwrite: bool, quiet: bool, say=print) -> None:
+    """`simpo-lite sweep`: every problem of the grid and the base config at once, then the trials, then
+    the ranking."""
+    if resume not in (None, "latest"):
+        raise UserError(f"--resume takes no value in sweep (got {resume!r}): it continues the sweep in --output-dir")
+    parsed, problems = parse_grid(grid)
+    try:
+        base = cfgmod.resolve(preset, config_file, None, sets)
+    except ConfigError as err:
+        problems += err.problems
+    if problems:
+        raise ConfigError(problems)
+    sweep = Sweep(preset, str(config_file) if config_file else None, list(sets), parsed, max_steps, train_pairs,
+                  trials, grid_trials(parsed, trials, base.train.seed))
+    result = run_sweep(sweep, output_dir, resume=resume is not None, overwrite=overwrite,
+                       budget_minutes=budget_minutes, quiet=quiet, say=say)
+    print_ranking(sweep, result, output_dir)

@@ -139,10 +139,11 @@ def test_shared_ideas_have_the_same_flag_everywhere():
 
 
 def test_switches_take_true_or_false():
-    from simpo_lite.cli import _normalise_argv
+    from simpo_lite.cli import app
+    from simpo_lite.cli_args import normalise_argv
 
-    assert _normalise_argv(["train", "--overwrite=true", "--quiet=0"])[0] == ["train", "--overwrite"]
+    assert normalise_argv(["train", "--overwrite=true", "--quiet=0"], app)[0] == ["train", "--overwrite"]
     bad = run_cli("train", "--overwrite=maybe")
     assert bad.returncode == 2 and "--overwrite=true / --overwrite=false" in bad.stderr
     # An option that takes a value keeps its '=value'.
-    assert _normalise_argv(["train", "--max-steps=3"])[0] == ["train", "--max-steps=3"]
+    assert normalise_argv(["train", "--max-steps=3"], app)[0] == ["train", "--max-steps=3"]

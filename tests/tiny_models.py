@@ -30,7 +30,7 @@ TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, nu
 
 def smollm2_tokenizer_dir() -> str:
     """The bundled SmolLM2-135M-Instruct as a Hugging Face folder (converted once, then cached)."""
-    from simpo_lite.model import resolve_model_source
+    from simpo_lite.model_source import resolve_model_source
 
     return resolve_model_source("smollm2-135m-instruct")
 

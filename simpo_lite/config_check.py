@@ -1,0 +1,78 @@
+"""One config value against its schema field: its type (with the readings YAML and --set need), its
+numeric bounds, and the closest valid name when it is misspelt."""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from typing import Any, Literal
+
+
+def suggest(word: str, options: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is typing.Union:
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(type_name(a) for a in inner) + (" or null" if len(inner) < len(typing.get_args(tp)) else "")
+    if origin is list:
+        return "a list of " + type_name(typing.get_args(tp)[0]) + "s"
+    if origin is dict:
+        return "a mapping of strings"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}[tp]
+
+
+def check_type(value: Any, tp: Any) -> tuple[bool, Any]:
+    """(ok, normalised value). Ints are accepted where floats are expected, never bools for numbers."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        if value is None:
+            return type(None) in typing.get_args(tp), None
+        checked = [check_type(value, a) for a in typing.get_args(tp) if a is not type(None)]
+        return next(((True, v) for ok, v in checked if ok), (False, value))
+    if origin is Literal:
+        return value in typing.get_args(tp), value
+    if origin is list:
+        if isinstance(value, str):  # a single item is a one-item list: `--set lora.target_modules=q_proj`
+            value = [value]
+        if not isinstance(value, list):
+            return False, value
+        item = typing.get_args(tp)[0]
+        checked = [check_type(v, item) for v in value]
+        return all(ok for ok, _ in checked), [v for _, v in checked]
+    if origin is dict:
+        ok = isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+        return ok, value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string; users mean the number
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    return isinstance(value, tp), value
+
+
+def check_bounds(key: str, value: Any, meta: typing.Mapping) -> str | None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    for name, test, word in (("ge", lambda b: value >= b, ">="), ("gt", lambda b: value > b, ">"),
+                             ("le", lambda b: value <= b, "<="), ("lt", lambda b: value < b, "<")):
+        bound = meta.get(name)
+        if bound is not None and not test(bound):
+            return f"{key}: {value!r} is out of range; it must be {word} {bound}"
+    return None
+
+
+def is_str_type(tp: Any) -> bool:
+    if typing.get_origin(tp) is typing.Union:
+        return any(is_str_type(a) for a in typing.get_args(tp) if a is not type(None))
+    return tp is str
