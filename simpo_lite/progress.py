@@ -73,6 +73,7 @@ def print_summary(summary: dict, output_dir: Path) -> None:
     from simpo_lite import health
     from simpo_lite.console import print_table, result_line
     from simpo_lite.loss import METRIC_NAMES
+    from simpo_lite.run_report import print_samples
 
     rows = []
     start, end = summary.get("start_eval") or {}, summary.get("end_eval") or {}
@@ -86,4 +87,5 @@ def print_summary(summary: dict, output_dir: Path) -> None:
         rows.append(["resumed from", "", str(summary["resumed_from"])])
     rows.append(["peak memory", "", f"{summary['peak_mem_mb']:.0f} MB"])
     print_table(["metric", "start", "end"], rows, title="simpo-lite run summary")
+    print_samples(output_dir, limit=3)
     result_line(f"adapter saved to {Path(output_dir) / 'adapter'}; merge it with: simpo-lite export {output_dir}")

@@ -149,15 +149,23 @@ def samples_side_by_side(run_dir: Path) -> list[tuple[str, str, str]] | None:
     return [(prompt, before[prompt], after.get(prompt, "-")) for prompt in before]
 
 
-def _print_samples(run_dir: Path) -> None:
-    from simpo_lite.console import print_table
+def print_samples(run_dir: Path, limit: int | None = None) -> None:
+    """The answers of the first and the last evaluation side by side; with `limit`, the first few and
+    where the rest are. What the model writes is the outcome, not its reward accuracy."""
+    from simpo_lite.console import print_table, result_line
 
     rows = samples_side_by_side(run_dir)
     if not rows:
         return
     samples = run_folder.read_metrics(Path(run_dir) / run_folder.SAMPLES)
-    print_table(["prompt", f"step {samples[0]['step']}", f"step {samples[-1]['step']}"], rows,
-                title="what the model wrote (samples.jsonl, greedy)", markup=False, show_lines=True)
+    shown = rows if limit is None else rows[:limit]
+    title = (f"what the model wrote: {len(shown)} of {len(rows)} held-out prompts, greedy" if len(shown) < len(rows)
+             else "what the model wrote (samples.jsonl, greedy)")
+    print_table(["prompt", f"step {samples[0]['step']}", f"step {samples[-1]['step']}"], shown,
+                title=title, markup=False, show_lines=True)
+    if len(shown) < len(rows):
+        # Its own line: a command in a table title would wrap where a terminal is narrow.
+        result_line(f"all {len(rows)} answers and the curves: simpo-lite report {run_dir}")
 
 
 def _fmt(value) -> str:
@@ -234,7 +242,7 @@ def report_command(run_dir: Path, out: Path | None = None) -> Path:
     plot(train, evals, out, title=f"simpo-lite run {run_dir.resolve().name}")
     for line in summary_lines(run_dir, train, evals, summary):
         print(line)
-    _print_samples(run_dir)
+    print_samples(run_dir)
     from simpo_lite.console import info
 
     info(f"curves written to {out}")

@@ -103,22 +103,22 @@ def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("health-run")
     model, data = tiny_model_folder(root / "model", tie=True, sharpen=True), write_pairs(root / "pairs.jsonl", 20)
     config = write_config(root / "c.yaml", model, data, root / "run", max_steps=4, eval_steps=2,
-                          health_prompts=3, health_max_new_tokens=10)
+                          health_prompts=4, health_max_new_tokens=10)
     result = subprocess.run([sys.executable, "-m", "simpo_lite", "train", "--config", str(config), "--quiet"],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    return root / "run", result.stderr
+    return root / "run", result.stderr, result.stdout
 
 
 def test_every_evaluation_measures_and_writes_what_the_model_wrote(tiny_run):
-    run, stderr = tiny_run
+    run, stderr, _ = tiny_run
     evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line]
     assert [r["step"] for r in evals] == [0, 2, 4]
     for key in ("health/length", "health/no_stop", "health/repetition", "health/looping"):
         assert all(key in r for r in evals), key
     assert "health/length_ratio" not in evals[0] and "health/logps_chosen_drift" in evals[-1]
     samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
-    assert [s["step"] for s in samples] == [0] * 3 + [2] * 3 + [4] * 3
+    assert [s["step"] for s in samples] == [0] * 4 + [2] * 4 + [4] * 4
     assert {s["prompt"] for s in samples} <= {f"Tell me about {w} number {i}." for w in
                                               ["apple", "river", "stone", "cloud", "green", "seven", "quiet", "maple",
                                                "ocean", "lamp"] for i in range(20)}
@@ -130,9 +130,23 @@ def test_every_evaluation_measures_and_writes_what_the_model_wrote(tiny_run):
 def test_report_prints_first_and_last_answers_side_by_side(tiny_run):
     from simpo_lite.run_report import samples_side_by_side
 
-    run, _ = tiny_run
+    run, _, _ = tiny_run
     rows = samples_side_by_side(run)
-    assert len(rows) == 3 and all(len(row) == 3 for row in rows)
+    assert len(rows) == 4 and all(len(row) == 3 for row in rows)
     out = subprocess.run([sys.executable, "-m", "simpo_lite", "report", str(run)], capture_output=True, text=True)
     assert out.returncode == 0 and "step 0" in out.stdout and "step 4" in out.stdout
     assert "generation health at step 4" in out.stdout
+
+
+def test_the_end_of_training_shows_what_the_model_writes_before_and_after(tiny_run):
+    from simpo_lite.run_report import samples_side_by_side
+
+    run, _, stdout = tiny_run
+    lines = stdout.splitlines()  # piped: plain tab-separated rows under a '# title' line
+    title = next(i for i, line in enumerate(lines) if line.startswith("# what the model wrote"))
+    assert "3 of 4 held-out prompts" in lines[title]
+    assert lines[title + 1].split("\t") == ["prompt", "step 0", "step 4"]
+    shown = [line.split("\t")[0] for line in lines[title + 2:title + 5]]
+    assert shown == [prompt for prompt, _, _ in samples_side_by_side(run)[:3]]
+    assert lines[title + 5] == f"all 4 answers and the curves: simpo-lite report {run}"
+    assert lines[title + 6].startswith("adapter saved to")  # the next command comes last
