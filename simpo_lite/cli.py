@@ -115,7 +115,7 @@ def train(
     run_training(cfg, resume=resume, overwrite=overwrite, quiet=quiet or not sys.stderr.isatty())
 
 
-@app.command()
+@app.command(short_help="Merge a run's adapter into the base weights, or write a GGUF.")
 def export(
     run_dir: Path = typer.Argument(..., metavar="RUN", help="A training run's output folder."),
     out: Optional[Path] = typer.Option(None, "--out", metavar="DIR", help="Destination folder (default: RUN/merged, "
@@ -190,7 +190,7 @@ def data_inspect(
     inspect_data(cfg, index=index)
 
 
-@app.command("eval")
+@app.command("eval", short_help="Preference metrics of a model or run on an eval split.")
 def evaluate(
     model_or_run: str = TargetArg,
     preset: Optional[str] = PresetOpt,
@@ -205,7 +205,7 @@ def evaluate(
     evaluate_command(model_or_run, preset=preset, config=config, data=data, sets=sets or [], out=out)
 
 
-@app.command()
+@app.command(short_help="Answers to benchmark prompts, in AlpacaEval's format.")
 def generate(
     model_or_run: str = TargetArg,
     out: Path = typer.Option(..., "--out", metavar="FILE.json", help="Output JSON in AlpacaEval format."),
@@ -230,7 +230,7 @@ def generate(
                      data=data, sets=sets or [])
 
 
-@app.command()
+@app.command(short_help="Talk to a run, an export or a base model in the terminal.")
 def chat(
     model_or_run: str = TargetArg,
     system: Optional[str] = typer.Option(None, "--system", metavar="TEXT", help="System message (default: the "
@@ -266,7 +266,7 @@ def report(run_dir: Path = typer.Argument(..., metavar="RUN", help="A training r
     report_command(run_dir, out=out)
 
 
-@app.command()
+@app.command(short_help="Peak GPU memory of a run, and the micro-batch that fits.")
 def plan(
     preset: Optional[str] = PresetOpt,
     config: Optional[Path] = ConfigOpt,
@@ -289,7 +289,7 @@ def plan(
     plan_command(cfg, gpu_memory=gpu_memory, processes=processes, fsdp=fsdp)
 
 
-@app.command()
+@app.command(short_help="Short runs over a grid of settings, ranked; best.yaml.")
 def sweep(
     preset: Optional[str] = PresetOpt,
     config: Optional[Path] = ConfigOpt,

@@ -20,6 +20,13 @@ def test_help_is_fast_and_does_not_import_torch():
     assert time.perf_counter() - start < 5  # two interpreter starts; --help alone is ~0.3 s
 
 
+def test_the_command_list_shows_every_summary_whole():
+    """Piped help is 80 columns wide; click cuts a summary that does not fit with '...'."""
+    result = run_cli("--help")
+    commands = result.stdout.split("Commands:")[1].strip().splitlines()
+    assert len(commands) == 10 and not [line for line in commands if line.rstrip().endswith("...")]
+
+
 def test_presets_list_and_show():
     listing = run_cli("presets", "list")
     assert listing.returncode == 0
