@@ -45,7 +45,8 @@ def evaluate_command(model_or_run: str, preset: str | None = None, config=None, 
 def _print_metrics(result: dict) -> None:
     from simpo_lite.console import info, print_table
 
-    info(f"{result['model']}; {result['eval_pairs']} eval pairs of {result['data']}, "
+    pairs = result["eval_pairs"]
+    info(f"{result['model']}; {pairs} eval pair{'' if pairs == 1 else 's'} of {result['data']}, "
          f"beta {result['beta']:g}, gamma/beta {result['gamma_beta_ratio']:g}")
     print_table(["metric", "value"], [[key, f"{value:.4f}" if isinstance(value, float) else str(value)]
                                     for key, value in result.items() if key.startswith("eval_")])

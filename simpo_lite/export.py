@@ -117,8 +117,9 @@ def _stored_dtype(cfg: Config) -> str:
 
     from simpo_lite.model_source import resolve_model_source
 
+    source = resolve_model_source(cfg.model.name_or_path, revision=cfg.model.revision)
     try:
-        base = AutoConfig.from_pretrained(resolve_model_source(cfg.model.name_or_path), revision=cfg.model.revision,
+        base = AutoConfig.from_pretrained(source, revision=cfg.model.revision,
                                           trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError):
         return "bf16"

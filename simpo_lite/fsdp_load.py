@@ -79,7 +79,7 @@ def _meta_skeleton(model_cfg: ModelConfig, layout: dict | None, device: torch.de
     from simpo_lite.model import keep_one_cpu_4bit_kernel, compute_dtype
     from simpo_lite.model_source import resolve_model_source
 
-    source = resolve_model_source(model_cfg.name_or_path, need="config")
+    source = resolve_model_source(model_cfg.name_or_path, need="config", revision=model_cfg.revision)
     config = AutoConfig.from_pretrained(source, revision=model_cfg.revision,
                                         trust_remote_code=model_cfg.trust_remote_code)
     kwargs = {"attn_implementation": model_cfg.attn_implementation} if model_cfg.attn_implementation else {}

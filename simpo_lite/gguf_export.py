@@ -35,7 +35,8 @@ def check_request(quant: str, run: Path, cfg) -> None:
 
     if quant not in QUANTS:
         raise UserError(f"--quant '{quant}' is not supported: use one of {', '.join(QUANTS)}")
-    check_architecture(resolve_model_source(cfg.model.name_or_path), cfg.model.trust_remote_code)
+    check_architecture(resolve_model_source(cfg.model.name_or_path, revision=cfg.model.revision),
+                       cfg.model.trust_remote_code)
     tokenizer_kind(run / "adapter")
     if quant in LLAMA_CPP_QUANTS and not llama_cpp_available():
         raise UserError(f"--quant {quant} is made by llama.cpp's quantizer, which is not installed: {LLAMA_CPP_HINT}, "

@@ -115,7 +115,7 @@ def check_memory(cfg: Config, say: Callable[[str], None]) -> None:
 def parameter_count(cfg: Config) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    source = resolve_model_source(cfg.model.name_or_path)
+    source = resolve_model_source(cfg.model.name_or_path, revision=cfg.model.revision)
     config = AutoConfig.from_pretrained(source, revision=cfg.model.revision,
                                         trust_remote_code=cfg.model.trust_remote_code)
     if getattr(config, "quantization_config", None):

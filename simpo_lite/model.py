@@ -60,7 +60,7 @@ def load_tokenizer(model_cfg: ModelConfig):
     """The model's tokenizer, right-padded, with EOS as pad when it has no pad token."""
     from transformers import AutoTokenizer
 
-    source = resolve_model_source(model_cfg.name_or_path, need="tokenizer")
+    source = resolve_model_source(model_cfg.name_or_path, need="tokenizer", revision=model_cfg.revision)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=model_cfg.revision,
                                                   trust_remote_code=model_cfg.trust_remote_code)
@@ -123,7 +123,7 @@ def load_base_model(model_cfg: ModelConfig, quantize: bool | None = None, dtype:
         kwargs["attn_implementation"] = model_cfg.attn_implementation
     if quantize:
         kwargs["quantization_config"] = quantization_config(model_cfg)
-    source = resolve_model_source(model_cfg.name_or_path, need="weights")
+    source = resolve_model_source(model_cfg.name_or_path, need="weights", revision=model_cfg.revision)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as err:

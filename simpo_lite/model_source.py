@@ -62,12 +62,17 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def resolve_model_source(name_or_path: str, need: str = "config") -> str:
+def resolve_model_source(name_or_path: str, need: str = "config", revision: str | None = None) -> str:
     """A bundled model name becomes its cached Hugging Face folder; a local folder is checked for what
-    loading it needs (`need`: "config", "weights" or "tokenizer"); a Hub id passes through."""
+    loading it needs (`need`: "config", "weights" or "tokenizer"); a Hub id passes through, once the
+    Hugging Face cache holds what loading it needs (hub_fetch)."""
     if name_or_path not in BUNDLED_MODELS:
         if looks_like_local_path(name_or_path):
             check_model_folder(Path(name_or_path).expanduser(), name_or_path, need)
+        else:
+            from simpo_lite.hub_fetch import fetch_model
+
+            fetch_model(name_or_path, need, revision)
         return name_or_path
     target = cache_dir() / "models" / name_or_path
     if not (target / "config.json").is_file():

@@ -1,0 +1,194 @@
+"""A model on the Hugging Face Hub, fetched into its cache before transformers loads it.
+
+Two things a user would otherwise meet (the libraries' own bars and logs are off unless --verbose):
+- a first download of several GB with nothing on the screen: here it is announced with its size and
+  followed by a progress bar (plain lines when stderr is not a terminal);
+- a Hub that cannot be reached, or that refuses or lacks the model: here one line says so at once,
+  instead of a minute of silent retries and a traceback. A model already in the cache loads offline.
+
+Only the files loading needs are fetched: the top-level config and tokenizer files and, for weights, the
+top-level *.safetensors (*.bin where there are none). Llama repositories also hold the original
+checkpoint under original/, another full copy that transformers never reads.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import sys
+import threading
+import time
+
+from pathlib import Path
+
+from simpo_lite.errors import DiskFull, UserError, first_line, human_size
+from simpo_lite.files import free_bytes, is_disk_full
+
+TOKENIZER_PATTERNS = ("tokenizer*", "vocab.*", "merges.txt", "special_tokens_map.json", "added_tokens.json",
+                      "*.jinja", "spiece.model", "sentencepiece.bpe.model", "*.tiktoken")
+PLAIN_EVERY_S = 30.0
+ROOM = "free some space there, or point HF_HOME at a disk with room, and run the command again"
+
+
+def wanted_files(names: list[str], need: str) -> list[str]:
+    """The repository files that loading for `need` ("config", "tokenizer" or "weights") reads."""
+    top = [n for n in names if "/" not in n]
+    wanted = {"config.json"} & set(top)
+    if need in ("tokenizer", "weights"):
+        wanted |= {n for n in top if any(fnmatch.fnmatch(n, p) for p in TOKENIZER_PATTERNS)}
+    if need == "weights":
+        wanted |= {n for n in top if n.endswith(".json")}
+        weights = [n for n in top if n.endswith(".safetensors")]
+        wanted |= set(weights or [n for n in top if n.startswith("pytorch_model") and n.endswith(".bin")])
+    return sorted(wanted)
+
+
+def fetch_model(repo_id: str, need: str, revision: str | None = None) -> None:
+    """Make sure the cache holds what loading `repo_id` for `need` reads; say so while it downloads."""
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE:
+        return  # the user asked for the cache alone; transformers says what is missing
+    cached = lambda name, rev: isinstance(try_to_load_from_cache(repo_id, name, revision=rev), str)  # noqa: E731
+    try:
+        info = HfApi().model_info(repo_id, revision=revision, files_metadata=True, timeout=10)
+    except Exception as err:  # noqa: BLE001 -- sorted into what the user can do about it
+        if not cached("config.json", revision):
+            raise UserError(_refusal(repo_id, revision, err)) from None
+        _work_offline(f"could not check {repo_id} on the Hugging Face Hub ({first_line(err) or type(err).__name__}): "
+                      f"loading it from the cache, offline")
+        return
+    sizes = {s.rfilename: s.size or 0 for s in info.siblings or []}
+    missing = [name for name in wanted_files(list(sizes), need) if not cached(name, info.sha)]
+    if missing:
+        _download(repo_id, info.sha, missing, sum(sizes[name] for name in missing), constants.HF_HUB_CACHE)
+
+
+def _work_offline(message: str) -> None:
+    """Tell the libraries the Hub is out of reach. Otherwise transformers tries each of a cached model's
+    files five times, 23 s a file, before it reads the cache: minutes of silence (measured: 2 min 51 s for a
+    tiny model). The environment variable reaches libraries imported later and child processes."""
+    from huggingface_hub import constants
+
+    constants.HF_HUB_OFFLINE = True
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    if "datasets" in sys.modules:  # it copied the setting when it was imported
+        sys.modules["datasets"].config.HF_HUB_OFFLINE = True
+    if os.environ.get("RANK", "0") == "0":
+        _say(message)
+
+
+def _refusal(repo_id: str, revision: str | None, err: Exception) -> str:
+    from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    page = f"{constants.ENDPOINT}/{repo_id}"
+    if isinstance(err, GatedRepoError):
+        return (f"model '{repo_id}' is gated: accept its terms at {page} with your account, then log in here "
+                f"with 'hf auth login' (or set HF_TOKEN)")
+    if isinstance(err, RevisionNotFoundError):
+        return f"model '{repo_id}' has no revision '{revision}': check model.revision"
+    if isinstance(err, RepositoryNotFoundError):
+        return (f"no model '{repo_id}' on the Hugging Face Hub ({page}), or it is private and this machine is not "
+                f"logged in ('hf auth login'): check model.name_or_path")
+    if isinstance(err, HfHubHTTPError):
+        return f"the Hugging Face Hub refused model '{repo_id}': {first_line(err)}"
+    return (f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} ({first_line(err) or type(err).__name__}) "
+            f"and model '{repo_id}' is not in its cache ({constants.HF_HUB_CACHE}): connect this machine, set "
+            f"HF_ENDPOINT to a mirror, or download the model elsewhere ('hf download {repo_id}') and give its folder")
+
+
+def _download(repo_id: str, sha: str, files: list[str], total: int, cache: str) -> None:
+    """snapshot_download in a thread; this thread shows the bytes arriving in the repository's blobs."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.file_download import repo_folder_name
+
+    free = free_bytes(Path(cache))
+    if free is not None and free < total:
+        raise DiskFull(f"model '{repo_id}'", cache, total, more_than=False, free=free, hint=ROOM)
+    main = os.environ.get("RANK", "0") == "0"  # under torchrun the other processes wait on the same files
+    say = _say if main else (lambda message: None)
+    say(f"model: downloading {repo_id} from the Hugging Face Hub: {len(files)} files, {human_size(total)}, "
+        f"into {cache} (once; later runs load it from there)")
+    failure: list[BaseException] = []
+
+    def fetch() -> None:
+        try:
+            snapshot_download(repo_id, revision=sha, allow_patterns=files)
+        except BaseException as err:  # noqa: BLE001 -- handed to the waiting thread
+            failure.append(err)
+
+    worker = threading.Thread(target=fetch, name="simpo-lite-download", daemon=True)
+    started = time.perf_counter()
+    worker.start()
+    blobs = os.path.join(cache, repo_folder_name(repo_id=repo_id, repo_type="model"), "blobs")
+    before = _folder_bytes(blobs)
+    show = _Bar(total) if main and sys.stderr.isatty() else _Lines(total, say if main else None)
+    try:
+        while worker.is_alive():
+            worker.join(timeout=0.5)
+            show.update(_folder_bytes(blobs) - before, time.perf_counter() - started)
+    finally:
+        show.close()
+    if failure:
+        err = failure[0]
+        if not isinstance(err, Exception):
+            raise err
+        if is_disk_full(err, Path(cache)):
+            raise DiskFull(f"model '{repo_id}'", cache, total, more_than=False, free=free_bytes(Path(cache)),
+                           hint=ROOM) from err
+        raise UserError(f"downloading model '{repo_id}' stopped: {first_line(err)}; run the command again "
+                        f"to go on from where it stopped") from None
+    say(f"model: {repo_id} downloaded ({human_size(total)} in {time.perf_counter() - started:.0f} s)")
+
+
+def _folder_bytes(folder: str) -> int:
+    """Bytes in the folder, files being written included (the Hub writes *.incomplete, then renames)."""
+    try:
+        with os.scandir(folder) as entries:
+            return sum(entry.stat().st_size for entry in entries if entry.is_file())
+    except FileNotFoundError:
+        return 0
+
+
+def _say(message: str) -> None:
+    from simpo_lite.console import info
+
+    info(message)
+
+
+class _Bar:
+    """A live bar on a terminal: bytes, rate, time left."""
+
+    def __init__(self, total: int):
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, \
+            TransferSpeedColumn
+
+        self._bar = Progress(TextColumn("[bold]download"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                             TimeRemainingColumn(), transient=True)
+        self._bar.start()
+        self._task = self._bar.add_task("download", total=total)
+
+    def update(self, done: int, seconds: float) -> None:
+        self._bar.update(self._task, completed=done)
+
+    def close(self) -> None:
+        self._bar.stop()
+
+
+class _Lines:
+    """Piped or logged: a line every PLAIN_EVERY_S seconds."""
+
+    def __init__(self, total: int, say):
+        self.total, self.say, self.next_at = total, say, PLAIN_EVERY_S
+
+    def update(self, done: int, seconds: float) -> None:
+        if self.say is None or seconds < self.next_at:
+            return
+        self.next_at += PLAIN_EVERY_S
+        rate = done / seconds if seconds else 0.0
+        self.say(f"model: {human_size(done)} of {human_size(self.total)} downloaded "
+                 f"({human_size(rate)}/s, {seconds:.0f} s)")
+
+    def close(self) -> None:
+        pass

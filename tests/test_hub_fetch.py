@@ -1,0 +1,168 @@
+"""A Hub model fetched before loading, against a local stand-in for the Hub's download API: announced with
+its size, only the files loading reads, loaded from the cache when the Hub is gone, and one line at once
+when the Hub cannot be reached or refuses the model."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+from tiny_models import free_port, tiny_model_folder, write_pairs
+
+from simpo_lite.hub_fetch import PLAIN_EVERY_S, _Lines, wanted_files
+
+SHA = "a" * 40
+
+
+class HubFiles(ThreadingHTTPServer):
+    """The model-info and file-resolve routes of the Hub for a few repositories; it records each request."""
+
+    def __init__(self, repos: dict[str, dict[str, bytes]], gated: tuple[str, ...] = ()):
+        super().__init__(("127.0.0.1", 0), _FilesHandler)
+        self.repos, self.gated = repos, gated
+        self.requests: list[tuple[str, str]] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_port}"
+
+
+class _FilesHandler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        self._route(body=True)
+
+    def do_HEAD(self):
+        self._route(body=False)
+
+    def _send(self, status: int, payload: bytes, headers: dict, body: bool) -> None:
+        self.send_response(status)
+        for key, value in {**headers, "Content-Length": str(len(payload))}.items():
+            self.send_header(key, value)
+        self.end_headers()
+        if body:
+            self.wfile.write(payload)
+
+    def _error(self, status: int, code: str, body: bool) -> None:
+        self._send(status, json.dumps({"error": code}).encode(), {"X-Error-Code": code,
+                                                                  "Content-Type": "application/json"}, body)
+
+    def _route(self, body: bool) -> None:
+        hub: HubFiles = self.server
+        path = urlparse(self.path).path
+        hub.requests.append((self.command, path))
+        parts = path.strip("/").split("/")
+        info = parts[:2] == ["api", "models"]
+        repo = "/".join(parts[2:4] if info else parts[:2])
+        if repo in hub.gated:
+            return self._error(403, "GatedRepo", body)
+        if repo not in hub.repos:
+            return self._error(404, "RepoNotFound", body)
+        files = hub.repos[repo]
+        if info and parts[4:5] == ["tree"]:  # /api/models/{repo}/tree/{rev}: what snapshot_download lists
+            tree = [{"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+                    for name, data in files.items()]
+            return self._send(200, json.dumps(tree).encode(), {"Content-Type": "application/json"}, body)
+        if info:  # /api/models/{repo}[/revision/{rev}]
+            siblings = [{"rfilename": name, "size": len(data)} for name, data in files.items()]
+            payload = json.dumps({"id": repo, "sha": SHA, "siblings": siblings}).encode()
+            return self._send(200, payload, {"Content-Type": "application/json"}, body)
+        name = "/".join(parts[4:])  # /{repo}/resolve/{rev}/{name}
+        if parts[2:3] != ["resolve"] or name not in files:
+            return self._error(404, "EntryNotFound", body)
+        etag = hashlib.sha256(files[name]).hexdigest()
+        self._send(200, files[name], {"X-Repo-Commit": SHA, "ETag": f'"{etag}"'}, body)
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hub")
+    folder = tiny_model_folder(root / "tiny")
+    files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    files["original/consolidated.00.pth"] = b"\0" * 4096  # a second copy transformers never reads
+    server = HubFiles({"tester/tiny": files}, gated=("tester/gated",))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server, root
+    server.shutdown()
+
+
+def run_cli(*args, endpoint: str, home: Path):
+    """The CLI with its own Hugging Face cache (`home`), talking to `endpoint` instead of the Hub."""
+    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HOME": str(home), "HF_HUB_OFFLINE": "0"}
+    env.pop("HF_TOKEN", None)
+    return subprocess.run([sys.executable, "-m", "simpo_lite", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_loading_reads_the_top_level_files_it_needs_and_nothing_else():
+    names = ["config.json", "generation_config.json", "model-00001-of-00002.safetensors",
+             "model-00002-of-00002.safetensors", "model.safetensors.index.json", "tokenizer.json",
+             "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "README.md",
+             "original/consolidated.00.pth", "original/tokenizer.model", "pytorch_model.bin", "onnx/model.onnx"]
+    assert wanted_files(names, "config") == ["config.json"]
+    assert wanted_files(names, "tokenizer") == ["chat_template.jinja", "config.json", "special_tokens_map.json",
+                                                "tokenizer.json", "tokenizer_config.json"]
+    weights = wanted_files(names, "weights")
+    assert "model-00002-of-00002.safetensors" in weights and "model.safetensors.index.json" in weights
+    assert not [n for n in weights if n.startswith(("original/", "onnx/")) or n.endswith((".bin", ".md"))]
+    # Without safetensors, the PyTorch weights are what loading reads.
+    assert "pytorch_model.bin" in wanted_files(["config.json", "pytorch_model.bin"], "weights")
+
+
+def test_piped_download_progress_is_a_line_every_half_minute():
+    lines = []
+    progress = _Lines(total=4_000_000_000, say=lines.append)
+    progress.update(1_000_000_000, PLAIN_EVERY_S - 1)
+    assert lines == []
+    progress.update(1_500_000_000, PLAIN_EVERY_S + 1)
+    progress.update(1_600_000_000, PLAIN_EVERY_S + 2)
+    assert lines == ["model: 1.5 GB of 4.0 GB downloaded (48.4 MB/s, 31 s)"]
+
+
+def test_a_hub_model_is_fetched_once_with_its_size_then_loads_from_the_cache_when_the_hub_is_gone(hub, tmp_path):
+    server, root = hub
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 8)
+    first = run_cli("eval", "tester/tiny", "--data", str(pairs), endpoint=server.url, home=tmp_path / "hf")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "model: downloading tester/tiny from the Hugging Face Hub:" in first.stderr
+    assert "model: tester/tiny downloaded" in first.stderr
+    fetched = {path.split("/resolve/" + SHA + "/")[-1] for method, path in server.requests if method == "GET"
+               and "/resolve/" in path}
+    assert "model.safetensors" in fetched and not [name for name in fetched if name.startswith("original/")]
+
+    # Cached: no second download, and no Hub needed at all (a port nothing listens on), without the
+    # libraries' retries of every file (2 min 51 s here before the process was told it is offline).
+    start = time.perf_counter()
+    again = run_cli("eval", "tester/tiny", "--data", str(pairs), endpoint=f"http://127.0.0.1:{free_port()}",
+                    home=tmp_path / "hf")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert time.perf_counter() - start < 60
+    assert "downloading" not in again.stderr and "loading it from the cache, offline" in again.stderr
+
+
+def test_an_unreachable_hub_is_one_line_at_once(tmp_path):
+    start = time.perf_counter()
+    result = run_cli("data", "inspect", "--preset", "smollm2-demo", "--model", "tester/tiny",
+                     endpoint=f"http://127.0.0.1:{free_port()}", home=tmp_path / "hf")
+    assert result.returncode == 2 and time.perf_counter() - start < 30  # not a minute of retries
+    assert result.stderr.count("\n") == 1 and "cannot reach the Hugging Face Hub" in result.stderr
+    assert "'tester/tiny' is not in its cache" in result.stderr and "hf download tester/tiny" in result.stderr
+
+
+@pytest.mark.parametrize("model, says", [("tester/gated", "is gated: accept its terms at"),
+                                         ("tester/nothing", "no model 'tester/nothing' on the Hugging Face Hub")])
+def test_a_model_the_hub_refuses_or_lacks_is_one_line(hub, tmp_path, model, says):
+    server, _ = hub
+    result = run_cli("data", "inspect", "--preset", "smollm2-demo", "--model", model, endpoint=server.url,
+                     home=tmp_path / "hf")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and says in result.stderr, result.stderr
