@@ -1,16 +1,15 @@
-"""A model on the Hugging Face Hub, fetched into its cache before transformers loads it.
+"""Models and datasets on the Hugging Face Hub, checked before the libraries load them.
 
 Two things a user would otherwise meet (the libraries' own bars and logs are off unless --verbose):
-- a first download of several GB with nothing on the screen: here it is announced with its size and
-  followed by a progress bar (plain lines when stderr is not a terminal);
-- a Hub that cannot be reached, or that refuses or lacks the model: here one line says so at once,
-  instead of a minute of silent retries and a traceback. A model already in the cache loads offline.
+- a first model download of several GB with nothing on the screen: here it is announced with its size
+  and followed by a progress bar (plain lines when stderr is not a terminal);
+- a Hub that cannot be reached, or that refuses or lacks the model or dataset: here one line says so at
+  once, instead of a minute of silent retries and a traceback. What is already cached loads offline.
 
-Only the files loading needs are fetched: the top-level config and tokenizer files and, for weights, the
-top-level *.safetensors (*.bin where there are none). Llama repositories also hold the original
-checkpoint under original/, another full copy that transformers never reads.
+Only the files loading a model needs are fetched: the top-level config and tokenizer files and, for
+weights, the top-level *.safetensors (*.bin where there are none). Llama repositories also hold the
+original checkpoint under original/, another full copy that transformers never reads.
 """
-
 from __future__ import annotations
 
 import fnmatch
@@ -64,7 +63,7 @@ def fetch_model(repo_id: str, need: str, revision: str | None = None) -> None:
         _download(repo_id, info.sha, missing, sum(sizes[name] for name in missing), constants.HF_HUB_CACHE)
 
 
-def _work_offline(message: str) -> None:
+def _work_offline(message: str | None = None) -> None:
     """Tell the libraries the Hub is out of reach. Otherwise transformers tries each of a cached model's
     files five times, 23 s a file, before it reads the cache: minutes of silence (measured: 2 min 51 s for a
     tiny model). The environment variable reaches libraries imported later and child processes."""
@@ -74,25 +73,43 @@ def _work_offline(message: str) -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
     if "datasets" in sys.modules:  # it copied the setting when it was imported
         sys.modules["datasets"].config.HF_HUB_OFFLINE = True
-    if os.environ.get("RANK", "0") == "0":
+    if message and os.environ.get("RANK", "0") == "0":
         _say(message)
 
 
-def _refusal(repo_id: str, revision: str | None, err: Exception) -> str:
+def check_dataset(dataset_id: str) -> None:
+    """Before datasets loads a Hub dataset: a refusal or an unknown id is one line; an unreachable Hub
+    switches to offline, so a cached dataset loads at once and an uncached one fails at once (sources.py
+    says so) instead of after 28 s of retries."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if constants.HF_HUB_OFFLINE:
+        return
+    try:
+        HfApi().dataset_info(dataset_id, timeout=10)
+    except HfHubHTTPError as err:
+        raise UserError(_refusal(dataset_id, None, err, kind="dataset")) from None
+    except Exception:  # noqa: BLE001 -- no answer at all: the cache decides, and a miss is one line there
+        _work_offline()
+
+
+def _refusal(repo_id: str, revision: str | None, err: Exception, kind: str = "model") -> str:
     from huggingface_hub import constants
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
-    page = f"{constants.ENDPOINT}/{repo_id}"
+    page = f"{constants.ENDPOINT}/{'datasets/' if kind == 'dataset' else ''}{repo_id}"
+    key = "data.source" if kind == "dataset" else "model.name_or_path"
     if isinstance(err, GatedRepoError):
-        return (f"model '{repo_id}' is gated: accept its terms at {page} with your account, then log in here "
+        return (f"{kind} '{repo_id}' is gated: accept its terms at {page} with your account, then log in here "
                 f"with 'hf auth login' (or set HF_TOKEN)")
     if isinstance(err, RevisionNotFoundError):
-        return f"model '{repo_id}' has no revision '{revision}': check model.revision"
+        return f"{kind} '{repo_id}' has no revision '{revision}': check model.revision"
     if isinstance(err, RepositoryNotFoundError):
-        return (f"no model '{repo_id}' on the Hugging Face Hub ({page}), or it is private and this machine is not "
-                f"logged in ('hf auth login'): check model.name_or_path")
+        return (f"no {kind} '{repo_id}' on the Hugging Face Hub ({page}), or it is private and this machine is not "
+                f"logged in ('hf auth login'): check {key}")
     if isinstance(err, HfHubHTTPError):
-        return f"the Hugging Face Hub refused model '{repo_id}': {first_line(err)}"
+        return f"the Hugging Face Hub refused {kind} '{repo_id}': {first_line(err)}"
     return (f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} ({first_line(err) or type(err).__name__}) "
             f"and model '{repo_id}' is not in its cache ({constants.HF_HUB_CACHE}): connect this machine, set "
             f"HF_ENDPOINT to a mirror, or download the model elsewhere ('hf download {repo_id}') and give its folder")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import datasets
 import pytest
@@ -366,6 +367,30 @@ def test_hub_dataset_with_config_and_splits_from_the_offline_cache(tmp_path, smo
     assert prepared.report.eval_origin == "from acme/prefs (small) [test]"
     with pytest.raises(UserError, match="Unknown split"):
         build_datasets(DataConfig(source="acme/prefs", config_name="small", split="validation"), smollm2, 0)
+
+
+def test_an_unreachable_hub_loads_a_cached_dataset_at_once_and_refuses_a_missing_one_at_once(
+        tmp_path, smollm2, datasets_cache, monkeypatch):
+    from huggingface_hub import constants
+    from tiny_models import free_port
+
+    def online_but_unreachable():  # a Hub address nothing listens on
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")
+        monkeypatch.setattr(datasets.config, "HF_ENDPOINT", constants.ENDPOINT)
+
+    cache_hub_dataset(datasets_cache, "acme/cached", "small", {"train": string_rows(8)}, tmp_path)
+    online_but_unreachable()
+    start = time.perf_counter()
+    prepared = build_datasets(DataConfig(source="acme/cached", config_name="small", eval_fraction=0), smollm2, 0)
+    assert prepared.train.num_rows == 8 and time.perf_counter() - start < 15  # no rounds of retries
+    online_but_unreachable()
+    start = time.perf_counter()
+    with pytest.raises(UserError, match="'acme/not-cached': it is not in the local datasets cache and the Hub cannot"):
+        build_datasets(DataConfig(source="acme/not-cached"), smollm2, seed=0)
+    assert time.perf_counter() - start < 15
 
 
 def test_save_to_disk_folder_with_splits(tmp_path, smollm2):

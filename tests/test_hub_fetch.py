@@ -159,10 +159,13 @@ def test_an_unreachable_hub_is_one_line_at_once(tmp_path):
     assert "'tester/tiny' is not in its cache" in result.stderr and "hf download tester/tiny" in result.stderr
 
 
-@pytest.mark.parametrize("model, says", [("tester/gated", "is gated: accept its terms at"),
-                                         ("tester/nothing", "no model 'tester/nothing' on the Hugging Face Hub")])
-def test_a_model_the_hub_refuses_or_lacks_is_one_line(hub, tmp_path, model, says):
+@pytest.mark.parametrize("flag, name, says", [
+    ("--model", "tester/gated", "model 'tester/gated' is gated: accept its terms at"),
+    ("--model", "tester/nothing", "no model 'tester/nothing' on the Hugging Face Hub"),
+    ("--data", "tester/nothing", "no dataset 'tester/nothing' on the Hugging Face Hub"),
+])
+def test_a_model_or_dataset_the_hub_refuses_or_lacks_is_one_line(hub, tmp_path, flag, name, says):
     server, _ = hub
-    result = run_cli("data", "inspect", "--preset", "smollm2-demo", "--model", model, endpoint=server.url,
+    result = run_cli("data", "inspect", "--preset", "smollm2-demo", flag, name, endpoint=server.url,
                      home=tmp_path / "hf")
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and says in result.stderr, result.stderr

@@ -136,6 +136,9 @@ def _load_folder(path: Path, config_name: Optional[str], split: str) -> Source:
 
 
 def _load_hub(dataset_id: str, config_name: Optional[str], split: str) -> Source:
+    from simpo_lite.hub_fetch import check_dataset
+
+    check_dataset(dataset_id)
     name = f"{dataset_id}{f' ({config_name})' if config_name else ''} [{split}]"
     dataset = _load_dataset(dataset_id, config_name, split, name)
     return Source(dataset, list(dataset.column_names), name)
