@@ -17,7 +17,6 @@ import os
 import sys
 import threading
 import time
-
 from pathlib import Path
 
 from simpo_lite.errors import DiskFull, UserError, first_line, human_size
@@ -48,14 +47,17 @@ def fetch_model(repo_id: str, need: str, revision: str | None = None) -> None:
 
     if constants.HF_HUB_OFFLINE:
         return  # the user asked for the cache alone; transformers says what is missing
-    cached = lambda name, rev: isinstance(try_to_load_from_cache(repo_id, name, revision=rev), str)  # noqa: E731
+    def cached(name: str, rev: str | None) -> bool:
+        return isinstance(try_to_load_from_cache(repo_id, name, revision=rev), str)
+
     try:
         info = HfApi().model_info(repo_id, revision=revision, files_metadata=True, timeout=10)
     except Exception as err:  # noqa: BLE001 -- sorted into what the user can do about it
         if not cached("config.json", revision):
             raise UserError(_refusal(repo_id, revision, err)) from None
-        _work_offline(f"could not check {repo_id} on the Hugging Face Hub ({first_line(err) or type(err).__name__}): "
-                      f"loading it from the cache, offline")
+        reason = first_line(err) or type(err).__name__
+        _work_offline(f"could not check {repo_id} on the Hugging Face Hub ({reason}): loading it from the cache, "
+                      f"offline")
         return
     sizes = {s.rfilename: s.size or 0 for s in info.siblings or []}
     missing = [name for name in wanted_files(list(sizes), need) if not cached(name, info.sha)]
