@@ -25,6 +25,7 @@ from simpo_lite.files import free_bytes, is_disk_full
 TOKENIZER_PATTERNS = ("tokenizer*", "vocab.*", "merges.txt", "special_tokens_map.json", "added_tokens.json",
                       "*.jinja", "spiece.model", "sentencepiece.bpe.model", "*.tiktoken")
 PLAIN_EVERY_S = 30.0
+SHOWN_FROM_BYTES = 100_000_000  # smaller downloads (a config, a tokenizer) come and go without a word
 ROOM = "free some space there, or point HF_HOME at a disk with room, and run the command again"
 
 
@@ -125,8 +126,9 @@ def _download(repo_id: str, sha: str, files: list[str], total: int, cache: str) 
     free = free_bytes(Path(cache))
     if free is not None and free < total:
         raise DiskFull(f"model '{repo_id}'", cache, total, more_than=False, free=free, hint=ROOM)
-    main = os.environ.get("RANK", "0") == "0"  # under torchrun the other processes wait on the same files
-    say = _say if main else (lambda message: None)
+    # Under torchrun the other processes wait on the same files; a config and tokenizer take a moment.
+    shown = os.environ.get("RANK", "0") == "0" and total >= SHOWN_FROM_BYTES
+    say = _say if shown else (lambda message: None)
     say(f"model: downloading {repo_id} from the Hugging Face Hub: {len(files)} files, {human_size(total)}, "
         f"into {cache} (once; later runs load it from there)")
     failure: list[BaseException] = []
@@ -142,7 +144,7 @@ def _download(repo_id: str, sha: str, files: list[str], total: int, cache: str) 
     worker.start()
     blobs = os.path.join(cache, repo_folder_name(repo_id=repo_id, repo_type="model"), "blobs")
     before = _folder_bytes(blobs)
-    show = _Bar(total) if main and sys.stderr.isatty() else _Lines(total, say if main else None)
+    show = _Bar(total) if shown and sys.stderr.isatty() else _Lines(total, say if shown else None)
     try:
         while worker.is_alive():
             worker.join(timeout=0.5)

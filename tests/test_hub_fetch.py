@@ -4,6 +4,7 @@ when the Hub cannot be reached or refuses the model."""
 
 import hashlib
 import json
+import re
 import os
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pytest
 
 from tiny_models import free_port, tiny_model_folder, write_pairs
 
-from simpo_lite.hub_fetch import PLAIN_EVERY_S, _Lines, wanted_files
+from simpo_lite.hub_fetch import PLAIN_EVERY_S, SHOWN_FROM_BYTES, _Lines, wanted_files
 
 SHA = "a" * 40
 
@@ -90,6 +91,7 @@ def hub(tmp_path_factory):
     folder = tiny_model_folder(root / "tiny")
     files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
     files["original/consolidated.00.pth"] = b"\0" * 4096  # a second copy transformers never reads
+    files["padding.json"] = b" " * SHOWN_FROM_BYTES  # a weights fetch large enough to be announced
     server = HubFiles({"tester/tiny": files}, gated=("tester/gated",))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield server, root
@@ -134,7 +136,9 @@ def test_a_hub_model_is_fetched_once_with_its_size_then_loads_from_the_cache_whe
     pairs = write_pairs(tmp_path / "pairs.jsonl", 8)
     first = run_cli("eval", "tester/tiny", "--data", str(pairs), endpoint=server.url, home=tmp_path / "hf")
     assert first.returncode == 0, first.stderr[-2000:]
-    assert "model: downloading tester/tiny from the Hugging Face Hub:" in first.stderr
+    # The config and tokenizer come silently; the weights are announced with their size.
+    announced = [line for line in first.stderr.splitlines() if "model: downloading tester/tiny" in line]
+    assert len(announced) == 1 and re.search(r"from the Hugging Face Hub: 3 files, 1[0-9][0-9]\.[0-9] MB", announced[0])
     assert "model: tester/tiny downloaded" in first.stderr
     fetched = {path.split("/resolve/" + SHA + "/")[-1] for method, path in server.requests if method == "GET"
                and "/resolve/" in path}
