@@ -63,7 +63,7 @@ def fetch_model(repo_id: str, need: str, revision: str | None = None) -> None:
     sizes = {s.rfilename: s.size or 0 for s in info.siblings or []}
     missing = [name for name in wanted_files(list(sizes), need) if not cached(name, info.sha)]
     if missing:
-        _download(repo_id, info.sha, missing, sum(sizes[name] for name in missing), constants.HF_HUB_CACHE)
+        _download(repo_id, revision, missing, sum(sizes[name] for name in missing), constants.HF_HUB_CACHE)
 
 
 def _work_offline(message: str | None = None) -> None:
@@ -118,8 +118,10 @@ def _refusal(repo_id: str, revision: str | None, err: Exception, kind: str = "mo
             f"HF_ENDPOINT to a mirror, or download the model elsewhere ('hf download {repo_id}') and give its folder")
 
 
-def _download(repo_id: str, sha: str, files: list[str], total: int, cache: str) -> None:
-    """snapshot_download in a thread; this thread shows the bytes arriving in the repository's blobs."""
+def _download(repo_id: str, revision: str | None, files: list[str], total: int, cache: str) -> None:
+    """snapshot_download in a thread; this thread shows the bytes arriving in the repository's blobs. By
+    the revision's name, not its commit: the cache then maps the name (main) to the commit, which is how
+    an offline load, and `plan`, find the files."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.file_download import repo_folder_name
 
@@ -135,7 +137,7 @@ def _download(repo_id: str, sha: str, files: list[str], total: int, cache: str) 
 
     def fetch() -> None:
         try:
-            snapshot_download(repo_id, revision=sha, allow_patterns=files)
+            snapshot_download(repo_id, revision=revision, allow_patterns=files)
         except BaseException as err:  # noqa: BLE001 -- handed to the waiting thread
             failure.append(err)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from simpo_lite.errors import UserError
+from simpo_lite.files import looks_like_local_path
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,13 @@ def _local_config(name_or_path: str, revision: str | None):
     if name_or_path in BUNDLED_MODELS:
         # Converting the bundled GGUF takes a while; plan reads the folder only if it already exists.
         name_or_path = str(cache_dir() / "models" / name_or_path)
+    elif not looks_like_local_path(name_or_path):
+        from simpo_lite.hub_fetch import fetch_model
+
+        try:
+            fetch_model(name_or_path, "config", revision)  # a few KB, when the Hub answers
+        except UserError:
+            pass  # offline, refused or unknown: the cache or the built-in table answers, as before
     try:
         from transformers import AutoConfig
 

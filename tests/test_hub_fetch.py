@@ -154,6 +154,16 @@ def test_a_hub_model_is_fetched_once_with_its_size_then_loads_from_the_cache_whe
     assert "downloading" not in again.stderr and "loading it from the cache, offline" in again.stderr
 
 
+def test_plan_reads_a_hub_models_own_config(hub, tmp_path):
+    """plan reads configs from the cache alone, so this also checks that a fetch leaves the cache mapping
+    'main' to the commit it fetched."""
+    server, _ = hub
+    result = run_cli("plan", "--preset", "smollm2-demo", "--model", "tester/tiny", endpoint=server.url,
+                     home=tmp_path / "hf")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "model tester/tiny: 2 layers, hidden 64, vocab 49152 (architecture from config.json" in result.stdout
+
+
 def test_an_unreachable_hub_is_one_line_at_once(tmp_path):
     start = time.perf_counter()
     result = run_cli("data", "inspect", "--preset", "smollm2-demo", "--model", "tester/tiny",
