@@ -28,6 +28,7 @@ from simpo_lite.errors import ConfigError, RunError, UserError
 from simpo_lite.sweep_report import (RANKED, SWEEP_FILE, plot, print_ranking, ranking, save_tables, settings_text,
                                      trial_name, write_best, yaml_value)
 
+
 @dataclass
 class Sweep:
     """What a sweep is: the same on --resume, or the resume is refused."""
