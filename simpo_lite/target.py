@@ -40,7 +40,8 @@ class Target:
         precision = "4-bit NF4" if m.quantize else f"unquantized ({m.compute_dtype})"
         what = {"run": "run", "checkpoint": "checkpoint", "folder": "model folder", "hub": "model"}[self.kind]
         adapter = f" + LoRA adapter {self.adapter_dir}" if self.adapter_dir else ""
-        return f"{what} {self.name}: {m.name_or_path} {precision}{adapter}"
+        base = "" if m.name_or_path == self.name else f"{m.name_or_path} "  # a model given by name is its own base
+        return f"{what} {self.name}: {base}{precision}{adapter}"
 
 
 def classify(name: str) -> tuple[str, Optional[Path], Optional[Path]]:
