@@ -46,10 +46,18 @@ def free_bytes(path: Path) -> int | None:
 
 
 def folder_size(path: Path) -> int:
+    """Bytes in a file or a folder's files; a file renamed or removed while counting (a download or a
+    write still going on) counts as gone."""
     path = Path(path)
     if path.is_file():
         return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+    total = 0
+    for item in path.rglob("*") if path.is_dir() else ():
+        try:
+            total += item.stat().st_size if item.is_file() else 0
+        except FileNotFoundError:
+            pass
+    return total
 
 
 def is_disk_full(err: BaseException, where: Path) -> bool:

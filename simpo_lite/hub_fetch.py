@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from simpo_lite.errors import DiskFull, UserError, first_line, human_size
-from simpo_lite.files import free_bytes, is_disk_full
+from simpo_lite.files import folder_size, free_bytes, is_disk_full
 
 TOKENIZER_PATTERNS = ("tokenizer*", "vocab.*", "merges.txt", "special_tokens_map.json", "added_tokens.json",
                       "*.jinja", "spiece.model", "sentencepiece.bpe.model", "*.tiktoken")
@@ -48,6 +48,7 @@ def fetch_model(repo_id: str, need: str, revision: str | None = None) -> None:
 
     if constants.HF_HUB_OFFLINE:
         return  # the user asked for the cache alone; transformers says what is missing
+
     def cached(name: str, rev: str | None) -> bool:
         return isinstance(try_to_load_from_cache(repo_id, name, revision=rev), str)
 
@@ -144,13 +145,14 @@ def _download(repo_id: str, revision: str | None, files: list[str], total: int, 
     worker = threading.Thread(target=fetch, name="simpo-lite-download", daemon=True)
     started = time.perf_counter()
     worker.start()
-    blobs = os.path.join(cache, repo_folder_name(repo_id=repo_id, repo_type="model"), "blobs")
-    before = _folder_bytes(blobs)
-    show = _Bar(total) if shown and sys.stderr.isatty() else _Lines(total, say if shown else None)
+    # The Hub writes blobs/<hash>.incomplete, then renames it: the folder's bytes are the download's.
+    blobs = Path(cache) / repo_folder_name(repo_id=repo_id, repo_type="model") / "blobs"
+    before = folder_size(blobs)
+    show = _Bar(total) if shown and sys.stderr.isatty() else _Lines(total, say)
     try:
         while worker.is_alive():
             worker.join(timeout=0.5)
-            show.update(_folder_bytes(blobs) - before, time.perf_counter() - started)
+            show.update(folder_size(blobs) - before, time.perf_counter() - started)
     finally:
         show.close()
     if failure:
@@ -163,15 +165,6 @@ def _download(repo_id: str, revision: str | None, files: list[str], total: int, 
         raise UserError(f"downloading model '{repo_id}' stopped: {first_line(err)}; run the command again "
                         f"to go on from where it stopped") from None
     say(f"model: {repo_id} downloaded ({human_size(total)} in {time.perf_counter() - started:.0f} s)")
-
-
-def _folder_bytes(folder: str) -> int:
-    """Bytes in the folder, files being written included (the Hub writes *.incomplete, then renames)."""
-    try:
-        with os.scandir(folder) as entries:
-            return sum(entry.stat().st_size for entry in entries if entry.is_file())
-    except FileNotFoundError:
-        return 0
 
 
 def _say(message: str) -> None:
@@ -206,7 +199,7 @@ class _Lines:
         self.total, self.say, self.next_at = total, say, PLAIN_EVERY_S
 
     def update(self, done: int, seconds: float) -> None:
-        if self.say is None or seconds < self.next_at:
+        if seconds < self.next_at:
             return
         self.next_at += PLAIN_EVERY_S
         rate = done / seconds if seconds else 0.0
