@@ -141,8 +141,10 @@ def _plot_health(axes, evals: list[dict], colors) -> None:
 def samples_side_by_side(run_dir: Path) -> list[tuple[str, str, str]] | None:
     """(prompt, first answer, last answer) from samples.jsonl: what the model wrote before and after."""
     samples = run_folder.read_metrics(Path(run_dir) / run_folder.SAMPLES)
-    if not samples:
-        return None
+    return _pair_up(samples) if samples else None
+
+
+def _pair_up(samples: list[dict]) -> list[tuple[str, str, str]]:
     first, last = samples[0]["step"], samples[-1]["step"]
     before = {s["prompt"]: s["output"] for s in samples if s["step"] == first}
     after = {s["prompt"]: s["output"] for s in samples if s["step"] == last}
@@ -154,10 +156,10 @@ def print_samples(run_dir: Path, limit: int | None = None) -> None:
     where the rest are. What the model writes is the outcome, not its reward accuracy."""
     from simpo_lite.console import print_table, result_line
 
-    rows = samples_side_by_side(run_dir)
-    if not rows:
-        return
     samples = run_folder.read_metrics(Path(run_dir) / run_folder.SAMPLES)
+    if not samples:
+        return
+    rows = _pair_up(samples)
     shown = rows if limit is None else rows[:limit]
     title = (f"what the model wrote: {len(shown)} of {len(rows)} held-out prompts, greedy" if len(shown) < len(rows)
              else "what the model wrote (samples.jsonl, greedy)")
