@@ -1,8 +1,9 @@
 """Models and datasets on the Hugging Face Hub, checked before the libraries load them.
 
 Two things a user would otherwise meet (the libraries' own bars and logs are off unless --verbose):
-- a first model download of several GB with nothing on the screen: here it is announced with its size
-  and followed by a progress bar (plain lines when stderr is not a terminal);
+- a first download of several GB (a model) or hundreds of MB (a dataset) with nothing on the screen:
+  here it is announced with its size and followed by a progress bar (plain lines when stderr is not a
+  terminal);
 - a Hub that cannot be reached, or that refuses or lacks the model or dataset: here one line says so at
   once, instead of a minute of silent retries and a traceback. What is already cached loads offline.
 
@@ -81,21 +82,44 @@ def _work_offline(message: str | None = None) -> None:
         _say(message)
 
 
-def check_dataset(dataset_id: str) -> None:
+def check_dataset(dataset_id: str, config_name: str | None = None) -> int | None:
     """Before datasets loads a Hub dataset: a refusal or an unknown id is one line; an unreachable Hub
     switches to offline, so a cached dataset loads at once and an uncached one fails at once (sources.py
-    says so) instead of after 28 s of retries."""
+    says so) instead of after 28 s of retries. Returns the bytes of the config's data files (None offline)."""
     from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import HfHubHTTPError
 
     if constants.HF_HUB_OFFLINE:
-        return
+        return None
     try:
-        HfApi().dataset_info(dataset_id, timeout=10)
+        info = HfApi().dataset_info(dataset_id, files_metadata=True, timeout=10)
     except HfHubHTTPError as err:
         raise UserError(_refusal(dataset_id, None, err, kind="dataset")) from None
     except Exception:  # noqa: BLE001 -- no answer at all: the cache decides, and a miss is one line there
         _work_offline()
+        return None
+    sizes = {s.rfilename: s.size or 0 for s in info.siblings or []}
+    configs = info.card_data.get("configs") if info.card_data is not None else None
+    return sum(sizes[name] for name in data_files(list(sizes), configs, config_name))
+
+
+DATA_SUFFIXES = (".parquet", ".arrow", ".json", ".jsonl", ".csv", ".tsv", ".txt")
+
+
+def data_files(names: list[str], configs: list[dict] | None, config_name: str | None) -> list[str]:
+    """The files of a Hub dataset that datasets downloads for one config (all its splits): those its card's
+    `configs` list for it, or, where the card lists none, every data file."""
+    data = [n for n in names if any(s in DATA_SUFFIXES for s in Path(n).suffixes) and n != "dataset_infos.json"]
+    chosen = [c for c in configs or [] if c.get("config_name") == config_name
+              or (config_name is None and (c.get("default") or len(configs) == 1 or c.get("config_name") == "default"))]
+    if not chosen or "data_files" not in chosen[0]:
+        return data
+    patterns: list[str] = []
+    spec = chosen[0]["data_files"]
+    for entry in spec if isinstance(spec, list) else [spec]:
+        paths = entry.get("path", []) if isinstance(entry, dict) else entry
+        patterns += [paths] if isinstance(paths, str) else list(paths)
+    return [n for n in data if any(fnmatch.fnmatch(n, p) for p in patterns)]
 
 
 def _refusal(repo_id: str, revision: str | None, err: Exception, kind: str = "model") -> str:
@@ -120,51 +144,96 @@ def _refusal(repo_id: str, revision: str | None, err: Exception, kind: str = "mo
 
 
 def _download(repo_id: str, revision: str | None, files: list[str], total: int, cache: str) -> None:
-    """snapshot_download in a thread; this thread shows the bytes arriving in the repository's blobs. By
-    the revision's name, not its commit: the cache then maps the name (main) to the commit, which is how
-    an offline load, and `plan`, find the files."""
+    """snapshot_download, watched. By the revision's name, not its commit: the cache then maps the name
+    (main) to the commit, which is how an offline load, and `plan`, find the files."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.file_download import repo_folder_name
 
     free = free_bytes(Path(cache))
     if free is not None and free < total:
         raise DiskFull(f"model '{repo_id}'", cache, total, more_than=False, free=free, hint=ROOM)
-    # Under torchrun the other processes wait on the same files; a config and tokenizer take a moment.
-    shown = os.environ.get("RANK", "0") == "0" and total >= SHOWN_FROM_BYTES
-    say = _say if shown else (lambda message: None)
-    say(f"model: downloading {repo_id} from the Hugging Face Hub: {len(files)} files, {human_size(total)}, "
-        f"into {cache} (once; later runs load it from there)")
-    failure: list[BaseException] = []
-
-    def fetch() -> None:
-        try:
-            snapshot_download(repo_id, revision=revision, allow_patterns=files)
-        except BaseException as err:  # noqa: BLE001 -- handed to the waiting thread
-            failure.append(err)
-
-    worker = threading.Thread(target=fetch, name="simpo-lite-download", daemon=True)
-    started = time.perf_counter()
-    worker.start()
-    # The Hub writes blobs/<hash>.incomplete, then renames it: the folder's bytes are the download's.
-    blobs = Path(cache) / repo_folder_name(repo_id=repo_id, repo_type="model") / "blobs"
-    before = folder_size(blobs)
-    show = _Bar(total) if shown and sys.stderr.isatty() else _Lines(total, say)
+    announcement = (f"model: downloading {repo_id} from the Hugging Face Hub: {len(files)} files, {human_size(total)}, "
+                    f"into {cache} (once; later runs load it from there)")
     try:
-        while worker.is_alive():
-            worker.join(timeout=0.5)
-            show.update(folder_size(blobs) - before, time.perf_counter() - started)
-    finally:
-        show.close()
-    if failure:
-        err = failure[0]
-        if not isinstance(err, Exception):
-            raise err
+        watched(lambda: snapshot_download(repo_id, revision=revision, allow_patterns=files),
+                _blobs(cache, repo_id, "model"), total, "model", repo_id, announcement)
+    except Exception as err:  # noqa: BLE001 -- sorted into what the user can do about it
         if is_disk_full(err, Path(cache)):
             raise DiskFull(f"model '{repo_id}'", cache, total, more_than=False, free=free_bytes(Path(cache)),
                            hint=ROOM) from err
         raise UserError(f"downloading model '{repo_id}' stopped: {first_line(err)}; run the command again "
                         f"to go on from where it stopped") from None
-    say(f"model: {repo_id} downloaded ({human_size(total)} in {time.perf_counter() - started:.0f} s)")
+
+
+def load_dataset_watched(dataset_id: str, total: int | None, load):
+    """`load()` (datasets.load_dataset of a Hub dataset) with its first download shown. Whether datasets
+    will download at all (it keeps its own prepared copy) shows only when bytes land in the Hub cache, so
+    the announcement waits for them. It fetches the data files of every split of the config: `total`."""
+    from huggingface_hub import constants
+
+    if not total:  # offline, or nothing to count
+        return load()
+    announcement = (f"dataset: downloading {dataset_id} from the Hugging Face Hub: {human_size(total)} of data "
+                    f"files, into {constants.HF_HUB_CACHE} (once; later runs read it from there)")
+    return watched(load, _blobs(constants.HF_HUB_CACHE, dataset_id, "dataset"), total, "dataset", dataset_id,
+                   announcement, then="datasets converts it to Arrow now, once")
+
+
+def _blobs(cache: str, repo_id: str, repo_type: str) -> Path:
+    from huggingface_hub.file_download import repo_folder_name
+
+    return Path(cache) / repo_folder_name(repo_id=repo_id, repo_type=repo_type) / "blobs"
+
+
+def watched(work, blobs: Path, total: int, kind: str, repo_id: str, announcement: str, then: str = ""):
+    """`work()` in a thread while this one shows the bytes arriving in the repository's blobs folder (the
+    Hub writes blobs/<hash>.incomplete, then renames it: the folder's growth is the download). Nothing is
+    shown until bytes land, nor below SHOWN_FROM_BYTES; `then` says what `work` goes on to do once they
+    are all in. Returns what `work` returns and raises what it raises, here."""
+    # Under torchrun the other processes wait on the same files; a config and tokenizer take a moment.
+    shown = os.environ.get("RANK", "0") == "0" and total >= SHOWN_FROM_BYTES
+    result: list = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(work())
+        except BaseException as err:  # noqa: BLE001 -- handed to the waiting thread
+            failure.append(err)
+
+    worker = threading.Thread(target=run, name=f"simpo-lite-{kind}-download", daemon=True)
+    started = time.perf_counter()
+    before = folder_size(blobs)
+    worker.start()
+    show, done, announced, ended = None, 0, False, False
+
+    def end(note: str = "") -> None:
+        nonlocal ended
+        ended = True
+        _say(f"{kind}: {repo_id} downloaded ({human_size(max(done, 0))} in {time.perf_counter() - started:.0f} s)"
+             f"{note}")
+
+    try:
+        while worker.is_alive():
+            worker.join(timeout=0.5)
+            done = folder_size(blobs) - before
+            if shown and not announced and done > 0:
+                announced = True
+                _say(announcement)
+                show = _Bar(total, kind) if sys.stderr.isatty() else _Lines(total, _say, kind)
+            if show is not None:
+                show.update(done, time.perf_counter() - started)
+                if then and done >= total and worker.is_alive():  # all bytes in; the work goes on
+                    show.close()
+                    show = None
+                    end(f"; {then}")
+    finally:
+        if show is not None:
+            show.close()
+    if failure:
+        raise failure[0]
+    if announced and not ended:
+        end()
+    return result[0]
 
 
 def _say(message: str) -> None:
@@ -176,11 +245,11 @@ def _say(message: str) -> None:
 class _Bar:
     """A live bar on a terminal: bytes, rate, time left."""
 
-    def __init__(self, total: int):
+    def __init__(self, total: int, kind: str):
         from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, \
             TransferSpeedColumn
 
-        self._bar = Progress(TextColumn("[bold]download"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+        self._bar = Progress(TextColumn(f"[bold]{kind}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                              TimeRemainingColumn(), transient=True)
         self._bar.start()
         self._task = self._bar.add_task("download", total=total)
@@ -195,15 +264,15 @@ class _Bar:
 class _Lines:
     """Piped or logged: a line every PLAIN_EVERY_S seconds."""
 
-    def __init__(self, total: int, say):
-        self.total, self.say, self.next_at = total, say, PLAIN_EVERY_S
+    def __init__(self, total: int, say, kind: str = "model"):
+        self.total, self.say, self.kind, self.next_at = total, say, kind, PLAIN_EVERY_S
 
     def update(self, done: int, seconds: float) -> None:
         if seconds < self.next_at:
             return
         self.next_at += PLAIN_EVERY_S
         rate = done / seconds if seconds else 0.0
-        self.say(f"model: {human_size(done)} of {human_size(self.total)} downloaded "
+        self.say(f"{self.kind}: {human_size(done)} of {human_size(self.total)} downloaded "
                  f"({human_size(rate)}/s, {seconds:.0f} s)")
 
     def close(self) -> None:

@@ -18,7 +18,8 @@ import pytest
 
 from tiny_models import free_port, tiny_model_folder, write_pairs
 
-from simpo_lite.hub_fetch import PLAIN_EVERY_S, SHOWN_FROM_BYTES, _Lines, wanted_files
+import simpo_lite.hub_fetch as hub_fetch
+from simpo_lite.hub_fetch import PLAIN_EVERY_S, SHOWN_FROM_BYTES, _Lines, data_files, wanted_files, watched
 
 SHA = "a" * 40
 
@@ -60,29 +61,48 @@ class _FilesHandler(BaseHTTPRequestHandler):
 
     def _route(self, body: bool) -> None:
         hub: HubFiles = self.server
-        path = urlparse(self.path).path
-        hub.requests.append((self.command, path))
-        parts = path.strip("/").split("/")
-        info = parts[:2] == ["api", "models"]
-        repo = "/".join(parts[2:4] if info else parts[:2])
+        url = urlparse(self.path)
+        hub.requests.append((self.command, url.path))
+        parts = url.path.strip("/").split("/")
+        api = parts[0] == "api"  # /api/{models|datasets}/{repo}/...; files: /[datasets/]{repo}/resolve/...
+        if api or parts[0] == "datasets":
+            kind, parts = (parts[1], parts[2:]) if api else ("datasets", parts[1:])
+        else:
+            kind = "models"
+        repo, rest = "/".join(parts[:2]), parts[2:]
+        key = repo if kind == "models" else f"datasets/{repo}"
         if repo in hub.gated:
             return self._error(403, "GatedRepo", body)
-        if repo not in hub.repos:
+        if key not in hub.repos:
             return self._error(404, "RepoNotFound", body)
-        files = hub.repos[repo]
-        if info and parts[4:5] == ["tree"]:  # /api/models/{repo}/tree/{rev}: what snapshot_download lists
-            tree = [{"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
-                    for name, data in files.items()]
+        files = hub.repos[key]
+        if api and rest[:1] == ["tree"]:  # /api/{kind}/{repo}/tree/{rev}[/{folder}]: listings
+            folder = "/".join(rest[2:])
+            tree = _tree(files, folder, recursive="recursive=true" in url.query.lower())
             return self._send(200, json.dumps(tree).encode(), {"Content-Type": "application/json"}, body)
-        if info:  # /api/models/{repo}[/revision/{rev}]
+        if api:  # /api/{kind}/{repo}[/revision/{rev}]
             siblings = [{"rfilename": name, "size": len(data)} for name, data in files.items()]
             payload = json.dumps({"id": repo, "sha": SHA, "siblings": siblings}).encode()
             return self._send(200, payload, {"Content-Type": "application/json"}, body)
-        name = "/".join(parts[4:])  # /{repo}/resolve/{rev}/{name}
-        if parts[2:3] != ["resolve"] or name not in files:
+        name = "/".join(rest[2:])  # resolve/{rev}/{name}
+        if rest[:1] != ["resolve"] or name not in files:
             return self._error(404, "EntryNotFound", body)
         etag = hashlib.sha256(files[name]).hexdigest()
         self._send(200, files[name], {"X-Repo-Commit": SHA, "ETag": f'"{etag}"'}, body)
+
+
+def _tree(files: dict[str, bytes], folder: str, recursive: bool) -> list[dict]:
+    prefix = f"{folder}/" if folder else ""
+    entries, folders = [], set()
+    for name, data in files.items():
+        if not name.startswith(prefix):
+            continue
+        below = name[len(prefix):]
+        if "/" in below and not recursive:
+            folders.add(prefix + below.split("/")[0])
+            continue
+        entries.append({"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()})
+    return entries + [{"type": "directory", "path": path, "oid": "0" * 40} for path in sorted(folders)]
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +112,10 @@ def hub(tmp_path_factory):
     files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
     files["original/consolidated.00.pth"] = b"\0" * 4096  # a second copy transformers never reads
     files["padding.json"] = b" " * SHOWN_FROM_BYTES  # a weights fetch large enough to be announced
-    server = HubFiles({"tester/tiny": files}, gated=("tester/gated",))
+    dataset = {"README.md": b"# preference pairs\n",
+               "data/train-00000-of-00001.jsonl": write_pairs(root / "train.jsonl", 40, seed=1).read_bytes(),
+               "data/test-00000-of-00001.jsonl": write_pairs(root / "test.jsonl", 8, seed=2).read_bytes()}
+    server = HubFiles({"tester/tiny": files, "datasets/tester/prefs": dataset}, gated=("tester/gated",))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield server, root
     server.shutdown()
@@ -152,6 +175,65 @@ def test_a_hub_model_is_fetched_once_with_its_size_then_loads_from_the_cache_whe
     assert again.returncode == 0, again.stderr[-2000:]
     assert time.perf_counter() - start < 60
     assert "downloading" not in again.stderr and "loading it from the cache, offline" in again.stderr
+
+
+def test_a_download_that_goes_on_working_says_so_once_all_bytes_are_in(tmp_path, monkeypatch, capsys):
+    """datasets downloads, then converts to Arrow for as long again: the bar must not sit full in silence."""
+    monkeypatch.setattr(hub_fetch, "SHOWN_FROM_BYTES", 1)
+    blobs = tmp_path / "blobs"
+
+    def download_then_convert():
+        blobs.mkdir()
+        (blobs / "abc").write_bytes(b"x" * 2000)
+        time.sleep(1.5)
+        return "converted"
+
+    assert watched(download_then_convert, blobs, 2000, "dataset", "tester/prefs", "dataset: downloading it",
+                   then="converting it") == "converted"
+    lines = [line for line in capsys.readouterr().err.splitlines() if line]
+    assert lines[0].endswith("dataset: downloading it")
+    assert re.search(r"dataset: tester/prefs downloaded \(2\.0 KB in [01] s\); converting it$", lines[1])
+    assert len(lines) == 2
+
+    def fails():
+        raise OSError("connection reset")
+
+    with pytest.raises(OSError, match="connection reset"):
+        watched(fails, blobs, 2000, "dataset", "tester/prefs", "never said")
+    assert "never said" not in capsys.readouterr().err
+
+
+def test_a_hub_datasets_download_counts_the_data_files_of_its_config():
+    names = ["README.md", ".gitattributes", "data/train_prefs-00000.parquet", "data/test_prefs-00000.parquet",
+             "data/train_sft-00000.parquet", "small/train.jsonl.gz", "dataset_infos.json", "script.py"]
+    assert data_files(names, None, None) == names[2:6]  # no configs in the card: every data file
+    configs = [{"config_name": "default", "default": True,
+                "data_files": [{"split": "train_prefs", "path": "data/train_prefs-*"},
+                               {"split": "test_prefs", "path": ["data/test_prefs-*"]}]},
+               {"config_name": "small", "data_files": "small/*"}]
+    assert data_files(names, configs, None) == ["data/train_prefs-00000.parquet", "data/test_prefs-00000.parquet"]
+    assert data_files(names, configs, "small") == ["small/train.jsonl.gz"]
+
+
+def test_a_hub_datasets_first_download_is_announced_and_a_second_load_is_silent(hub, tmp_path):
+    """The size threshold is lowered in the process: a test dataset of 100 MB would take minutes."""
+    server, _ = hub
+    code = ("import simpo_lite.hub_fetch as h; h.SHOWN_FROM_BYTES = 1\n"
+            "from simpo_lite.data.sources import load_source\n"
+            "print(len(load_source('tester/prefs', None, 'train').dataset))")
+    env = {**os.environ, "HF_ENDPOINT": server.url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0",
+           "HF_DATASETS_OFFLINE": "0"}
+    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert first.returncode == 0 and first.stdout.strip() == "40", first.stderr[-2000:]
+    size = len(server.repos["datasets/tester/prefs"]["data/train-00000-of-00001.jsonl"]) + \
+        len(server.repos["datasets/tester/prefs"]["data/test-00000-of-00001.jsonl"])
+    assert f"dataset: downloading tester/prefs from the Hugging Face Hub: {size / 1e3:.1f} KB of data files" \
+        in first.stderr, first.stderr
+    assert "dataset: tester/prefs downloaded" in first.stderr
+
+    again = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0 and again.stdout.strip() == "40", again.stderr[-2000:]
+    assert "dataset:" not in again.stderr
 
 
 def test_plan_reads_a_hub_models_own_config(hub, tmp_path):

@@ -138,16 +138,20 @@ def _load_folder(path: Path, config_name: Optional[str], split: str) -> Source:
 def _load_hub(dataset_id: str, config_name: Optional[str], split: str) -> Source:
     from simpo_lite.hub_fetch import check_dataset
 
-    check_dataset(dataset_id)
+    download_bytes = check_dataset(dataset_id, config_name)
     name = f"{dataset_id}{f' ({config_name})' if config_name else ''} [{split}]"
-    dataset = _load_dataset(dataset_id, config_name, split, name)
+    dataset = _load_dataset(dataset_id, config_name, split, name, download_bytes)
     return Source(dataset, list(dataset.column_names), name)
 
 
-def _load_dataset(path: str, config_name: Optional[str], split: str, name: str) -> Dataset:
+def _load_dataset(path: str, config_name: Optional[str], split: str, name: str,
+                  download_bytes: Optional[int] = None) -> Dataset:
+    from simpo_lite.hub_fetch import load_dataset_watched
+
     try:
         with cache_guard():
-            return datasets.load_dataset(path, config_name, split=split)
+            return load_dataset_watched(path, download_bytes,
+                                        lambda: datasets.load_dataset(path, config_name, split=split))
     except DiskFull:
         raise
     except ConnectionError:
