@@ -19,12 +19,14 @@ import sys
 import warnings
 from typing import Any, Sequence
 
-# Environment switches the libraries read when they are imported.
+# Environment switches the libraries read when they are imported. Critical, not error: libraries log an
+# error and then raise it (datasets' "Failed to load JSON ..."), and the raised one is what we report,
+# in our own words.
 QUIET_ENV = {
-    "TRANSFORMERS_VERBOSITY": "error",
+    "TRANSFORMERS_VERBOSITY": "critical",
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
-    "DATASETS_VERBOSITY": "error",
-    "HF_HUB_VERBOSITY": "error",
+    "DATASETS_VERBOSITY": "critical",
+    "HF_HUB_VERBOSITY": "critical",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",      # also transformers' own bars ("Loading weights")
     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
     "TQDM_DISABLE": "1",                       # any other tqdm bar
@@ -47,9 +49,9 @@ def quiet_libraries(verbose: bool) -> None:
         os.environ.setdefault(name, value)
     warnings.filterwarnings("ignore")
     warnings.filterwarnings("default", module=r"simpo_lite(\.|$)")
-    logging.getLogger().setLevel(logging.ERROR)
+    logging.getLogger().setLevel(logging.CRITICAL)
     for name in LIBRARY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     _quiet_imported()
 
 
@@ -58,10 +60,10 @@ def _quiet_imported() -> None:
     if "huggingface_hub" in sys.modules:
         sys.modules["huggingface_hub"].utils.disable_progress_bars()
     if "transformers" in sys.modules:
-        sys.modules["transformers"].utils.logging.set_verbosity_error()
+        sys.modules["transformers"].utils.logging.set_verbosity(logging.CRITICAL)
         sys.modules["transformers"].utils.logging.disable_progress_bar()
     if "datasets" in sys.modules:
-        sys.modules["datasets"].utils.logging.set_verbosity_error()
+        sys.modules["datasets"].utils.logging.set_verbosity(logging.CRITICAL)
         sys.modules["datasets"].disable_progress_bars()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 
@@ -307,15 +308,54 @@ def test_mixed_type_jsonl_keeps_strings_and_reports_non_text(tmp_path, smollm2):
     assert prepared.report.sources[0].first_rows == {"not_text": [3], "missing_field": [4]}
 
 
-def test_csv_empty_cell_is_a_missing_field(tmp_path, smollm2):
+def test_csv_empty_cell_is_an_empty_response(tmp_path, smollm2):
     path = tmp_path / "d.csv"
     path.write_text("prompt,chosen,rejected\nHi?,Hello.,Go.\nHey?,,Bye.\nYo?,Sup.,Meh.\n")
     prepared = build(path, tmp_path, smollm2, max_bad_fraction=0.5)
-    assert prepared.train.num_rows == 2 and prepared.report.sources[0].first_rows == {"missing_field": [1]}
+    assert prepared.train.num_rows == 2 and prepared.report.sources[0].first_rows == {"empty_response": [1]}
+
+
+def test_csv_cells_are_text_as_written(tmp_path, smollm2):
+    """pandas would read 4 as a number and NA, None or null as missing: each is an answer here."""
+    path = tmp_path / "d.csv"
+    path.write_text("prompt,chosen,rejected\nWhat is 2+2?,4,5\nCode of Namibia?,NA,NM\nIs 1 prime?,None,Yes\n"
+                    "Empty JSON?,null,{}\n")
+    prepared = build(path, tmp_path, smollm2, eval_fraction=0.0)
+    assert prepared.train.num_rows == 4 and not prepared.report.sources[0].first_rows
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ("", "d.csv' is empty: a CSV file needs a header row"),
+    ('prompt,chosen,rejected\n"a,b\n', "d.csv' as csv: Error tokenizing data. C error: EOF inside string"),
+])
+def test_unreadable_csv_says_what_is_wrong(tmp_path, smollm2, content, fragment):
+    path = tmp_path / "d.csv"
+    path.write_text(content)
+    with pytest.raises(UserError, match=re.escape(fragment)):
+        build(path, tmp_path, smollm2)
+
+
+@pytest.mark.parametrize("content", ['{"prompt": ["a", "b"], "chosen": ["c", "d"], "rejected": ["e", "f"]}',
+                                     '{"data": [{"prompt": "a", "chosen": "c", "rejected": "e"}]}'])
+def test_a_json_object_of_columns_or_of_rows_under_a_key_is_refused(tmp_path, smollm2, content):
+    path = tmp_path / "d.json"
+    path.write_text(content)
+    with pytest.raises(UserError, match="holds one JSON object .*not rows: write a JSON list of rows"):
+        build(path, tmp_path, smollm2)
+
+
+def test_a_json_file_of_one_pair_loads(tmp_path, smollm2):
+    path = tmp_path / "d.json"
+    path.write_text('{"prompt": "Hi?", "chosen": [{"role": "user", "content": "Hi?"}, {"role": "assistant", '
+                    '"content": "Hello."}], "rejected": [{"role": "user", "content": "Hi?"}, {"role": "assistant", '
+                    '"content": "Go."}]}')
+    assert build(path, tmp_path, smollm2, eval_fraction=0.0).train.num_rows == 1
 
 
 @pytest.mark.parametrize("content, fragment", [
     ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": \n', "line 2 is not valid JSON"),
+    ('{"prompt": \n{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": \n', r"2 lines are not valid JSON "
+                                                                                   r"\(lines 1, 3; line 1: "),
     ("", "has no rows"),
 ])
 def test_unreadable_files_stop_with_one_line(tmp_path, smollm2, content, fragment):

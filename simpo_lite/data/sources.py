@@ -7,13 +7,14 @@ later runs (and the tokenization cached beside it) fast.
 
 from __future__ import annotations
 
+import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import datasets
-from datasets import Dataset, DatasetDict, Json
+from datasets import Dataset, DatasetDict, Features, Json, Value
 
 from simpo_lite.data.process import RAW_JSON
 from simpo_lite.errors import DiskFull, UserError, first_line
@@ -60,20 +61,68 @@ def _load_file(path: Path, split: str, name: str) -> Source:
                         f"data.eval_source or hold some out with data.eval_fraction")
     if path.suffix.lower() in EXPECTS:
         check_utf8(path, EXPECTS[path.suffix.lower()], name)
+    if path.suffix.lower() == ".json":
+        _check_one_object(path, name)
+    options = _csv_as_text(path, name) if builder == "csv" else {}
     try:
         with cache_guard():
-            dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
+            dataset = datasets.load_dataset(builder, data_files=str(path), split="train", **options)
     except DiskFull:
         raise
     except Exception as err:
         if builder != "json":
-            raise UserError(f"cannot read '{name}' as {builder}: {first_line(err)}") from None
+            raise UserError(f"cannot read '{name}' as {builder}: {first_line(_root_cause(err))}") from err
         dataset = None
     # Columns of mixed types cannot be one Arrow type: `datasets` either fails or stores them as Json,
     # which turns strings such as "4" into numbers. Such files are kept as JSON text, checked row by row.
     if builder == "json" and (dataset is None or _has_json_feature(dataset.features)):
         return _raw_json(path, name)
     return Source(dataset, list(dataset.column_names), name)
+
+
+def _csv_as_text(path: Path, name: str) -> dict:
+    """Every cell a string, as written: pandas would otherwise read the answer "4" as a number and "NA",
+    "None" or "null" as missing values."""
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        header = next(csv.reader(handle), None)
+    if not header:
+        raise UserError(f"'{name}' is empty: a CSV file needs a header row (prompt,chosen,rejected) and one row "
+                        f"per preference pair")
+    return dict(features=Features({column: Value("string") for column in header}), keep_default_na=False,
+                na_filter=False)
+
+
+def _check_one_object(path: Path, name: str) -> None:
+    """A .json file holding one object of columns, or of rows under a key, would load as a single row
+    that no rule can use. One pair alone, and JSON lines in a .json file, are fine."""
+    with path.open(encoding="utf-8") as handle:
+        head = handle.read(4096).lstrip()
+    if not head.startswith("{"):
+        return
+    try:
+        whole = json.loads(read_text(path, EXPECTS[".json"], name))
+    except json.JSONDecodeError:
+        return  # JSON lines, or broken: the loaders say which line
+    if not isinstance(whole, dict):
+        return
+    values = list(whole.values())
+    rows_under_a_key = len(values) == 1 and isinstance(values[0], list)
+    # A row's own lists are messages ({"role": ...}); a column's are its values, one per row.
+    columns = (all(isinstance(v, list) and v for v in values) and len({len(v) for v in values}) == 1
+               and not any(isinstance(v[0], dict) and "role" in v[0] for v in values))
+    if rows_under_a_key or columns:
+        keys = ", ".join(list(whole)[:5])
+        raise UserError(f"'{name}' holds one JSON object (keys: {keys}), not rows: write a JSON list of rows, "
+                        f"[{{\"prompt\": ..., \"chosen\": ..., \"rejected\": ...}}, ...], or one row per line "
+                        f"(.jsonl)")
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    """datasets wraps a reader's error ("An error occurred while generating the dataset"); the reader's
+    own says what is wrong and where."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return err
 
 
 def _has_json_feature(feature) -> bool:
@@ -95,13 +144,19 @@ def _read_json_rows(path: Path, name: str) -> list:
         if not isinstance(rows, list):
             raise UserError(f"'{name}' must hold a JSON list of rows, one object per preference pair")
         return rows
-    rows = []
+    rows, bad = [], []
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as err:
-                raise UserError(f"'{name}' line {number} is not valid JSON: {err.msg}; fix or delete that line") from None
+                bad.append((number, err.msg))
+    if len(bad) == 1:
+        raise UserError(f"'{name}' line {bad[0][0]} is not valid JSON: {bad[0][1]}; fix or delete that line")
+    if bad:
+        shown = ", ".join(str(number) for number, _ in bad[:10]) + (", ..." if len(bad) > 10 else "")
+        raise UserError(f"'{name}': {len(bad)} lines are not valid JSON (lines {shown}; line {bad[0][0]}: "
+                        f"{bad[0][1]}); fix or delete those lines")
     return rows
 
 
