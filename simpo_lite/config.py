@@ -73,7 +73,7 @@ class DataConfig:
     split: str = _f("train", "Split of the training source.")
     eval_source: Optional[str] = _f(None, "Separate evaluation data (file or dataset id); null = use eval_split or eval_fraction.")
     eval_split: Optional[str] = _f(None, "Split used for evaluation (of eval_source, else of source).")
-    eval_fraction: float = _f(0.1, "Share of the training rows held out for evaluation when no eval split or source is given.", ge=0.0, lt=1.0)
+    eval_fraction: float = _f(0.1, "Share of the training rows held out for evaluation when no eval split or source is given (1.0, for eval and generate: every row).", ge=0.0, le=1.0)
     eval_max_pairs: Optional[int] = _f(None, "Evaluate on at most this many pairs (null = all).", ge=1)
     max_train_pairs: Optional[int] = _f(None, "Use at most this many training pairs (null = all).", ge=1)
     columns: dict[str, str] = _f({}, "Column mapping, e.g. {prompt: question, chosen: good, rejected: bad, system: sys}.")

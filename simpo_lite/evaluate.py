@@ -33,20 +33,23 @@ def evaluate_command(model_or_run: str, preset: str | None = None, config=None, 
     metrics = evaluate_dataset(policy, prepared.eval, collate, cfg.simpo, cfg.train.eval_batch_size,
                                device=model_device(model))
     result = {"model_or_run": model_or_run, "model": target.describe(), "data": cfg.data.source,
-              "eval_pairs": len(prepared.eval), "beta": cfg.simpo.beta, "gamma_beta_ratio": cfg.simpo.gamma_beta_ratio,
+              "eval_pairs": len(prepared.eval), "eval_origin": prepared.report.eval_origin, "beta": cfg.simpo.beta, "gamma_beta_ratio": cfg.simpo.gamma_beta_ratio,
               **metrics}
-    _print_metrics(result)
+    # A file given with --data is a training source to the config: say when only its held-out share counts.
+    _print_metrics(result, whole_hint=data is not None and cfg.data.eval_fraction < 1
+                   and not (cfg.data.eval_source or cfg.data.eval_split))
     if out is not None:
         write_json(Path(out), result)
         info(f"wrote {out}")
     return result
 
 
-def _print_metrics(result: dict) -> None:
+def _print_metrics(result: dict, whole_hint: bool = False) -> None:
     from simpo_lite.console import info, print_table
 
     pairs = result["eval_pairs"]
-    info(f"{result['model']}; {pairs} eval pair{'' if pairs == 1 else 's'} of {result['data']}, "
-         f"beta {result['beta']:g}, gamma/beta {result['gamma_beta_ratio']:g}")
+    hint = "; --set data.eval_fraction=1 scores every pair" if whole_hint else ""
+    info(f"{result['model']}; {pairs} eval pair{'' if pairs == 1 else 's'} of {result['data']} "
+         f"({result['eval_origin']}{hint}), beta {result['beta']:g}, gamma/beta {result['gamma_beta_ratio']:g}")
     print_table(["metric", "value"], [[key, f"{value:.4f}" if isinstance(value, float) else str(value)]
                                     for key, value in result.items() if key.startswith("eval_")])

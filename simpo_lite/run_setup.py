@@ -85,6 +85,9 @@ def load_data(cfg: Config, tokenizer, accelerator):
     # Tokenization is cached by datasets: the main process fills the cache, the others read it.
     with accelerator.main_process_first():
         prepared = build_datasets(cfg.data, tokenizer, cfg.train.seed)
+    if prepared.train.num_rows == 0:  # every pair held out: only eval and generate may ask for that
+        raise UserError(f"no training pairs: data.eval_fraction={cfg.data.eval_fraction:g} holds every pair of "
+                        f"{cfg.data.source} out for evaluation; set it to 0.1, say, or give data.eval_source")
     return prepared
 
 

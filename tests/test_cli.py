@@ -55,6 +55,12 @@ def test_user_errors_exit_2_with_one_line_and_no_traceback(args, fragment):
     assert len(errors) == 1
 
 
+def test_training_with_every_pair_held_out_is_refused_before_the_run_folder(tmp_path):
+    result = run_cli("train", "--set", "data.eval_fraction=1", "-o", str(tmp_path / "run"))
+    assert result.returncode == 2 and "no training pairs: data.eval_fraction=1 holds every pair" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_broken_yaml_reports_line(tmp_path):
     bad = tmp_path / "c.yaml"
     bad.write_text("simpo:\n  beta: [1,\n")

@@ -127,6 +127,18 @@ def test_eval_of_a_checkpoint_folder(tmp_path, model_dir, pairs_file, pipeline):
             assert from_checkpoint[key] == pytest.approx(from_run[key], abs=1e-6), key
 
 
+def test_eval_of_a_file_scores_its_held_out_share_and_says_how_to_score_every_pair(model_dir, pairs_file, pipeline,
+                                                                                   capsys):
+    from simpo_lite.evaluate import evaluate_command
+
+    held_out = evaluate_command(str(model_dir), data=str(pairs_file), sets=["data.eval_fraction=0.5"])
+    assert held_out["eval_pairs"] == len(PAIRS) // 2
+    assert "--set data.eval_fraction=1 scores every pair" in capsys.readouterr().err
+    every = evaluate_command(str(model_dir), data=str(pairs_file), sets=["data.eval_fraction=1.0"])
+    assert every["eval_pairs"] == len(PAIRS) and every["eval_origin"] == "every row"
+    assert "scores every pair" not in capsys.readouterr().err
+
+
 def test_no_eval_pairs_is_a_user_error(model_dir, pairs_file, pipeline):
     from simpo_lite.evaluate import evaluate_command
 

@@ -56,6 +56,8 @@ def _subset(dataset: Dataset, limit: Optional[int], seed: int) -> Dataset:
 def _hold_out(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Optional[Dataset]]:
     n = dataset.num_rows
     k = int(round(n * fraction))
+    if fraction >= 1:  # eval or generate on every pair of a file
+        return dataset.select([]), dataset
     if fraction <= 0 or n < 2:
         return dataset, None
     k = min(max(k, 1), n - 1)
@@ -84,8 +86,8 @@ def build_datasets(data_cfg, tokenizer, seed: int) -> PreparedData:
         origin = f"from {eval_source.name}"
     else:
         train, evaluation = _hold_out(train, data_cfg.eval_fraction, seed)
-        origin = (f"held out {data_cfg.eval_fraction:g} of the training rows with seed {seed}"
-                  if evaluation is not None else "no evaluation data")
+        origin = ("no evaluation data" if evaluation is None else "every row" if data_cfg.eval_fraction >= 1
+                  else f"held out {data_cfg.eval_fraction:g} of the training rows with seed {seed}")
     train = _subset(train, data_cfg.max_train_pairs, seed)
     if evaluation is not None:
         evaluation = _subset(evaluation, data_cfg.eval_max_pairs, seed)
