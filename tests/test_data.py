@@ -250,6 +250,10 @@ def test_truncation_follows_the_reference_trainer(smollm2):
     prompt = [1, 11, 12, 13, 14, 15, 16]  # starts with BOS (<|im_start|>)
     assert pairs.fit(prompt, [21, 22], [31]) == prompt  # fits: untouched, even if longer than max_prompt_length
     assert pairs.fit(prompt, [21, 22, 23, 24], [31]) == [1, 14, 15, 16]  # keep_end keeps BOS first
+    # Where the BOS token also opens each turn (ChatML's <|im_start|>), a lone kept one would head a turn
+    # without its role: the last tokens alone, as the reference trainer keeps them.
+    turns = [1, 11, 12, 1, 13, 14, 15, 1, 16]
+    assert pairs.fit(turns, [21, 22, 23, 24], [31]) == [14, 15, 1, 16]
     assert pairs.fit(prompt, list(range(7)), [31]) is None  # 4 + 7 > 10 even after cutting: dropped
     start = PairTokenizer(smollm2, max_length=10, max_prompt_length=4, truncation_mode="keep_start")
     assert start.fit(prompt, [21, 22, 23, 24], [31]) == [1, 11, 12, 13]
@@ -268,7 +272,8 @@ def test_long_prompt_is_cut_to_max_prompt_length(tmp_path, smollm2):
     rows = [{"prompt": "blah " * 100 + "What now?", "chosen": "Stop.", "rejected": "Go."}]
     prepared = build(rows, tmp_path, smollm2, max_length=60, max_prompt_length=40, truncation_mode="keep_end")
     example = prepared.train[0]
-    assert example["prompt_length"] == 40 and example["chosen_input_ids"][0] == smollm2.bos_token_id
+    # SmolLM2's BOS, <|im_start|>, opens every turn: the cut keeps the last 40 tokens, no lone turn opener.
+    assert example["prompt_length"] == 40 and example["chosen_input_ids"][0] != smollm2.bos_token_id
     assert smollm2.decode(example["chosen_input_ids"][:40]).endswith("What now?<|im_end|>\n<|im_start|>assistant\n")
     check_pair(smollm2, example, "Stop.", "Go.", "<|im_end|>")
 

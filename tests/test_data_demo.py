@@ -98,6 +98,20 @@ def test_inspect_shows_boundary_lengths_drops_and_padding(tmp_path, smollm2):
     assert "Padding: " in text and "with length grouping" in text
 
 
+def test_inspect_shows_every_character_of_a_long_non_ascii_pair_and_the_prompts_it_cut(tmp_path, smollm2):
+    """Piped and 80 columns wide: nothing cut at the edge, and characters whose bytes span several tokens
+    (Cyrillic, CJK, emoji) whole, not as replacement marks."""
+    answer = "Берлин. 日本語のテキスト 😀 " + "and a long tail of words that runs past eighty columns, " * 3 + "end."
+    rows = [{"prompt": "Hauptstadt? " + "Kontext " * 60, "chosen": answer, "rejected": "Weiß nicht."}] * 3
+    cfg = cfgmod.resolve(None, None, {"data": {"source": str(write_jsonl(tmp_path / "d.jsonl", rows))}},
+                         ["data.eval_fraction=0", "data.max_prompt_length=40", "data.max_length=200"])
+    out = io.StringIO()
+    inspect_data(cfg, tokenizer=smollm2, console=Console(file=out, width=80, soft_wrap=True, color_system=None))
+    text = out.getvalue()
+    assert "│" + answer + "<|im_end|>" in text and "\ufffd" not in text
+    assert "Prompts cut to data.max_prompt_length=40 tokens (data.truncation_mode=keep_end): 3" in text
+
+
 def test_inspect_shows_the_token_counted_micro_batches_of_pack_tokens(tmp_path, smollm2):
     path = write_jsonl(tmp_path / "d.jsonl", string_rows(20))
     cfg = cfgmod.resolve(None, None, {"data": {"source": str(path)}},

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from rich.console import Console, Group
+from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
@@ -22,35 +22,54 @@ TRAINED = "bold green"
 SPECIAL = "magenta"
 
 
-def _token_text(tokenizer, token_id: int) -> str:
-    # Newlines stay visible as a mark and still break the line, so the layout matches the template.
-    return tokenizer.decode([token_id]).replace("\n", "↵\n")
+def token_pieces(tokenizer, ids: list[int]) -> list[str]:
+    """Each token's text as it reads in the sequence. Decoding one token at a time would drop
+    SentencePiece's leading spaces and split a character whose bytes span several tokens (Cyrillic, CJK,
+    emoji) into replacement marks; here such a character goes whole to the token that completes it."""
+    pieces, start, shown = [], 0, 0  # decode from `start`; ids[start:shown] are already on screen
+    for end in range(1, len(ids) + 1):
+        before = tokenizer.decode(ids[start:shown])
+        text = tokenizer.decode(ids[start:end])
+        if text.endswith("\ufffd") and end < len(ids) and end - shown < 8:  # a character still incomplete
+            pieces.append("")
+            continue
+        pieces.append(text[len(before):])
+        start, shown = shown, end
+    return pieces
 
 
 def render_sequence(tokenizer, ids: list[int], labels: list[int]) -> Text:
-    """Masked tokens dim, trained tokens green, special tokens magenta, '│' at the prompt/response boundary."""
+    """Masked tokens dim, trained tokens green, special tokens magenta, '│' at the prompt/response boundary.
+    Newlines stay visible as a mark and still break the line, so the layout matches the template."""
     special = set(tokenizer.all_special_ids)
     text = Text()
-    for position, (token, label) in enumerate(zip(ids, labels)):
+    for position, (token, label, piece) in enumerate(zip(ids, labels, token_pieces(tokenizer, ids))):
         if label != IGNORE_INDEX and (position == 0 or labels[position - 1] == IGNORE_INDEX):
             text.append("│", style="bold red")
         style = TRAINED if label != IGNORE_INDEX else MASKED
         if token in special:
             style += f" {SPECIAL}"
-        text.append(_token_text(tokenizer, token), style=style)
+        text.append(piece.replace("\n", "↵\n"), style=style)
     return text
 
 
-def _example_panels(tokenizer, prepared: PreparedData, index: int) -> list[Panel]:
+def _print_example(console: Console, tokenizer, prepared: PreparedData, index: int) -> None:
+    """Both sides of training pair `index`, whole: boxed and wrapped on a terminal; piped, plain lines
+    (a box would cut them at 80 columns, and the colours are gone anyway)."""
     example = prepared.train[index]
-    panels = []
     for side in ("chosen", "rejected"):
         ids, labels = example[f"{side}_input_ids"], example[f"{side}_labels"]
         trained = sum(label != IGNORE_INDEX for label in labels)
-        title = (f"{side}: training pair {index} (source row {example['row']}), {len(ids) - trained} prompt tokens "
-                 f"masked [dim](dim)[/], {trained} response tokens trained [bold green](green)[/]")
-        panels.append(Panel(render_sequence(tokenizer, ids, labels), title=title, title_align="left"))
-    return panels
+        title = (f"{side}: training pair {index} (source row {example['row']}): {len(ids) - trained} prompt tokens "
+                 f"masked, {trained} response tokens trained")
+        body = render_sequence(tokenizer, ids, labels)
+        if console.is_terminal:
+            console.print(Text(title, style="bold"))
+            console.print(Panel(body), soft_wrap=False)
+        else:
+            console.print(f"== {title} ==", markup=False, soft_wrap=True)
+            console.print(body, soft_wrap=True)
+            console.print()
 
 
 LENGTH_COLUMNS = ("split", "tokens", "min", "mean", "p50", "p95", "max")
@@ -125,14 +144,19 @@ def inspect_data(cfg, index: int = 0, tokenizer=None, console: Optional[Console]
         raise UserError(f"--index {index} is out of range: the training split has {n} pairs (0 to {n - 1})")
     tables_on = console  # None: the tables are results on stdout (plain rows when piped)
     console = console or Console(soft_wrap=True)
-    console.print(Group(*_example_panels(tokenizer, prepared, index)))
-    console.print(Text("│ marks where the response starts; tokens after it are what the loss trains. "
-                       "Magenta tokens are special tokens; ↵ is a newline.", style="italic"))
+    _print_example(console, tokenizer, prepared, index)
+    colours = (" Prompt tokens are dim, trained ones green, special tokens magenta." if console.is_terminal else "")
+    console.print(Text("│ marks where the response starts; tokens after it are what the loss trains; ↵ is a "
+                       f"newline.{colours}", style="italic"))
     for source in prepared.report.sources:
         kinds = ", ".join(f"{kind} ({count} rows)" for kind, count in source.kinds.items()) or "no usable rows"
         console.print(escape(f"Format of {source.role} data {source.name}: {kinds}"))
     console.print(escape(f"Pairs: {prepared.report.train_pairs} train, {prepared.report.eval_pairs} eval "
                          f"({prepared.report.eval_origin})"))
+    truncated = sum(source.truncated for source in prepared.report.sources)
+    if truncated:
+        console.print(f"Prompts cut to data.max_prompt_length={cfg.data.max_prompt_length} tokens "
+                      f"(data.truncation_mode={cfg.data.truncation_mode}): {truncated}", markup=False)
     _print_table(tables_on, DROP_COLUMNS, _drop_rows(prepared), "Rows kept and skipped")
     _print_table(tables_on, LENGTH_COLUMNS, _length_rows(prepared), "Token lengths")
     if cfg.train.micro_batch_size == "auto":  # the micro-batch a run on this machine would choose

@@ -114,13 +114,14 @@ class PairTokenizer:
         return ids + [self.eos_id]
 
     def truncate_prompt(self, ids: list[int]) -> list[int]:
-        """Cut the prompt to max_prompt_length tokens, keeping a leading BOS at the front."""
+        """Cut the prompt to max_prompt_length tokens, keeping a leading BOS at the front. Not where the
+        "BOS" opens every turn (SmolLM2's <|im_start|>): kept alone, it would head a turn with no role."""
         n = self.max_prompt_length
         if len(ids) <= n:
             return ids
         if self.truncation_mode == "keep_start":
             return ids[:n]
-        if self.bos_id is not None and ids[0] == self.bos_id and n > 1:
+        if self.bos_id is not None and ids[0] == self.bos_id and n > 1 and self.bos_id not in ids[1:]:
             return ids[:1] + ids[len(ids) - (n - 1):]
         return ids[len(ids) - n:]
 
