@@ -3,6 +3,11 @@
     MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0 python tests/plan_measure.py --setting 4,256,8,1024
     python tests/plan_measure.py --device cuda --setting 4,256,8,1024      # on a GPU: torch's allocator peak
 
+The config is the smollm2-demo preset with the setting's pairs, lengths and log-prob chunk, torch AdamW and
+any --set: on a CPU with AVX512-BF16 or AMX that is bf16 compute and residual stream, and no gradient
+checkpointing (the preset turns it off). With --set model.gradient_checkpointing=true also set
+model.uncheckpointed_layers: left at auto, loading fits it to this machine's memory while the plan counts 0.
+
 The 4-bit LoRA model, its optimizer and one concatenated [chosen; rejected] batch go through two full
 steps (forward, backward, optimizer step); the second is measured, so the optimizer state already
 exists, as in every step of a run but the first. The process must start with the glibc settings above:
@@ -200,10 +205,10 @@ def run_in_subprocess(settings: list[tuple[int, int, int, int]], sets: tuple[str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setting", action="append", metavar="PAIRS,SEQ_LEN,PROMPT_LEN,CHUNK",
-                        help="a micro-batch to measure (repeatable); default 4,256,8,1024 (the demo preset's batch)")
+                        help="a micro-batch to measure (repeatable); default 4,256,8,1024 (4 pairs x 256 tokens)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="a config override for every setting, e.g. model.uncheckpointed_layers=10")
+                        help="a config override for every setting, e.g. model.gradient_checkpointing=true (off in the demo preset)")
     parser.add_argument("--json", action="store_true", help="print one JSON line only")
     args = parser.parse_args()
     EXTRA_SETS.extend(args.set)

@@ -72,6 +72,21 @@ def test_ultrafeedback_rows_take_the_shared_prefix_as_prompt():
     assert normalise({k: row[k] for k in ("chosen", "rejected")}, no_prompt_column).messages == pair.messages
 
 
+def test_sharegpt_and_other_role_spellings_become_the_templates_roles():
+    row = {"chosen": [{"from": "human", "value": "Capital of France?"}, {"from": "gpt", "value": "Paris."}],
+           "rejected": [{"role": "User", "content": "Capital of France?"}, {"role": "bot", "content": "Lyon."}]}
+    pair = normalise(row, Columns(chosen="chosen", rejected="rejected"))
+    assert pair.messages == [user("Capital of France?")] and (pair.chosen, pair.rejected) == ("Paris.", "Lyon.")
+
+
+def test_a_role_the_template_does_not_know_skips_the_row():
+    row = {"prompt": [{"role": "narrator", "content": "Once..."}], "chosen": [assistant("A")],
+           "rejected": [assistant("B")]}
+    with pytest.raises(RowProblem) as problem:
+        normalise(row, COLS)
+    assert problem.value.rule == "unknown_role"
+
+
 HH_CHOSEN = ("\n\nHuman: What is a good name for a cat?\n\nAssistant: Whiskers is a classic.\n\n"
              "Human: Something shorter?\n\nAssistant: Tom.")
 HH_REJECTED = ("\n\nHuman: What is a good name for a cat?\n\nAssistant: Whiskers is a classic.\n\n"

@@ -36,6 +36,7 @@ ALIASES = {
 # Why a row is skipped; the order is the order the checks run in.
 MISSING_FIELD = "missing_field"
 NOT_TEXT = "not_text"
+UNKNOWN_ROLE = "unknown_role"
 BAD_CONVERSATION = "bad_conversation"
 DIFFERENT_PROMPTS = "different_prompts"
 EMPTY_PROMPT = "empty_prompt"
@@ -44,6 +45,8 @@ IDENTICAL = "identical_responses"
 RULES = {
     MISSING_FIELD: "a prompt, chosen or rejected value is missing (null or no such column)",
     NOT_TEXT: "a value is neither text nor a list of {role, content} messages",
+    UNKNOWN_ROLE: "a message's role is not system, user, assistant or tool (human and gpt, as ShareGPT writes "
+                  "them, are read as user and assistant)",
     BAD_CONVERSATION: "a message list or transcript is empty or does not end with an assistant turn",
     DIFFERENT_PROMPTS: "chosen and rejected differ before their last turn (answers to different prompts)",
     EMPTY_PROMPT: "the prompt is empty",
@@ -112,17 +115,28 @@ def resolve_columns(names: Sequence[str], mapping: Mapping[str, str], where: str
     return Columns(**found)
 
 
+ROLES = ("system", "user", "assistant", "tool")
+# ShareGPT's {"from": "human" | "gpt", "value": ...}; other spellings of the same two roles.
+ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
+
+
 def _messages(value: Any) -> list[dict]:
-    """A validated copy of a message list: dicts with text role and content."""
+    """A validated copy of a message list: dicts with a known role and text content. A role the chat
+    template does not know would be rendered as written (`<|im_start|>human`), a turn the model never
+    sees in use, so it is read through ROLE_ALIASES or the row is skipped."""
     if not value:
         raise RowProblem(BAD_CONVERSATION)
     out = []
     for message in value:
         if not isinstance(message, Mapping):
             raise RowProblem(NOT_TEXT)
-        role, content = message.get("role"), message.get("content")
+        role = message.get("role", message.get("from"))
+        content = message.get("content", message.get("value"))
         if not isinstance(role, str) or not isinstance(content, str):
             raise RowProblem(NOT_TEXT)
+        role = ROLE_ALIASES.get(role.strip().lower(), role.strip().lower())
+        if role not in ROLES:
+            raise RowProblem(UNKNOWN_ROLE)
         out.append({"role": role, "content": content})
     return out
 
