@@ -172,6 +172,11 @@ def test_column_detection_and_mapping():
         resolve_columns(["prompt", "chosen", "rejected"], {"chosen": "nope"}, "x")
     with pytest.raises(UserError, match="unknown field 'answer'"):
         resolve_columns(["prompt", "chosen", "rejected"], {"answer": "chosen"}, "x")
+    # Every problem at once: not a fix-and-rerun per column.
+    with pytest.raises(UserError, match="no 'chosen' or 'rejected' column in x .its columns: q, a, b."):
+        resolve_columns(["q", "a", "b"], {}, "x")
+    with pytest.raises(UserError, match="chosen: no column 'gud' in x; data.columns.rejected: no column 'bda'"):
+        resolve_columns(["q", "a", "b"], {"chosen": "gud", "rejected": "bda"}, "x")
 
 
 def test_column_mapping_through_the_pipeline(tmp_path, smollm2):

@@ -96,22 +96,22 @@ class RowProblem(Exception):
 
 def resolve_columns(names: Sequence[str], mapping: Mapping[str, str], where: str) -> Columns:
     """Columns from the explicit mapping (data.columns), else from the known aliases."""
-    unknown = [k for k in mapping if k not in FIELDS]
-    if unknown:
-        raise UserError(f"data.columns: unknown field '{unknown[0]}'; the fields are {', '.join(FIELDS)}")
+    problems = [f"data.columns: unknown field '{k}'; the fields are {', '.join(FIELDS)}"
+                for k in mapping if k not in FIELDS]
     found = {}
     for field in FIELDS:
         if field in mapping:
             if mapping[field] not in names:
-                raise UserError(f"data.columns.{field}: no column '{mapping[field]}' in {where}; "
-                                f"its columns are {', '.join(names)}")
+                problems.append(f"data.columns.{field}: no column '{mapping[field]}' in {where}")
             found[field] = mapping[field]
         else:
             found[field] = next((a for a in ALIASES[field] if a in names), None)
-    for field in ("chosen", "rejected"):
-        if found[field] is None:
-            raise UserError(f"no '{field}' column in {where} (columns: {', '.join(names)}); map one with "
-                            f"--set 'data.columns={{chosen: NAME, rejected: NAME, prompt: NAME}}'")
+    missing = [f"'{field}'" for field in ("chosen", "rejected") if found[field] is None]
+    if missing:
+        problems.append(f"no {' or '.join(missing)} column in {where}")
+    if problems:  # all at once, then the columns there are and how to map them
+        raise UserError(f"{'; '.join(problems)} (its columns: {', '.join(names)}); map them with "
+                        f"--set 'data.columns={{chosen: NAME, rejected: NAME, prompt: NAME}}'")
     return Columns(**found)
 
 
