@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args, flags = normalise_argv(raw, app)
         quiet_libraries(flags["verbose"])  # before anything imports transformers, datasets or bitsandbytes
-        app(args=args, prog_name="simpo-lite", standalone_mode=False)
+        code = app(args=args, prog_name="simpo-lite", standalone_mode=False)
     except ConfigError as err:
         if debug:
             raise
@@ -371,5 +371,10 @@ def main(argv: list[str] | None = None) -> None:
         print("aborted", file=sys.stderr)
         sys.exit(130)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        code = 130
+    # Outside standalone mode typer returns an exit code instead of exiting: 130 for a Ctrl-C that
+    # reached it (it turns KeyboardInterrupt into Exit(130)), or a command's typer.Exit(N).
+    if isinstance(code, int) and not isinstance(code, bool) and code:
+        if code == 130:
+            print("interrupted", file=sys.stderr)
+        sys.exit(code)

@@ -160,3 +160,18 @@ def test_switches_take_true_or_false():
     assert bad.returncode == 2 and "--overwrite=true / --overwrite=false" in bad.stderr
     # An option that takes a value keeps its '=value'.
     assert normalise_argv(["train", "--max-steps=3"], app)[0] == ["train", "--max-steps=3"]
+
+
+def test_ctrl_c_in_any_command_exits_130_and_says_so(monkeypatch, capsys):
+    """typer turns a KeyboardInterrupt into an exit code it returns, not raises, outside standalone mode:
+    without a check, an interrupted export or eval exited 0 and a script went on as if it had finished."""
+    import simpo_lite.plan_report
+    from simpo_lite.cli import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(simpo_lite.plan_report, "plan_command", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", "--preset", "smollm2-demo"])
+    assert exit_info.value.code == 130 and capsys.readouterr().err.strip() == "interrupted"
