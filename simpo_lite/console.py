@@ -84,8 +84,9 @@ def stdout_is_terminal() -> bool:
 
 
 def result_line(text: str) -> None:
-    """A line of the result on stdout, unwrapped and without markup."""
-    print(_plain(text), flush=True)
+    """A line of the result on stdout, unwrapped and as written: it holds paths and commands a user types,
+    and a path may hold [brackets] that markup would eat."""
+    print(text, flush=True)
 
 
 def _plain(cell: Any, markup: bool = True) -> str:
@@ -116,7 +117,9 @@ def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], title: st
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(*columns, title=title, show_lines=show_lines)
+    table = Table(title=title, show_lines=show_lines)
+    for column in columns:  # a long path folds onto the next line instead of ending in "..."
+        table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(*[cell if isinstance(cell, Text) else str(cell) if markup else Text(str(cell)) for cell in row])
     Console(highlight=False).print(table)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import resource
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
 
 def peak_memory_mb() -> float:
@@ -18,24 +21,48 @@ def peak_memory_mb() -> float:
 
 
 class Progress:
-    """Live bar with step/total, elapsed, ETA and the latest metrics; plain lines when quiet."""
+    """Live bar with step/total, elapsed and ETA, and the latest metrics on a line of their own (so an
+    80-column terminal keeps the step and the ETA); plain lines when quiet. The ETA counts training steps
+    at their own pace and each evaluation still to come at the pace of those done: time spent evaluating
+    is not taken for slow steps."""
 
-    def __init__(self, total_steps: int, start_step: int, quiet: bool, enabled: bool = True):
+    def __init__(self, total_steps: int, start_step: int, quiet: bool, enabled: bool = True, eval_every: int = 0):
         self.total = total_steps
         self.quiet = quiet
         self.enabled = enabled
         self.start_step = start_step
+        self.eval_every = eval_every
+        self.eval_seconds: list[float] = []
         self.started = time.perf_counter()
         self._bar = None
         if enabled and not quiet:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, \
-                TimeElapsedColumn, TimeRemainingColumn
-
-            self._bar = RichProgress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                     TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                                     TextColumn("{task.fields[stats]}"), transient=False)
+            self._bar = _StatsBelow(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                    TextColumn("eta {task.fields[eta]}"), transient=False)
             self._bar.start()
-            self._task = self._bar.add_task("train", total=total_steps, completed=start_step, stats="")
+            self._task = self._bar.add_task("train", total=total_steps, completed=start_step, eta="-")
+
+    def eta(self, step: int) -> float:
+        elapsed = time.perf_counter() - self.started - sum(self.eval_seconds)
+        per_step = elapsed / max(step - self.start_step, 1)
+        evals_left = 0
+        if self.eval_every and self.eval_seconds:  # evaluations at multiples of eval_every and at the end
+            every = self.eval_every
+            evals_left = self.total // every - step // every + (1 if self.total % every else 0)
+        mean_eval = sum(self.eval_seconds) / len(self.eval_seconds) if self.eval_seconds else 0.0
+        return per_step * (self.total - step) + evals_left * mean_eval
+
+    @contextmanager
+    def evaluating(self, pairs: int):
+        """Around an evaluation: the bar says so (the first one, before step 1, can take a while), and
+        its time is kept out of the steps' pace."""
+        if self._bar is not None:
+            self._bar.stats = f"evaluating {pairs} held-out pairs ..."
+            self._bar.refresh()
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.eval_seconds.append(time.perf_counter() - started)
 
     def update(self, step: int, record: dict) -> None:
         if not self.enabled:
@@ -43,12 +70,12 @@ class Progress:
         stats = (f"loss {record['loss']:.4f}  acc {record['rewards/accuracies']:.2f}  "
                  f"margin {record['rewards/margins']:.3f}  {record['tokens_per_s']:.0f} tok/s  "
                  f"peak {record['peak_mem_mb']:.0f} MB")
+        eta = self.eta(step)
         if self._bar is not None:
-            self._bar.update(self._task, completed=step, stats=stats)
+            self._bar.stats = stats
+            self._bar.update(self._task, completed=step, eta=_clock(eta))
         else:
             elapsed = time.perf_counter() - self.started
-            done = max(step - self.start_step, 1)
-            eta = elapsed / done * (self.total - step)
             print(f"step {step}/{self.total}  {stats}  elapsed {elapsed:.0f}s  eta {eta:.0f}s",
                   file=sys.stderr, flush=True)
 
@@ -58,14 +85,27 @@ class Progress:
         if self._bar is not None:
             self._bar.console.print(text, highlight=False)
         else:
-            from rich.text import Text
-
             print(Text.from_markup(text).plain, file=sys.stderr, flush=True)  # plain lines carry no markup
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class _StatsBelow(RichProgress):
+    """The bar, and under it a line of metrics that folds instead of pushing the bar off the edge."""
+    stats = ""
+
+    def get_renderables(self):
+        yield self.make_tasks_table(self.tasks)
+        if self.stats:
+            yield Text(self.stats, overflow="fold")
 
 
 def print_summary(summary: dict, output_dir: Path) -> None:
@@ -86,6 +126,6 @@ def print_summary(summary: dict, output_dir: Path) -> None:
     if summary.get("resumed_from"):
         rows.append(["resumed from", "", str(summary["resumed_from"])])
     rows.append(["peak memory", "", f"{summary['peak_mem_mb']:.0f} MB"])
-    print_table(["metric", "start", "end"], rows, title="simpo-lite run summary")
+    print_table(["metric", "start", "end"], rows, title="simpo-lite run summary", markup=False)  # paths as written
     print_samples(output_dir, limit=3)
     result_line(f"adapter saved to {Path(output_dir) / 'adapter'}; merge it with: simpo-lite export {output_dir}")

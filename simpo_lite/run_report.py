@@ -206,9 +206,13 @@ def summary_lines(run_dir: Path, train: list[dict], evals: list[dict], summary: 
     else:
         lines.append("no eval records: set data.eval_fraction or data.eval_split to get eval curves")
     speed = _tail_mean(train, "tokens_per_s", share=1.0)
-    peak = max((r["peak_mem_mb"] for r in train if isinstance(r.get("peak_mem_mb"), (int, float))), default=None)
+    # The summary's peak is the whole run's, the last evaluation included (train's end table shows it);
+    # the step records stop before that evaluation. A run stopped early has only the step records.
+    peaks = [r["peak_mem_mb"] for r in [*train, summary] if isinstance(r.get("peak_mem_mb"), (int, float))]
+    peak = max(peaks, default=None)
     if speed is not None or peak is not None:
-        lines.append(f"throughput {_fmt(speed)} tokens/s (mean); peak memory {_fmt(peak)} MB")
+        lines.append(f"throughput {_fmt(speed)} tokens/s (mean); peak memory {_fmt(peak)} MB (the whole run, "
+                     f"evaluations included)")
     if evals and "health/length" in evals[-1]:
         from simpo_lite.health import summary_line
 

@@ -154,10 +154,14 @@ class Trainer:
 
     # ---- evaluation and checkpoints ---------------------------------------------------
     def evaluate(self) -> dict | None:
-        from simpo_lite.policy import evaluate_dataset
-
         if self.parts.eval_data is None:
             return None
+        with self.progress.evaluating(len(self.parts.eval_data)):
+            return self._evaluate()
+
+    def _evaluate(self) -> dict:
+        from simpo_lite.policy import evaluate_dataset
+
         metrics = evaluate_dataset(self.parts.policy, self.parts.eval_data, self.parts.collate, self.cfg.simpo,
                                    self.cfg.train.eval_batch_size, rank=self.rank, world_size=self.world,
                                    reduce_sum=(lambda t: self.acc.reduce(t, reduction="sum")) if self.world > 1 else None,
@@ -244,7 +248,8 @@ class Trainer:
         self.metrics = run_folder.JsonLines(self.output_dir / run_folder.METRICS, resume_step)
         self.samples = run_folder.JsonLines(self.output_dir / run_folder.SAMPLES, resume_step)
         previous_evals = [r for r in run_folder.read_metrics(self.metrics.path) if "eval_loss" in r]
-        self.progress = Progress(total, self.state.step, self.quiet, enabled=self.acc.is_main_process)
+        self.progress = Progress(total, self.state.step, self.quiet, enabled=self.acc.is_main_process,
+                                 eval_every=train_cfg.eval_steps if self.parts.eval_data is not None else 0)
         self.health = health.HealthMonitor(self._health_prompts(), train_cfg, previous_evals)
         self.started, self.seconds_before = time.perf_counter(), self.state.train_seconds
         first_eval = None if resumed else self.evaluate()

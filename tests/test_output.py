@@ -93,3 +93,50 @@ def test_export_overwrite_and_its_deprecated_name_force(tmp_path, model_dir):
     forced = simpo_lite("export", str(run), "--adapter-only", "--force")
     assert forced.returncode == 0 and "--force is now --overwrite" in forced.stderr
     assert "--force" not in simpo_lite("export", "-h").stdout
+
+
+def test_the_progress_eta_keeps_evaluations_out_of_the_steps_pace():
+    """A 60 s evaluation before step 1 made the first ETA twice the run; here 100 s have passed, 20 of
+    them in one evaluation, over 2 of 10 steps: 8 steps at 40 s and the 2 evaluations left at 20 s."""
+    import time
+
+    from simpo_lite.progress import Progress
+
+    progress = Progress(total_steps=10, start_step=0, quiet=True, eval_every=5)
+    progress.started = time.perf_counter() - 100
+    progress.eval_seconds = [20.0]
+    assert progress.eta(2) == pytest.approx(8 * 40 + 2 * 20, rel=1e-3)
+    assert Progress(total_steps=12, start_step=0, quiet=True, eval_every=5).eta(12) == 0  # nothing left
+
+
+def test_the_progress_bar_keeps_step_and_eta_on_an_80_column_terminal(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    import simpo_lite.progress as progress_module
+
+    out = io.StringIO()
+    console = Console(file=out, width=80, force_terminal=True, color_system=None)
+    real = progress_module._StatsBelow
+    monkeypatch.setattr(progress_module, "_StatsBelow", lambda *columns, **options: real(*columns, console=console,
+                                                                                           **options))
+    progress = progress_module.Progress(total_steps=30, start_step=0, quiet=False)
+    progress.update(4, {"loss": 9.894, "rewards/accuracies": 0.0, "rewards/margins": -1.368, "tokens_per_s": 23,
+                        "peak_mem_mb": 2248})
+    progress.close()
+    shown = out.getvalue()
+    assert "4/30" in shown and re.search(r"eta \d+:\d\d:\d\d", shown)
+    assert "loss 9.8940  acc 0.00  margin -1.368  23 tok/s  peak 2248 MB" in shown
+
+
+def test_paths_with_brackets_reach_the_user_as_written(tmp_path, capsys):
+    """A sweep names runs like exp[lr=1e-4]; markup took the brackets for a tag and printed 'runs/exp'."""
+    from simpo_lite.progress import print_summary
+
+    run = tmp_path / "exp[lr=1e-4]"
+    print_summary({"steps": 3, "train_seconds": 9.0, "peak_mem_mb": 100.0, "resumed_from": str(run / "checkpoint-2")},
+                  run)
+    out = capsys.readouterr().out
+    assert f"resumed from\t\t{run}/checkpoint-2" in out
+    assert f"merge it with: simpo-lite export {run}" in out

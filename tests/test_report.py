@@ -56,6 +56,16 @@ def test_report_out_path_and_png_check(run, tmp_path):
         report_command(run, out=tmp_path / "curves.pdf")
 
 
+def test_report_gives_the_whole_runs_peak_memory_as_train_does(run):
+    """The step records stop before the last evaluation, whose generation can raise the peak: report said
+    2205 MB where train's end table said 2591 MB for the same run."""
+    train, evals, summary = load_run(run)
+    assert any("peak memory 2048 MB" in line for line in summary_lines(run, train, evals, summary))
+    summary["peak_mem_mb"] = 2591.0
+    assert any("peak memory 2591 MB (the whole run, evaluations included)" in line
+               for line in summary_lines(run, train, evals, summary))
+
+
 def test_summary_flags_a_run_that_did_not_learn(run):
     train, evals, summary = load_run(run)
     flat = [dict(e, **{"eval_rewards/accuracies": 0.5}) for e in evals]
