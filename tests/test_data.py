@@ -504,7 +504,8 @@ def test_too_many_bad_rows_stop_before_training(tmp_path, smollm2):
         build(rows_with_bad(7, 3), tmp_path, smollm2, max_bad_fraction=0.2)
     message = str(err.value)
     assert "\n" not in message
-    assert "3 of 10 rows (30%)" in message and "identical_responses 3 (first rows 0, 1, 2)" in message
+    assert "3 of 10 rows (30%)" in message
+    assert "identical_responses 3 (first rows 0, 1, 2: chosen and rejected are the same text)" in message
     assert "data.max_bad_fraction=0.2" in message
     prepared = build(rows_with_bad(7, 3), tmp_path, smollm2, max_bad_fraction=0.3)
     assert prepared.report.rows_read == 10 and prepared.report.rows_kept == 7

@@ -112,6 +112,15 @@ def test_inspect_shows_every_character_of_a_long_non_ascii_pair_and_the_prompts_
     assert "Prompts cut to data.max_prompt_length=40 tokens (data.truncation_mode=keep_end): 3" in text
 
 
+def test_inspect_shows_the_rows_a_run_would_stop_for_and_says_it_would(tmp_path, smollm2):
+    rows = string_rows(6) + [{"prompt": "p", "chosen": "same", "rejected": "same"}] * 4
+    cfg = cfgmod.resolve(None, None, {"data": {"source": str(write_jsonl(tmp_path / "d.jsonl", rows))}},
+                         ["data.eval_fraction=0"])
+    text = run_inspect(cfg, smollm2)
+    assert "identical_responses: 4 (rows 6, 7, 8, 9)" in text
+    assert "warning: training would stop here:" in text and "4 of 10 rows (40%) are unusable" in text
+
+
 def test_inspect_shows_the_token_counted_micro_batches_of_pack_tokens(tmp_path, smollm2):
     path = write_jsonl(tmp_path / "d.jsonl", string_rows(20))
     cfg = cfgmod.resolve(None, None, {"data": {"source": str(path)}},

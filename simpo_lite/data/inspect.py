@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 from rich.console import Console
@@ -13,7 +14,6 @@ from rich.text import Text
 from simpo_lite.console import print_table
 from simpo_lite.data.batching import batch_indices, padding_fraction
 from simpo_lite.data.pipeline import PreparedData, build_datasets
-from simpo_lite.data.report import ALL_RULES
 from simpo_lite.logprobs import IGNORE_INDEX
 from simpo_lite.errors import UserError
 
@@ -84,8 +84,7 @@ def _length_rows(prepared: PreparedData) -> list[list[str]]:
 def _drop_rows(prepared: PreparedData) -> list[list[str]]:
     rows = []
     for source in prepared.report.sources:
-        rules = "\n".join(f"{rule}: {count} (rows {', '.join(map(str, source.first_rows[rule]))}) - "
-                          f"{ALL_RULES.get(rule, rule)}" for rule, count in source.dropped.items()) or "none"
+        rules = "\n".join(source.drop_lines()) or "none"
         rows.append([f"{source.role}: {source.name}", str(source.rows_read), str(source.rows_kept), rules])
     return rows
 
@@ -138,7 +137,9 @@ def _load_tokenizer(cfg):
 def inspect_data(cfg, index: int = 0, tokenizer=None, console: Optional[Console] = None) -> PreparedData:
     """Render training pair `index` and report lengths, skipped rows and padding."""
     tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(cfg)
-    prepared = build_datasets(cfg.data, tokenizer, cfg.train.seed)
+    # Rows over data.max_bad_fraction stop a run, but their report is what inspect is for: shown, and
+    # the stop said at the end.
+    prepared = build_datasets(replace(cfg.data, max_bad_fraction=1.0), tokenizer, cfg.train.seed)
     n = prepared.train.num_rows
     if not 0 <= index < n:
         raise UserError(f"--index {index} is out of range: the training split has {n} pairs (0 to {n - 1})")
@@ -167,5 +168,9 @@ def inspect_data(cfg, index: int = 0, tokenizer=None, console: Optional[Console]
         console.print(packed_line(prepared, cfg.train.micro_batch_size, cfg.simpo.pack_tokens, cfg.train.seed))
     else:
         console.print(padding_line(prepared, cfg.train.micro_batch_size, cfg.data.group_by_length, cfg.train.seed))
+    for source in prepared.report.sources:
+        stop = source.too_many_bad(cfg.data.max_bad_fraction)
+        if stop:
+            console.print(f"warning: training would stop here: {stop}", markup=False, style="yellow", soft_wrap=True)
     return prepared
 

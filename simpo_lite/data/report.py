@@ -55,16 +55,24 @@ class SourceReport:
 
     def check(self, max_bad_fraction: float) -> None:
         """Stop before training when too much of the source is unusable."""
-        causes = "; ".join(f"{rule} {count} (first rows {', '.join(map(str, self.first_rows[rule]))})"
+        problem = self.too_many_bad(max_bad_fraction)
+        if problem:
+            raise UserError(problem)
+
+    def too_many_bad(self, max_bad_fraction: float) -> Optional[str]:
+        """Why training would stop on this source, with each rule's meaning; None when it would not."""
+        causes = "; ".join(f"{rule} {count} (first rows {', '.join(map(str, self.first_rows[rule]))}: "
+                           f"{ALL_RULES.get(rule, rule)})"
                            for rule, count in sorted(self.dropped.items(), key=lambda kv: -kv[1]))
         if self.rows_kept == 0:
-            raise UserError(f"{self.role} data {self.name}: none of its {self.rows_read} rows is usable ({causes}); "
-                            f"check the columns (data.columns) and lengths (data.max_length)")
+            return (f"{self.role} data {self.name}: none of its {self.rows_read} rows is usable ({causes}); "
+                    f"check the columns (data.columns) and lengths (data.max_length)")
         share = self.bad / self.rows_read
         if share > max_bad_fraction:
-            raise UserError(f"{self.role} data {self.name}: {self.bad} of {self.rows_read} rows ({share:.0%}) are "
-                            f"unusable ({causes}), more than data.max_bad_fraction={max_bad_fraction:g}; "
-                            f"fix the data or raise data.max_bad_fraction")
+            return (f"{self.role} data {self.name}: {self.bad} of {self.rows_read} rows ({share:.0%}) are "
+                    f"unusable ({causes}), more than data.max_bad_fraction={max_bad_fraction:g}; "
+                    f"fix the data or raise data.max_bad_fraction")
+        return None
 
 
 def length_stats(values: Sequence[int]) -> Optional[dict[str, float]]:
