@@ -509,6 +509,7 @@ def test_too_many_bad_rows_stop_before_training(tmp_path, smollm2):
     assert "data.max_bad_fraction=0.2" in message
     prepared = build(rows_with_bad(7, 3), tmp_path, smollm2, max_bad_fraction=0.3)
     assert prepared.report.rows_read == 10 and prepared.report.rows_kept == 7
+    assert sum(prepared.report.sources[0].kinds.values()) == 7  # formats of the rows kept, as inspect shows them
     with pytest.raises(UserError, match="none of its 3 rows is usable"):
         build(rows_with_bad(0, 3), tmp_path, smollm2, max_bad_fraction=1.0)
 

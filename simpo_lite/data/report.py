@@ -41,7 +41,7 @@ class SourceReport:
                 if len(report.first_rows.setdefault(rule, [])) < FIRST_ROWS:
                     report.first_rows[rule].append(row)
         report.rows_kept = report.rows_read - sum(report.dropped.values())
-        report.kinds = dict(Counter(k for k in kinds if k))
+        report.kinds = dict(Counter(k for k, d in zip(kinds, drops) if k and not d))  # of the rows kept
         return report
 
     @property
