@@ -332,10 +332,13 @@ def keep_auto_choice(cfg: Config, resume: str) -> Config:
 
 
 def _auto_note(asked: Config, resolved: Config) -> str:
-    auto = [f"{name}: auto -> {getattr(getattr(resolved, section), key)}"
-            for name, section, key in (("train.micro_batch_size", "train", "micro_batch_size"),
-                                       ("model.uncheckpointed_layers", "model", "uncheckpointed_layers"))
-            if getattr(getattr(asked, section), key) == "auto"]
+    """What auto-fit chose, for config.yaml; nothing where `auto` stood for nothing (layers without
+    gradient checkpointing all keep their activations)."""
+    chosen = {name: getattr(getattr(resolved, section), key)
+              for name, section, key in (("train.micro_batch_size", "train", "micro_batch_size"),
+                                         ("model.uncheckpointed_layers", "model", "uncheckpointed_layers"))
+              if getattr(getattr(asked, section), key) == "auto"}
+    auto = [f"{name}: auto -> {value}" for name, value in chosen.items() if value != "auto"]
     return "auto-fit (simpo_lite.autofit): " + ", ".join(auto) if auto else ""
 
 

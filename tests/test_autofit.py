@@ -161,3 +161,17 @@ def test_a_budget_nothing_fits_in_says_so_when_only_the_layers_are_auto():
     choice = autofit.choose(resolve("llama3-8b-lora"), "cuda", 8 * GIB)
     assert choice.uncheckpointed_layers == 0 and "over the budget even with every layer recomputed" in choice.line()
     assert "over the budget" not in autofit.choose(resolve("llama3-8b-lora"), "cuda", 24 * GIB).line()
+
+
+def test_config_yaml_notes_only_what_auto_fit_chose():
+    """The demo preset keeps every layer (no gradient checkpointing): its 'auto' layers stand for nothing,
+    and config.yaml said 'auto -> auto'."""
+    from simpo_lite.config import resolve
+    from simpo_lite.trainer import _auto_note
+
+    demo = resolve("smollm2-demo")
+    assert demo.model.uncheckpointed_layers == "auto" and not demo.model.gradient_checkpointing
+    assert _auto_note(demo, demo) == ""
+    chosen = resolve("smollm2-demo", sets=["train.micro_batch_size=4"])
+    assert _auto_note(resolve("smollm2-demo", sets=["train.micro_batch_size=auto"]), chosen) == \
+        "auto-fit (simpo_lite.autofit): train.micro_batch_size: auto -> 4"
