@@ -87,7 +87,7 @@ def plan_command(cfg: Config, gpu_memory: float | None = None, processes: int = 
     budget, budget_note = (gpu_memory * GIB, f"{gpu_memory:g} GiB (--gpu-memory)") if gpu_memory else default_budget()
     # `auto` layers spend what the micro-batch leaves, so the micro-batch advice is for all layers recomputed.
     auto_layers = cfg.model.uncheckpointed_layers == "auto"
-    cfg = _resolve_auto(cfg, budget, budget_note, gpu_memory is None)
+    asked, cfg = cfg, _resolve_auto(cfg, budget, budget_note, gpu_memory is None)
     arch = architecture(cfg.model)
     setting = replace(setting_from_config(cfg, "cuda"), fsdp_processes=processes if fsdp else 1)
     est = estimate(arch, setting)
@@ -108,7 +108,15 @@ def plan_command(cfg: Config, gpu_memory: float | None = None, processes: int = 
                   "the forward pass's end (checkpoints + log-probs) and the backward pass (one recomputed layer + "
                   "the larger of checkpoints and gradients).")
     least = replace(setting, uncheckpointed_layers=0) if auto_layers else setting
-    _print_fit(console, arch, least, est, budget, budget_note, cfg, advise_layers=not auto_layers)
+    layers_at = None
+    if auto_layers and cfg.model.gradient_checkpointing:
+        from simpo_lite import autofit
+
+        def layers_at(micro: int, accumulation: int) -> int:  # what auto-fit keeps beside that micro-batch
+            other = replace(asked.train, micro_batch_size=micro, gradient_accumulation_steps=accumulation)
+            return autofit.choose(replace(asked, train=other), "cuda", budget, budget_note).uncheckpointed_layers
+    _print_fit(console, arch, least, est, budget, budget_note, cfg, advise_layers=not auto_layers,
+               layers_at=layers_at)
     if largest_micro_batch(arch, least, budget) == 0:
         raise RunError(f"plan: not even 1 pair x {setting.seq_len} tokens fits in {_gib(budget)}: "
                        f"{what_would_fit(arch, least, budget, cfg.data.max_prompt_length)}", exit_code=1)
@@ -159,9 +167,11 @@ def what_would_fit(arch: Arch, s: Setting, budget: float, max_prompt_length: int
 
 
 def _print_fit(console, arch: Arch, s: Setting, est: Estimate, budget: float, note: str, cfg: Config,
-               advise_layers: bool = True) -> None:
+               advise_layers: bool = True, layers_at=None) -> None:
     """Whether the run fits `budget`, the micro-batches that would (at `s`'s layers), and with
-    advise_layers the layers that could keep their activations."""
+    advise_layers the layers that could keep their activations. With `auto` layers, `layers_at(micro,
+    accumulation)` says what auto-fit would keep beside a suggested micro-batch: the two spend the same
+    memory, so the suggestion is a trade, not a free gain."""
     effective = s.micro_batch * cfg.train.gradient_accumulation_steps
     console.print(f"[bold]budget[/] {note}: the configured micro-batch "
                   + ("fits" if est.peak() <= budget else "[red]does not fit[/]")
@@ -182,8 +192,13 @@ def _print_fit(console, arch: Arch, s: Setting, est: Estimate, budget: float, no
     if micro < fit:
         console.print(f"Why {micro} and not {fit}: " + _why_smaller(micro, fit, effective))
     if (micro, accumulation) != (s.micro_batch, cfg.train.gradient_accumulation_steps):
+        trade = ""
+        if layers_at is not None:
+            trade = (f" (auto-fit then keeps the activations of {layers_at(micro, accumulation)} of {arch.layers} "
+                     f"layers instead of {cfg.model.uncheckpointed_layers}: more pairs per pass or less "
+                     f"recomputation, both spend the same memory)")
         console.print(f"Use it with: --set train.micro_batch_size={micro} "
-                      f"--set train.gradient_accumulation_steps={accumulation}")
+                      f"--set train.gradient_accumulation_steps={accumulation}{trade}")
     kept = most_uncheckpointed_layers(arch, s, budget)
     if advise_layers and kept > s.uncheckpointed_layers:
         console.print(f"Or spend the spare memory on speed at this micro-batch: --set model.uncheckpointed_layers={kept} "

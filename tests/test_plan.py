@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -206,6 +207,19 @@ def test_cli_plan_prints_the_breakdown_and_the_fit():
         assert fragment in out.stdout
     bad = subprocess.run([sys.executable, "-m", "simpo_lite", "plan", "--gpu-memory", "-3"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--gpu-memory" in bad.stderr
+
+
+def test_a_larger_micro_batch_is_offered_as_a_trade_against_auto_layers():
+    """With `auto` layers the spare memory is already spent on layers that are not recomputed: a larger
+    micro-batch takes it from them, and the advice says how many auto-fit would then keep."""
+    out = subprocess.run([sys.executable, "-m", "simpo_lite", "plan", "--preset", "llama3-8b-lora", "--gpu-memory", "24"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    chosen = re.search(r"auto-fit: .*uncheckpointed_layers=(\d+) of 32", out.stderr)
+    trade = re.search(r"Use it with: --set train.micro_batch_size=(\d+) .*\(auto-fit then keeps the activations of "
+                      r"(\d+) of 32 layers instead of (\d+):", out.stdout)
+    assert chosen and trade, out.stdout + out.stderr
+    assert int(trade.group(1)) > 2 and int(trade.group(2)) < int(trade.group(3)) == int(chosen.group(1))
 
 
 @pytest.mark.e2e
