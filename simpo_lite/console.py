@@ -83,9 +83,10 @@ def stdout_is_terminal() -> bool:
     return sys.stdout.isatty()
 
 
-def result_line(text: str) -> None:
-    """A line of the result on stdout, unwrapped and without markup."""
-    print(_plain(text), flush=True)
+def result_line(text: str, markup: bool = True) -> None:
+    """A line of the result on stdout, unwrapped and without markup; `markup` False for text that is not
+    ours (a model's answer, a path), whose [brackets] are kept as they are."""
+    print(_plain(text, markup), flush=True)
 
 
 def _plain(cell: Any, markup: bool = True) -> str:
