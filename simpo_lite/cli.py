@@ -117,9 +117,11 @@ def train(
 
 @app.command(short_help="Merge a run's adapter into the base weights, or write a GGUF.")
 def export(
-    run_dir: Path = typer.Argument(..., metavar="RUN", help="A training run's output folder."),
+    run_dir: Path = typer.Argument(..., metavar="RUN", help="A training run's output folder, or one of its "
+                                    "checkpoint-N folders."),
     out: Optional[Path] = typer.Option(None, "--out", metavar="DIR", help="Destination folder (default: RUN/merged, "
-                                       "or RUN/adapter-export with --adapter-only)."),
+                                       "or RUN/adapter-export with --adapter-only; RUN/merged-checkpoint-N for "
+                                       "a checkpoint)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", metavar="DTYPE",
                                         help="bf16, fp16 or fp32 (default: the run's export.dtype)."),
     adapter_only: bool = typer.Option(False, "--adapter-only", help="Export the LoRA adapter alone, unmerged."),

@@ -11,11 +11,13 @@ def evaluate_command(model_or_run: str, preset: str | None = None, config=None, 
                      sets: list[str] | None = None, out=None) -> dict:
     """Metrics of a base model, a run's adapter or an exported model on an eval split."""
     from simpo_lite.console import info
-    from simpo_lite.files import write_json
+    from simpo_lite.files import check_output_path, write_json
     from simpo_lite.target import load_target_model, load_target_tokenizer, model_device, resolve_target
 
     if out is not None and Path(out).suffix.lower() != ".json":
         raise UserError(f"--out '{out}' must end in .json")
+    if out is not None:
+        check_output_path(out)  # the metrics are written last: a bad path must not waste the eval
     target = resolve_target(model_or_run, preset=preset, config=config, data=data, sets=sets)
     from simpo_lite.data import build_datasets, make_collator  # torch and datasets: after the cheap checks
     from simpo_lite.policy import ConcatenatedPolicy, evaluate_dataset

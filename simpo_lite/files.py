@@ -6,6 +6,8 @@ version), and turns a full disk into `errors.DiskFull` (what was being written, 
 the space left). `guard` gives the same to writers that cannot go through these (a library's cache).
 Readers of user files check them here too: `read_text`/`check_utf8` (text that is not UTF-8),
 `check_safetensors`/`check_torch_file` (truncated weights), `missing_path` (a mistyped path).
+Writers of user-given paths call `check_output_path` first, so a path that cannot be written is one
+line before any work.
 
 Torch-free: the config layer uses it too.
 """
@@ -24,7 +26,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from simpo_lite.errors import DiskFull, UserError
+from simpo_lite.errors import DiskFull, UserError, first_line
 
 DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 # Libraries that do not pass the OS error on (torch.save says 'unexpected pos' or 'iostream error'):
@@ -34,15 +36,22 @@ LOW_SPACE = 1 << 20
 
 # ---- a full disk --------------------------------------------------------------------------------
 
-def free_bytes(path: Path) -> int | None:
-    """Free space on the file system that holds `path` (or its nearest existing folder)."""
+def _disk_usage(path: Path):
+    """shutil.disk_usage of the file system that holds `path` (or its nearest existing folder); None
+    when it cannot be read."""
     path = Path(path).absolute()
     while not path.exists() and path != path.parent:
         path = path.parent
     try:
-        return shutil.disk_usage(path).free
+        return shutil.disk_usage(path)
     except OSError:
         return None
+
+
+def free_bytes(path: Path) -> int | None:
+    """Free space on the file system that holds `path` (or its nearest existing folder)."""
+    usage = _disk_usage(path)
+    return None if usage is None else usage.free
 
 
 def folder_size(path: Path) -> int:
@@ -62,18 +71,22 @@ def folder_size(path: Path) -> int:
 
 def is_disk_full(err: BaseException, where: Path) -> bool:
     """Whether `err` (or an error it was raised from) is a full disk or an exhausted quota."""
-    first, seen = err, 0
+    first, seen, named = err, 0, False
     while err is not None and seen < 10:
         if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
             return True
         text = str(err)
         if "No space left" in text or "os error 28" in text or "Disk quota exceeded" in text:
             return True
+        named = named or (isinstance(err, OSError) and err.errno is not None)
         err, seen = err.__cause__ or err.__context__, seen + 1
-    if not isinstance(first, (OSError, RuntimeError)):
-        return False  # the project's own errors and a library's value errors are never the disk
-    free = free_bytes(where)
-    return free is not None and free < LOW_SPACE
+    if named or not isinstance(first, (OSError, RuntimeError)):
+        # The OS gave another cause (no such folder, no permission), or it is the project's own error or a
+        # library's value error: never the disk, however little space there is.
+        return False
+    # Pseudo file systems (/proc, /sys) read 0 bytes of 0: that is no size at all, not a full disk.
+    usage = _disk_usage(where)
+    return usage is not None and usage.total > 0 and usage.free < LOW_SPACE
 
 
 @contextlib.contextmanager
@@ -270,18 +283,60 @@ def looks_like_local_path(name: str, suffixes: tuple[str, ...] = ()) -> bool:
             or (bool(suffixes) and path.suffix.lower() in suffixes))
 
 
-def missing_path(name: str, what: str, how: str = "check the path") -> str:
-    """"<what> 'X' not found", suggesting the existing name nearest to its first missing part."""
+def nearest_path(name: str) -> str | None:
+    """The existing path nearest to `name`, which does not exist (its first missing part swapped for
+    the closest name beside it), or None when nothing there is close."""
     path = Path(name).expanduser()
     missing, parent = path, path.parent
     while not parent.exists() and parent != parent.parent:
         missing, parent = parent, parent.parent
-    if parent.is_dir():
-        try:
-            names = [p.name for p in parent.iterdir() if not p.name.startswith(".")]
-        except OSError:
-            names = []
-        close = difflib.get_close_matches(missing.name, names, n=1, cutoff=0.6)
-        if close:
-            return f"{what} '{name}' not found; did you mean '{parent / close[0] / path.relative_to(missing)}'?"
-    return f"{what} '{name}' not found; {how}"
+    if not parent.is_dir():
+        return None
+    try:
+        names = [p.name for p in parent.iterdir() if not p.name.startswith(".")]
+    except OSError:
+        return None
+    close = difflib.get_close_matches(missing.name, names, n=1, cutoff=0.6)
+    return str(parent / close[0] / path.relative_to(missing)) if close else None
+
+
+def missing_path(name: str, what: str, how: str = "check the path") -> str:
+    """"<what> 'X' not found", suggesting the existing name nearest to its first missing part."""
+    near = nearest_path(name)
+    return f"{what} '{name}' not found; did you mean '{near}'?" if near else f"{what} '{name}' not found; {how}"
+
+
+def local_hint(name: str, what: str) -> str:
+    """For a name that went to the Hub and failed there: '; no local <what> 'X' (did you mean 'Y'?)'
+    when a local name is close to it (a typo of a local folder or file is then the likelier story), else ''.
+    Called on the failure only: the Hub path of a good name never pays for the listing."""
+    if Path(name).expanduser().exists():
+        return ""
+    near = nearest_path(name)
+    return f"; no local {what} '{name}' (did you mean '{near}'?)" if near else ""
+
+
+def check_output_path(path: Path, flag: str = "--out", folder: bool = False) -> Path:
+    """One line before any work when `path` (a file, or with `folder` a folder) cannot be written: it is
+    a folder where a file goes or the reverse, a part of the way to it is a file, or the nearest
+    existing folder above it takes no new files (no permission, read-only, /proc). Leaves nothing behind."""
+    path = Path(path).expanduser()
+    if folder and path.exists() and not path.is_dir():
+        raise UserError(f"{flag} '{path}' is a file: give a folder path")
+    if not folder and path.is_dir():
+        raise UserError(f"{flag} '{path}' is a folder: give a file path")
+    above = path.absolute().parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise UserError(f"{flag} '{path}': '{above}' is a file, not a folder, so nothing can be written under it: "
+                        f"choose another {flag}")
+    # Writers create a temporary file or folder next to the target: probe for exactly that right.
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".simpo-lite-probe-", dir=above)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as err:
+        raise UserError(f"{flag} '{path}': cannot create files in '{above}' ({err.strerror or first_line(err)}): "
+                        f"choose another {flag}") from None
+    return path

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from simpo_lite.errors import UserError
-from simpo_lite.files import missing_path, read_text, write_json
+from simpo_lite.files import check_output_path, missing_path, read_text, write_json
 
 
 def _prompt_text(item, where: str) -> str:
@@ -211,6 +211,7 @@ def generate_command(model_or_run: str, out: Path, prompts: Path | None = None, 
     out = Path(out)
     if out.suffix.lower() != ".json":
         raise UserError(f"--out '{out}' must end in .json: AlpacaEval reads a JSON list")
+    check_output_path(out)
     items = read_prompts(prompts) if prompts is not None else None
     target = resolve_target(model_or_run, preset=preset, config=config, data=data, sets=sets)
     name = generator or target.label

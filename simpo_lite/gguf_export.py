@@ -27,7 +27,7 @@ ARCHS = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2", "gemma2": "GEMM
 LLAMA_CPP_HINT = "pip install 'simpo-lite[gguf]' (llama-cpp-python; it compiles llama.cpp, minutes)"
 
 
-def check_request(quant: str, run: Path, cfg) -> None:
+def check_request(quant: str, adapter: Path, cfg) -> None:
     """Everything a GGUF export of a run can be refused for, checked before any work: the quant type, the
     base's architecture and RoPE, the tokenizer, and llama.cpp where the quant type needs it."""
     from simpo_lite.gguf_vocab import tokenizer_kind
@@ -37,7 +37,17 @@ def check_request(quant: str, run: Path, cfg) -> None:
         raise UserError(f"--quant '{quant}' is not supported: use one of {', '.join(QUANTS)}")
     check_architecture(resolve_model_source(cfg.model.name_or_path, revision=cfg.model.revision),
                        cfg.model.trust_remote_code)
-    tokenizer_kind(run / "adapter")
+    if (adapter / "tokenizer.json").is_file():
+        tokenizer_kind(adapter)
+    else:  # a checkpoint saves no tokenizer: the run's is the base's, prepared as loading prepares it
+        from simpo_lite.model import load_run_tokenizer
+
+        with tempfile.TemporaryDirectory() as folder:
+            load_run_tokenizer(cfg, adapter).save_pretrained(folder)
+            try:
+                tokenizer_kind(Path(folder))
+            except UserError as err:  # name the tokenizer by where it came from, not the scratch folder
+                raise UserError(str(err).replace(folder, cfg.model.name_or_path)) from None
     if quant in LLAMA_CPP_QUANTS and not llama_cpp_available():
         raise UserError(f"--quant {quant} is made by llama.cpp's quantizer, which is not installed: {LLAMA_CPP_HINT}, "
                         f"or use --quant q8_0")
@@ -60,8 +70,8 @@ def check_architecture(model_source: str, trust_remote_code: bool = False) -> No
                         f"--format safetensors")
 
 
-def fill_gguf(tmp: Path, run: Path, cfg, dtype_name: str, quant: str, summary: dict | None, result,
-              say: Callable[[str], None]) -> None:
+def fill_gguf(tmp: Path, adapter: Path, name: str, cfg, dtype_name: str, quant: str, summary: dict | None,
+              result, say: Callable[[str], None]) -> None:
     """The safetensors export (merge and its check) in a scratch folder, converted to one GGUF file, read
     back and compared; then the Modelfile and the card. Only the GGUF, Modelfile and README.md remain."""
     from transformers import AutoTokenizer
@@ -74,10 +84,10 @@ def fill_gguf(tmp: Path, run: Path, cfg, dtype_name: str, quant: str, summary: d
 
     merged = tmp / ".merged"
     merged.mkdir()
-    fill_merged(merged, run, cfg, dtype_name, summary, result, say=say)
-    path = tmp / f"{run.resolve().name}-{quant}.gguf"
+    fill_merged(merged, adapter, cfg, dtype_name, summary, result, say=say)
+    path = tmp / f"{name}-{quant}.gguf"
     say(f"writing {path.name}")
-    write_gguf(merged, path, quant, f"{run.resolve().name} (simpo-lite, {cfg.model.name_or_path})", say)
+    write_gguf(merged, path, quant, f"{name} (simpo-lite, {cfg.model.name_or_path})", say)
     result.gguf = verify(path, merged, quant, say)
     write_text(tmp / "Modelfile", modelfile(path.name, AutoTokenizer.from_pretrained(merged)))
     shutil.rmtree(merged)

@@ -39,17 +39,8 @@ def verify(path: Path, merged_dir: Path, quant: str, say: Callable[[str], None])
     gc.collect()
     report = {"quant": quant, "file": path.name, "size_mb": round(path.stat().st_size / 2**20, 1),
               "transformers": transformers_check(path, ids, reference)}
-    t = report["transformers"]
-    say(f"check: transformers reads the {quant} GGUF: same most likely next token at {t['top1']:.1%} of "
-        f"{t['positions']} positions, max |logit diff| {t['max_logit_diff']:.3g} vs the merged model (fp32)")
     if _llama_cpp_installed():
         report["llama_cpp"] = llama_cpp_check(path, tokenizer, PROMPTS, ids, reference, reference_greedy, stops)
-        c = report["llama_cpp"]
-        say(f"check: llama.cpp runs the {quant} GGUF: tokenizes the check prompts "
-            f"{'the same' if c['same_tokens'] else 'DIFFERENTLY'}; same most likely next token at {c['top1']:.1%} "
-            f"of positions, max |logit diff| {c['max_logit_diff']:.3g}, max |next-token log-prob diff| "
-            f"{c['max_logprob_diff']:.3g}; greedy continuations repeat {c['greedy_agreement']:.0%} of the merged "
-            f"model's first tokens")
     else:
         from simpo_lite.gguf_export import LLAMA_CPP_HINT
 
@@ -57,9 +48,23 @@ def verify(path: Path, merged_dir: Path, quant: str, say: Callable[[str], None])
         say(f"info: llama.cpp itself was not run on the file: {LLAMA_CPP_HINT}")
     if report["llama_cpp"] and not report["llama_cpp"]["same_chat_tokens"]:
         say("warning: llama.cpp tokenizes the chat-formatted prompts differently from the run's tokenizer (around "
-            "special tokens, e.g. a space after them); the logits above are compared on the run's own tokens")
+            "special tokens, e.g. a space after them); the check compares logits on the run's own tokens")
     _check(report, path)
     return report
+
+
+def check_lines(report: dict) -> list[str]:
+    """The GGUF checks' figures, as the export prints them once the export is saved."""
+    quant, t, c = report["quant"], report["transformers"], report.get("llama_cpp")
+    lines = [f"check: transformers reads the {quant} GGUF: same most likely next token at {t['top1']:.1%} of "
+             f"{t['positions']} positions, max |logit diff| {t['max_logit_diff']:.3g} vs the merged model (fp32)"]
+    if c:
+        lines.append(f"check: llama.cpp runs the {quant} GGUF: tokenizes the check prompts "
+                     f"{'the same' if c['same_tokens'] else 'DIFFERENTLY'}; same most likely next token at "
+                     f"{c['top1']:.1%} of positions, max |logit diff| {c['max_logit_diff']:.3g}, max |next-token "
+                     f"log-prob diff| {c['max_logprob_diff']:.3g}; greedy continuations repeat "
+                     f"{c['greedy_agreement']:.0%} of the merged model's first tokens")
+    return lines
 
 
 def prompt_texts(tokenizer, prompts) -> list[tuple[str, bool]]:

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from simpo_lite.errors import DiskFull, UserError, first_line, human_size
-from simpo_lite.files import folder_size, free_bytes, is_disk_full
+from simpo_lite.files import folder_size, free_bytes, is_disk_full, local_hint
 
 TOKENIZER_PATTERNS = ("tokenizer*", "vocab.*", "merges.txt", "special_tokens_map.json", "added_tokens.json",
                       "*.jinja", "spiece.model", "sentencepiece.bpe.model", "*.tiktoken")
@@ -133,14 +133,17 @@ def _refusal(repo_id: str, revision: str | None, err: Exception, kind: str = "mo
                 f"with 'hf auth login' (or set HF_TOKEN)")
     if isinstance(err, RevisionNotFoundError):
         return f"{kind} '{repo_id}' has no revision '{revision}': check model.revision"
+    # Not found or not reached: the name may be a typo of a local folder or file rather than a Hub id.
+    local = local_hint(repo_id, "file" if kind == "dataset" else "folder")
     if isinstance(err, RepositoryNotFoundError):
         return (f"no {kind} '{repo_id}' on the Hugging Face Hub ({page}), or it is private and this machine is not "
-                f"logged in ('hf auth login'): check {key}")
+                f"logged in ('hf auth login'): check {key}{local}")
     if isinstance(err, HfHubHTTPError):
-        return f"the Hugging Face Hub refused {kind} '{repo_id}': {first_line(err)}"
+        return f"the Hugging Face Hub refused {kind} '{repo_id}': {first_line(err)}{local}"
     return (f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} ({first_line(err) or type(err).__name__}) "
             f"and model '{repo_id}' is not in its cache ({constants.HF_HUB_CACHE}): connect this machine, set "
-            f"HF_ENDPOINT to a mirror, or download the model elsewhere ('hf download {repo_id}') and give its folder")
+            f"HF_ENDPOINT to a mirror, or download the model elsewhere ('hf download {repo_id}') and give its "
+            f"folder{local}")
 
 
 def _download(repo_id: str, revision: str | None, files: list[str], total: int, cache: str) -> None:

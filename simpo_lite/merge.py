@@ -30,34 +30,44 @@ CONTINUATION_TOKENS = 20  # greedy tokens per check prompt compared with the tra
 VERIFY_BYTES_PER_PARAM = 4  # the check holds one fp32 copy of the model at a time
 
 
-def fill_merged(tmp: Path, run: Path, cfg: Config, dtype_name: str, summary: dict | None, result,
+def fill_merged(tmp: Path, adapter: Path, cfg: Config, dtype_name: str, summary: dict | None, result,
                 say: Callable[[str], None]) -> None:
-    """Merge, save into tmp, reload the saved files with plain transformers, check them, add a card."""
-    tokenizer = load_run_tokenizer(cfg, run / "adapter")
+    """Merge, save into tmp, reload the saved files with plain transformers, check them, add a card.
+    The figures land in `result` (check_lines words them); `say` tells the steps."""
+    tokenizer = load_run_tokenizer(cfg, adapter)
     ids = check_prompt_ids(tokenizer)
     check_memory(cfg, say)
     result.trained_kind = "4-bit NF4" if cfg.model.quantize else "unquantized"
     say(f"computing reference logits and greedy answers of the run's {result.trained_kind} training model")
-    trained, trained_answers = trained_model_outputs(cfg, run / "adapter", ids, tokenizer)
+    trained, trained_answers = trained_model_outputs(cfg, adapter, ids, tokenizer)
     result.merge_into = merge_target(cfg)
     say(f"merging the adapter into {describe_target(cfg, dtype_name)}")
-    merged, reference, result.adapter_effect = merge(cfg, run / "adapter", DTYPES[dtype_name], ids)
+    merged, reference, result.adapter_effect = merge(cfg, adapter, DTYPES[dtype_name], ids)
     merged.save_pretrained(tmp, max_shard_size=cfg.export.max_shard_size)
     del merged  # the check below reloads from disk: never two copies in memory
     gc.collect()
     tokenizer.save_pretrained(tmp)
-    exported = check_saved(tmp, cfg, dtype_name, ids, reference, trained, result, say)
+    exported = check_saved(tmp, cfg, dtype_name, ids, reference, trained, result)
     result.greedy_agreement = continuation_agreement(greedy_answers(exported, tokenizer, ids), trained_answers)
-    say(f"info: greedy answers to the {len(ids)} check prompts: {result.greedy_agreement:.0%} of the first "
-        f"{CONTINUATION_TOKENS} tokens are the trained model's (up to the first difference)")
     result.sample_prompt = PROMPTS[0]
     result.sample = greedy_text(exported, tokenizer, ids[0])
-    say(f"sample (greedy): {PROMPTS[0]!r} -> {result.sample!r}")
     hub.write_model_card(tmp, cfg, summary, result)
 
 
-def check_saved(folder: Path, cfg: Config, dtype_name: str, ids, reference, trained, result,
-                say: Callable[[str], None]):
+def check_lines(result, cfg: Config) -> list[str]:
+    """The merge check's figures, as the export prints them once the export is saved."""
+    dtype = result.dtype
+    return [f"check: {dtype} export vs base+adapter ({dtype} base, fp32 compute): max |logit diff| "
+            f"{result.merge_diff:.3g} (tolerance {export_tolerance(cfg, dtype):g}; the adapter itself moves logits "
+            f"by up to {result.adapter_effect:.3g})",
+            f"info: export vs the run's {result.trained_kind} training model: max |logit diff| "
+            f"{result.trained_diff:.3g}, same most likely next token at {result.trained_top1:.0%} of positions",
+            f"info: greedy answers to the {len(PROMPTS)} check prompts: {result.greedy_agreement:.0%} of the first "
+            f"{CONTINUATION_TOKENS} tokens are the trained model's (up to the first difference)",
+            f"sample (greedy): {result.sample_prompt!r} -> {result.sample!r}"]
+
+
+def check_saved(folder: Path, cfg: Config, dtype_name: str, ids, reference, trained, result):
     """Load what users will load (the saved files, plain transformers), compare, raise above tolerance."""
     from transformers import AutoModelForCausalLM
 
@@ -66,11 +76,6 @@ def check_saved(folder: Path, cfg: Config, dtype_name: str, ids, reference, trai
     got = logits(exported, ids)
     result.merge_diff, result.trained_diff = max_diff(got, reference), max_diff(got, trained)
     result.trained_top1 = top1_agreement(got, trained)
-    say(f"check: {dtype_name} export vs base+adapter ({dtype_name} base, fp32 compute): max |logit diff| "
-        f"{result.merge_diff:.3g} (tolerance {export_tolerance(cfg, dtype_name):g}; the adapter itself moves logits "
-        f"by up to {result.adapter_effect:.3g})")
-    say(f"info: export vs the run's {result.trained_kind} training model: max |logit diff| {result.trained_diff:.3g}, "
-        f"same most likely next token at {result.trained_top1:.0%} of positions")
     check_tolerance(result, cfg, dtype_name)
     return exported
 

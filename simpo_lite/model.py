@@ -86,9 +86,11 @@ def load_run_tokenizer(cfg: Config, adapter_dir: Path | None):
 
 
 def _not_found(name: str, err: Exception) -> str:
+    from simpo_lite.files import local_hint
+
     return (f"cannot load model '{name}': {first_line(err)} -- give a local folder, a cached Hub id "
             f"(log in with 'hf auth login' for gated models), or 'smollm2-135m-instruct'; if a run's base "
-            f"model moved, add --set model.name_or_path=NEW_PATH")
+            f"model moved, add --set model.name_or_path=NEW_PATH{local_hint(name, 'folder')}")
 
 
 def _device_map():

@@ -108,18 +108,21 @@ def plan_command(cfg: Config, gpu_memory: float | None = None, processes: int = 
                   "the forward pass's end (checkpoints + log-probs) and the backward pass (one recomputed layer + "
                   "the larger of checkpoints and gradients).")
     least = replace(setting, uncheckpointed_layers=0) if auto_layers else setting
-    layers_at = None
-    if auto_layers and cfg.model.gradient_checkpointing:
-        from simpo_lite import autofit
-
-        def layers_at(micro: int, accumulation: int) -> int:  # what auto-fit keeps beside that micro-batch
-            other = replace(asked.train, micro_batch_size=micro, gradient_accumulation_steps=accumulation)
-            return autofit.choose(replace(asked, train=other), "cuda", budget, budget_note).uncheckpointed_layers
-    _print_fit(console, arch, least, est, budget, budget_note, cfg, advise_layers=not auto_layers,
-               layers_at=layers_at)
+    trade = _auto_layers_at(asked, budget, budget_note) if auto_layers and cfg.model.gradient_checkpointing else None
+    _print_fit(console, arch, least, est, budget, budget_note, cfg, advise_layers=not auto_layers, layers_at=trade)
     if largest_micro_batch(arch, least, budget) == 0:
         raise RunError(f"plan: not even 1 pair x {setting.seq_len} tokens fits in {_gib(budget)}: "
                        f"{what_would_fit(arch, least, budget, cfg.data.max_prompt_length)}", exit_code=1)
+
+
+def _auto_layers_at(asked: Config, budget: float, note: str):
+    """(micro, accumulation) -> the layers auto-fit keeps beside that micro-batch."""
+    from simpo_lite import autofit
+
+    def layers_at(micro: int, accumulation: int) -> int:
+        other = replace(asked.train, micro_batch_size=micro, gradient_accumulation_steps=accumulation)
+        return autofit.choose(replace(asked, train=other), "cuda", budget, note).uncheckpointed_layers
+    return layers_at
 
 
 def _resolve_auto(cfg: Config, budget: float, note: str, this_machine: bool) -> Config:

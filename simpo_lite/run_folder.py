@@ -71,22 +71,29 @@ def run_kind(path: Path) -> tuple[str, Path, Path] | None:
         return "run", path / CONFIG, check_adapter(path / ADAPTER)
     if (path / "adapter_config.json").is_file():
         return "checkpoint", path / CONFIG, check_adapter(path)
+    if CHECKPOINT_RE.match(path.name):
+        raise UserError(f"checkpoint '{path}' has no adapter_config.json, so its adapter cannot be used: "
+                        f"use another checkpoint-N folder of the run")
     raise UserError(f"'{path}' has a config.yaml but no adapter/: the run has not finished; use one of its "
                     f"checkpoint-N folders, or finish it with: simpo-lite train --config {path / CONFIG} --resume")
 
 
-def finished_run(run: Path) -> Path:
-    """`run` if it is a finished run folder (config.yaml and the final adapter); else a UserError."""
-    if not run.is_dir():
-        raise UserError(missing_path(str(run), "run folder", "give the output_dir of a 'simpo-lite train' run"))
-    if not (run / CONFIG).is_file():
-        raise UserError(f"'{run}' has no config.yaml, so it is not a simpo-lite run folder: "
-                        f"give the output_dir of a 'simpo-lite train' run")
-    if not (run / ADAPTER / "adapter_config.json").is_file():
-        raise UserError(f"'{run}' has no trained adapter (adapter/adapter_config.json): finish or resume the run "
-                        f"with 'simpo-lite train --config {run / CONFIG} --resume'")
-    check_adapter(run / ADAPTER)
-    return run
+def finished_run(path: Path) -> tuple[str, Path, Path]:
+    """run_kind of a finished run folder or one of its checkpoint-N folders (a collapse stop names the
+    last healthy one); else a UserError naming the way on."""
+    if not path.is_dir():
+        raise UserError(missing_path(str(path), "run folder", "give the output_dir of a 'simpo-lite train' run"))
+    found = run_kind(path)
+    if found is None:
+        raise UserError(f"'{path}' has no config.yaml, so it is neither a simpo-lite run folder nor one of its "
+                        f"checkpoint-N folders: give the output_dir of a 'simpo-lite train' run")
+    return found
+
+
+def label(path: Path, kind: str) -> str:
+    """A short name for what a run or checkpoint folder holds: 'demo', or 'demo-checkpoint-4'."""
+    path = Path(path).resolve()
+    return f"{path.parent.name}-{path.name}" if kind == "checkpoint" else path.name
 
 
 def check_adapter(folder: Path) -> Path:
@@ -99,11 +106,26 @@ def check_adapter(folder: Path) -> Path:
 
 
 def read_summary(run: Path) -> dict | None:
-    path = Path(run) / SUMMARY
+    """summary.json of a run; of a checkpoint-N folder, its step and the run's evaluations up to it (the
+    run's own summary tells how it ended, not what the checkpoint holds)."""
+    run = Path(run)
+    if CHECKPOINT_RE.match(run.name) and (run / TRAINER_STATE).is_file():
+        return _checkpoint_summary(run)
+    path = run / SUMMARY
     try:
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
     except ValueError:  # JSONDecodeError and UnicodeDecodeError: a damaged summary is no summary
         return None
+
+
+def _checkpoint_summary(checkpoint: Path) -> dict | None:
+    try:
+        state = json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
+        evals = [r for r in read_metrics(checkpoint.parent / METRICS) if "eval_loss" in r and r["step"] <= state["step"]]
+    except (ValueError, KeyError, TypeError, UserError):
+        return None
+    return {"steps": state["step"], "train_seconds": state.get("train_seconds", 0.0),
+            "start_eval": next((r for r in evals if r["step"] == 0), None), "end_eval": evals[-1] if evals else None}
 
 
 def write_summary(run: Path, summary: dict) -> dict:

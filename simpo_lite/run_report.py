@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 from simpo_lite.errors import UserError
-from simpo_lite.files import write_file
+from simpo_lite.files import check_output_path, write_file
 from simpo_lite import run_folder
 
 # (title, [(metric, label)]); train metrics are plotted as lines, their eval_ twins as markers.
@@ -245,6 +245,7 @@ def report_command(run_dir: Path, out: Path | None = None) -> Path:
     out = Path(out) if out is not None else run_dir / "report.png"
     if out.suffix.lower() != ".png":
         raise UserError(f"report: --out '{out}' must end in .png")
+    check_output_path(out)
     plot(train, evals, out, title=f"simpo-lite run {run_dir.resolve().name}")
     for line in summary_lines(run_dir, train, evals, summary):
         print(line)

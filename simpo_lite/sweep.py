@@ -25,6 +25,7 @@ import yaml
 
 from simpo_lite import config as cfgmod
 from simpo_lite.errors import ConfigError, RunError, UserError
+from simpo_lite.files import check_output_path
 from simpo_lite.sweep_report import (RANKED, SWEEP_FILE, plot, print_ranking, ranking, save_tables, settings_text,
                                      trial_name, write_best, yaml_value)
 
@@ -268,6 +269,7 @@ def sweep_command(preset: str | None, config_file, sets: list[str], grid: list[s
         problems += err.problems
     if problems:
         raise ConfigError(problems)
+    check_output_path(output_dir, "--output-dir", folder=True)
     sweep = Sweep(preset, str(config_file) if config_file else None, list(sets), parsed, max_steps, train_pairs,
                   trials, grid_trials(parsed, trials, base.train.seed))
     result = run_sweep(sweep, output_dir, resume=resume is not None, overwrite=overwrite,

@@ -30,10 +30,11 @@ class Target:
     @property
     def label(self) -> str:
         """A short model name for reports and AlpacaEval's 'generator' field."""
-        path = Path(self.name)
-        if self.kind == "checkpoint":
-            return f"{path.resolve().parent.name}-{path.name}"
-        return path.resolve().name if self.kind in ("run", "folder") else self.name.rstrip("/").split("/")[-1]
+        from simpo_lite.run_folder import label
+
+        if self.kind in ("run", "checkpoint"):
+            return label(Path(self.name), self.kind)
+        return Path(self.name).resolve().name if self.kind == "folder" else self.name.rstrip("/").split("/")[-1]
 
     def describe(self) -> str:
         m = self.cfg.model

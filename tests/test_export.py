@@ -295,7 +295,7 @@ def test_bad_run_folders_are_user_errors(run_dir, tmp_path, make, fragment):
 
 def test_a_run_without_adapter_is_a_user_error(run_dir, tmp_path):
     (tmp_path / "config.yaml").write_text((run_dir / "config.yaml").read_text())
-    with pytest.raises(UserError, match="no trained adapter.*--resume"):
+    with pytest.raises(UserError, match="no adapter/: the run has not finished; use one of its checkpoint-N.*--resume"):
         export_run(tmp_path)
 
 

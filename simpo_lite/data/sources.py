@@ -18,7 +18,7 @@ from datasets import Dataset, DatasetDict, Features, Json, Value
 
 from simpo_lite.data.process import RAW_JSON
 from simpo_lite.errors import DiskFull, UserError, first_line
-from simpo_lite.files import check_utf8, guard, looks_like_local_path, missing_path, read_text
+from simpo_lite.files import check_utf8, guard, local_hint, looks_like_local_path, missing_path, read_text
 
 DEMO = "demo"
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -195,7 +195,13 @@ def _load_hub(dataset_id: str, config_name: Optional[str], split: str) -> Source
 
     download_bytes = check_dataset(dataset_id, config_name)
     name = f"{dataset_id}{f' ({config_name})' if config_name else ''} [{split}]"
-    dataset = _load_dataset(dataset_id, config_name, split, name, download_bytes)
+    try:
+        dataset = _load_dataset(dataset_id, config_name, split, name, download_bytes)
+    except UserError as err:  # a typo of a local file ('good.jsnol') reads as a Hub id: say which file is close
+        hint = local_hint(dataset_id, "file")
+        if not hint:
+            raise
+        raise UserError(f"{err}{hint}") from None
     return Source(dataset, list(dataset.column_names), name)
 
 
