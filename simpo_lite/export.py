@@ -48,7 +48,8 @@ def export_run(run_dir: Path, out: Path | None = None, dtype: str | None = None,
     quant = _check_format(format, quant, adapter_only)
     run = run_folder.finished_run(Path(run_dir))
     cfg = resolve(saved=run / run_folder.CONFIG, sets=sets or [])
-    target = Path(out) if out else run / ("adapter-export" if adapter_only else "gguf" if quant else "merged")
+    kind = "adapter_only" if adapter_only else "gguf" if quant else "merged"
+    target = Path(out) if out else run / run_folder.EXPORTS[kind]
     check_target(target, run, cfg, force)
     if quant:
         from simpo_lite.gguf_export import check_request
