@@ -55,7 +55,8 @@ def export_run(run_dir: Path, out: Path | None = None, dtype: str | None = None,
     kind, config, adapter = run_folder.finished_run(run)
     name = run_folder.label(run, kind)
     cfg = resolve(saved=config, sets=sets or [])
-    default = default_out(run, kind, "adapter-export" if adapter_only else "gguf" if quant else "merged")
+    made = "adapter_only" if adapter_only else "gguf" if quant else "merged"
+    default = default_out(run, kind, run_folder.EXPORTS[made])
     target = Path(out) if out else default
     check_target(target, run, kind, adapter, cfg, force, default)
     if quant:

@@ -19,7 +19,7 @@ from simpo_lite.config import Config, load_saved_config
 from simpo_lite.errors import UserError
 from simpo_lite.files import looks_like_local_path, missing_path
 from simpo_lite.run_folder import (CONFIG, TRAINER_STATE, TrainerState, checkpoint_problem, checkpoint_step,
-                                   checkpoints, newest_intact)
+                                   checkpoints, finished_step, newest_intact, what_it_holds)
 
 
 # Keys a resume may change: when to log, evaluate, save and stop, and what to do about faults; none of
@@ -46,7 +46,10 @@ def find_checkpoint(output_dir: Path, resume: str) -> tuple[Path, list[tuple[Pat
     if resume == "latest":
         found = checkpoints(output_dir)
         if not found:
-            raise UserError(f"--resume: no checkpoint in '{output_dir}'; start without --resume or give a checkpoint folder")
+            if output_dir.is_dir() and any(output_dir.iterdir()):
+                raise UserError(f"--resume: '{output_dir}' holds {what_it_holds(output_dir)}")
+            raise UserError(f"--resume: '{output_dir}' holds no run to resume; start without --resume, or give "
+                            f"the run's folder (--output-dir) or a checkpoint folder (--resume DIR/checkpoint-N)")
         damaged = []
         for path in reversed(found):
             problem = checkpoint_problem(path)
@@ -76,18 +79,41 @@ def prepare_resume(cfg: Config, resume: str, say=_stderr) -> Path:
     output_dir = Path(cfg.train.output_dir)
     checkpoint, damaged = find_checkpoint(output_dir, resume)
     check_resume_config(cfg, checkpoint, resume)
+    older = _older_than_finished(cfg, checkpoint)
     if os.environ.get("RANK", "0") != "0":
         return checkpoint  # under torchrun the first process moves and tells, before any process saves
     for path, problem in damaged:
         aside = _set_aside(path)
         say(f"{path} cannot be resumed from: {problem}; kept as {aside.name}")
     step = checkpoint_step(checkpoint)
-    say(f"resuming from {checkpoint} (step {step}){', the newest intact checkpoint' if damaged else ''}")
+    say(f"resuming from {checkpoint} (step {step}){', the newest intact checkpoint' if damaged else ''}{older}")
+    if step == cfg.train.max_steps and finished_step(Path(cfg.train.output_dir)) == step:
+        say(f"the run finished at step {step}: nothing to train; give --max-steps above {step} to train it longer")
     before = load_saved_config(checkpoint / CONFIG).train.max_steps
     if cfg.train.max_steps != before:
         say(f"train.max_steps {before} -> {cfg.train.max_steps}: the learning-rate schedule is rebuilt for the "
             f"new length and goes on from step {step}")
     return checkpoint
+
+
+def _older_than_finished(cfg: Config, checkpoint: Path) -> str:
+    """A checkpoint older than the run's final adapter may only lead past it: a resume that ends at or
+    before the finished step would replace the newer adapter and metrics with older ones. Returns what
+    the resume then trains again, for the "resuming from" line."""
+    output_dir = Path(cfg.train.output_dir)
+    step, finished = checkpoint_step(checkpoint), finished_step(output_dir)
+    if finished is None or step >= finished or checkpoint.resolve().parent != output_dir.resolve():
+        return ""
+    lost, are = (f"step {finished}", "is") if finished == step + 1 else (f"steps {step + 1}-{finished}", "are")
+    if cfg.train.max_steps is None or cfg.train.max_steps <= finished:
+        newest = newest_intact(output_dir)
+        way = (f"train it longer from its last step with --resume --max-steps N (N above {finished})"
+               if newest is not None and checkpoint_step(newest) >= finished
+               else f"train it longer with --max-steps N (N above {finished}; {lost} {are} trained again)")
+        raise UserError(f"--resume: {checkpoint.name} is older than the run's finished adapter (step {finished}) "
+                        f"in '{output_dir}': resuming from it would discard {lost}; {way}, start afresh with "
+                        f"--overwrite, or resume from it into another folder: --output-dir NEW --resume {checkpoint}")
+    return f"; {lost} of the finished run {are} trained again"
 
 
 def _set_aside(path: Path) -> Path:
@@ -140,9 +166,13 @@ def check_resume_config(cfg: Config, checkpoint: Path, resume: str) -> None:
         raise UserError(f"--resume: {checkpoint} was trained with a different config: {listed}. Resume with the "
                         f"saved config: simpo-lite train --config {config} {flag} ({allowed}, e.g. --set "
                         f"train.max_steps={max(2 * step, 1)}); or start a new run in another --output-dir")
+    finished = finished_step(Path(cfg.train.output_dir))
     if cfg.train.max_steps is not None and cfg.train.max_steps < step:
+        longer = finished is not None and finished >= step
+        least, n = (f"more than {finished} to train the finished run longer", 2 * finished) if longer \
+            else (f"at least {step}", step)
         raise UserError(f"--resume: train.max_steps={cfg.train.max_steps} is below the step of {checkpoint} ({step}): "
-                        f"give at least {step}, e.g. simpo-lite train --config {config} {flag}")
+                        f"give {least}, e.g. simpo-lite train --config {config} {flag} --max-steps {n}")
 
 
 def _short(value) -> str:
@@ -180,6 +210,13 @@ def restore_training_state(checkpoint: Path, acc, policy, optimizer, scheduler) 
     """Optimizer and scheduler state into the prepared objects; (data position, this process's RNG state)."""
     sharding.load_optimizer_state(acc, policy, optimizer, _load_torch(checkpoint / "optimizer.pt"), checkpoint)
     scheduler.load_state_dict(_load_torch(checkpoint / "scheduler.pt"))
+    # The optimizer's groups and the scheduler's _last_lr come back with the checkpoint's learning rate,
+    # which is the old schedule's when train.max_steps changed; the first resumed step uses it, so take
+    # the new schedule's value at the resumed step (the lambdas are this run's; only their step is loaded).
+    lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
     state = TrainerState(**json.loads((checkpoint / TRAINER_STATE).read_text()))
     rng_file = checkpoint / f"rng_state_{acc.process_index}.pt"
     if not rng_file.is_file():

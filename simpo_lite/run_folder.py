@@ -4,8 +4,8 @@
       config.yaml        the resolved config (``simpo-lite train --config`` it to reproduce the run)
       metrics.jsonl      one JSON line per logged step and per evaluation (generation health included)
       samples.jsonl      what the model wrote at each evaluation: {step, prompt, output}
-      checkpoint-N/      adapter (safetensors), optimizer.pt, scheduler.pt, rng_state_<rank>.pt,
-                         trainer_state.json (step and data position), config.yaml
+      checkpoint-N/      every train.save_steps and at the last step: adapter (safetensors), optimizer.pt,
+                         scheduler.pt, rng_state_<rank>.pt, trainer_state.json (step and data position), config.yaml
       adapter/           the final LoRA adapter and tokenizer
       summary.json       start and end evaluation, steps, time, peak memory
 
@@ -42,20 +42,67 @@ TRAINER_STATE = "trainer_state.json"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 CHECKPOINT_FILES = ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt",
                     "rng_state_0.pt", TRAINER_STATE, CONFIG)
-# What --overwrite removes: everything a run writes, the temporary folders of interrupted writes included.
-ARTIFACTS = ("checkpoint-*", ADAPTER, METRICS, SAMPLES, CONFIG, SUMMARY, ".checkpoint-*", f".{ADAPTER}.tmp-*")
+# What a run and the commands that read it write into its folder: --overwrite removes all of it (an old
+# export or report beside a new run would describe a model that no longer exists), the temporary files and
+# folders of interrupted writes included, and nothing else (a user's own files stay).
+EXPORTS = {"merged": "merged", "gguf": "gguf", "adapter_only": "adapter-export"}
+REPORT = "report.png"
+TRACKERS = "simpo-lite"  # accelerate's TensorBoard logs: <project_dir>/<project name>
+ARTIFACTS = ("checkpoint-*", ".checkpoint-*", ADAPTER, METRICS, SAMPLES, CONFIG, SUMMARY, REPORT, TRACKERS,
+             *EXPORTS.values(), *(f"{name}-checkpoint-*" for name in EXPORTS.values()),  # a checkpoint's export
+             ".*.tmp", ".*.tmp-*", ".*.old")
 
 
 def check_output_dir(output_dir: Path, resume: str | None, overwrite: bool) -> None:
-    """Refuse to mix two runs in one folder unless the user says which they want."""
-    if resume or not output_dir.exists() or not any(output_dir.iterdir()):
+    """Refuse, before anything loads, an output dir that cannot be one, and a folder holding another run
+    unless the user says which they want. Nothing is deleted here: `clear_run` does that once the new run
+    has its data and model, so a typo in the command costs nothing."""
+    for folder in (output_dir, *output_dir.parents):
+        if folder.exists() and not folder.is_dir():
+            inside = "" if folder == output_dir else f", so '{output_dir}' cannot be made inside it"
+            raise UserError(f"output dir: '{folder}' is a file, not a folder{inside}; choose another --output-dir")
+        if folder.exists():
+            break
+    if resume or overwrite or not output_dir.exists() or not any(output_dir.iterdir()):
         return
-    if not overwrite:
-        raise UserError(f"output dir '{output_dir}' already holds files: continue that run with --resume, "
-                        f"start afresh with --overwrite, or choose another --output-dir")
+    raise UserError(f"output dir '{output_dir}' already holds {what_it_holds(output_dir)}")
+
+
+def what_it_holds(output_dir: Path) -> str:
+    """The run in a non-empty folder and the ways on; --resume only where there is a checkpoint to resume."""
+    intact = newest_intact(output_dir)
+    finished = finished_step(output_dir)
+    if intact is not None:
+        step = checkpoint_step(intact)
+        if finished is not None and finished <= step:
+            return (f"a finished run ({finished} steps): train it longer with --resume --max-steps N (N above "
+                    f"{finished}), start afresh with --overwrite, or choose another --output-dir")
+        return (f"a run with a checkpoint at step {step}: continue it with --resume, start afresh with "
+                f"--overwrite, or choose another --output-dir")
+    if finished is not None:
+        what = f"a finished run ({finished} steps) with no checkpoint to resume from"
+    elif checkpoints(output_dir):
+        what = "a run whose checkpoints are all damaged"
+    elif (output_dir / CONFIG).is_file():
+        what = "a run that stopped before its first checkpoint"
+    else:
+        what = "files but no checkpoint to resume from"
+    return f"{what}: start afresh with --overwrite (which deletes it) or choose another --output-dir"
+
+
+def clear_run(output_dir: Path) -> None:
+    """--overwrite: remove the previous run's ARTIFACTS, just before the new run first writes."""
     for pattern in ARTIFACTS:
         for path in output_dir.glob(pattern):
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+def finished_step(output_dir: Path) -> int | None:
+    """The step of the run's final adapter, if the folder holds a run that finished; else None."""
+    summary = read_summary(output_dir)
+    if not (Path(output_dir) / ADAPTER / "adapter_config.json").is_file() or not summary or "stopped" in summary:
+        return None
+    return summary.get("steps")
 
 
 # ---- what reads a run: eval, generate, export, report ----------------------------------------
@@ -74,6 +121,9 @@ def run_kind(path: Path) -> tuple[str, Path, Path] | None:
     if CHECKPOINT_RE.match(path.name):
         raise UserError(f"checkpoint '{path}' has no adapter_config.json, so its adapter cannot be used: "
                         f"use another checkpoint-N folder of the run")
+    if newest_intact(path) is None:
+        raise UserError(f"'{path}' has a config.yaml but no adapter/ and no checkpoint: the run stopped before its "
+                        f"first one, so there is no trained adapter to use; train it again with --overwrite")
     raise UserError(f"'{path}' has a config.yaml but no adapter/: the run has not finished; use one of its "
                     f"checkpoint-N folders, or finish it with: simpo-lite train --config {path / CONFIG} --resume")
 
@@ -337,7 +387,8 @@ def run_summary(output_dir: Path, state: TrainerState, seconds: float, peak_mem_
     """summary.json of a run; a resumed run takes its start from metrics.jsonl and keeps its earlier time."""
     evals = [r for r in read_metrics(Path(output_dir) / METRICS) if "eval_loss" in r and r["step"] <= state.step]
     start = first_eval or next((r for r in evals if r["step"] == 0), None)
-    end = last_eval or (evals[-1] if evals else None)
+    # The end is the eval of the last step; an earlier one (a resume that ran no step) is not the end.
+    end = last_eval or next((r for r in reversed(evals) if r["step"] == state.step), None)
     return {"steps": state.step, "skipped_steps": state.skipped_steps, "train_seconds": seconds,
             "peak_mem_mb": peak_mem_mb, "start_eval": start, "end_eval": end,
             "resumed_from": str(resumed_from) if resumed_from else None}

@@ -163,8 +163,12 @@ def print_samples(run_dir: Path, limit: int | None = None) -> None:
     shown = rows if limit is None else rows[:limit]
     title = (f"what the model wrote: {len(shown)} of {len(rows)} held-out prompts, greedy" if len(shown) < len(rows)
              else "what the model wrote (samples.jsonl, greedy)")
-    print_table(["prompt", f"step {samples[0]['step']}", f"step {samples[-1]['step']}"], shown,
-                title=title, markup=False, show_lines=True)
+    first, last = samples[0]["step"], samples[-1]["step"]
+    if first == last:  # one evaluation: no "before | after" of the same answers
+        headers, shown = ["prompt", f"step {first}"], [row[:2] for row in shown]
+    else:
+        headers = ["prompt", f"step {first}", f"step {last}"]
+    print_table(headers, shown, title=title, markup=False, show_lines=True)
     if len(shown) < len(rows):
         # Its own line: a command in a table title would wrap where a terminal is narrow.
         result_line(f"all {len(rows)} answers and the curves: simpo-lite report {run_dir}")
@@ -242,7 +246,7 @@ def _diagnose(first: dict, end: dict) -> list[str]:
 def report_command(run_dir: Path, out: Path | None = None) -> Path:
     run_dir = Path(run_dir)
     train, evals, summary = load_run(run_dir)
-    out = Path(out) if out is not None else run_dir / "report.png"
+    out = Path(out) if out is not None else run_dir / run_folder.REPORT
     if out.suffix.lower() != ".png":
         raise UserError(f"report: --out '{out}' must end in .png")
     check_output_path(out)

@@ -64,9 +64,13 @@ def make_accelerator(cfg: Config):
             raise
         raise UserError(f"FSDP launch config without GPUs (accelerate: {err}) -- this launch config needs GPUs; "
                         f"on the CPU launch DDP instead: torchrun --nproc_per_node N -m simpo_lite train ...") from None
-    if trackers:
-        acc.init_trackers("simpo-lite", config=_flatten(cfg.to_dict()))
     return acc
+
+
+def start_trackers(acc, cfg: Config) -> None:
+    """TensorBoard / W&B, once the run folder is cleared (--overwrite): TensorBoard writes into it."""
+    if cfg.train.report_to:
+        acc.init_trackers(run_folder.TRACKERS, config=_flatten(cfg.to_dict()))
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -23,7 +23,7 @@ from simpo_lite.config import Config, save_config
 from simpo_lite.errors import RunError
 from simpo_lite.progress import Progress, peak_memory_mb, print_summary
 from simpo_lite.resume import prepare_resume
-from simpo_lite.run_setup import RunParts, build_run_parts
+from simpo_lite.run_setup import RunParts, build_run_parts, start_trackers
 
 
 def _mean_records(records: list[dict], weights: list[int]) -> dict:
@@ -217,11 +217,15 @@ class Trainer:
         adapter_state = sharding.full_adapter_state(self.acc, self.parts.policy)
         optimizer_state = sharding.optimizer_state(self.acc, self.parts.policy, self.parts.optimizer)
         path = None
+        # A healthy run's new checkpoint becomes the last healthy one: the older needs no protection
+        # beyond save_total_limit (else the final checkpoint would keep one more than the limit).
+        protect = None if self.health.healthy else self.health.last_healthy_checkpoint
         if self.acc.is_main_process:
             path = run_folder.save_checkpoint(self.output_dir, self._peft_model(), optimizer_state, self.parts.scheduler,
                                               self.state, self.cfg, rngs, self.cfg.train.save_total_limit, adapter_state,
-                                              protect=self.health.last_healthy_checkpoint)
+                                              protect=protect)
             self.health.saved(path)
+        self.saved_step = self.state.step
         self.acc.wait_for_everyone()
         return path
 
@@ -252,6 +256,7 @@ class Trainer:
                                  eval_every=train_cfg.eval_steps if self.parts.eval_data is not None else 0)
         self.health = health.HealthMonitor(self._health_prompts(), train_cfg, previous_evals)
         self.started, self.seconds_before = time.perf_counter(), self.state.train_seconds
+        self.saved_step = self.state.step if resumed else None
         first_eval = None if resumed else self.evaluate()
         last_eval = first_eval
         self.parts.policy.train()
@@ -273,6 +278,10 @@ class Trainer:
                     last_eval = self.evaluate()
                 if self.state.step % train_cfg.save_steps == 0:
                     self.save()
+            if self.saved_step != self.state.step:
+                # The final state is a checkpoint too, so --resume --max-steps N goes on from the last step
+                # (not from the last multiple of save_steps, nor from nothing when save_steps exceeds the run).
+                self.save()
         except KeyboardInterrupt:
             self.parts.optimizer.zero_grad(set_to_none=True)
             path = self.save(rng=step_rng if self.state.step == rng_step else None)
@@ -303,7 +312,7 @@ def run_training(cfg: Config, resume: str | None = None, overwrite: bool = False
     """Train to the end (or resume), writing checkpoints, metrics.jsonl, the adapter and a summary.
     reuse: a run_setup.Reuse shared by the runs of one process (sweep trials)."""
     output_dir = Path(cfg.train.output_dir)
-    run_folder.check_output_dir(output_dir, resume, overwrite)
+    run_folder.check_output_dir(output_dir, resume, overwrite)  # refuses only; clear_run below deletes
     _interrupt_on_sigterm()
     if quiet:
         _hide_library_progress_bars()
@@ -314,6 +323,11 @@ def run_training(cfg: Config, resume: str | None = None, overwrite: bool = False
         # Deprecation chatter from transformers/peft internals says nothing the user can act on.
         warnings.filterwarnings("ignore", category=FutureWarning)
         parts = build_run_parts(cfg, resume_path, quiet, reuse)
+        if overwrite and not resume and parts.accelerator.is_main_process:
+            # Only now, with the data and model built, is the old run cleared: a typo costs nothing.
+            run_folder.clear_run(output_dir)
+        parts.accelerator.wait_for_everyone()
+        start_trackers(parts.accelerator, parts.cfg)
         if parts.accelerator.is_main_process:
             save_config(parts.cfg, output_dir / run_folder.CONFIG, _auto_note(cfg, parts.cfg))
         return Trainer(parts.cfg, parts, quiet).fit()

@@ -61,6 +61,16 @@ def test_training_with_every_pair_held_out_is_refused_before_the_run_folder(tmp_
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("inside", [False, True])
+def test_an_output_dir_that_is_a_file_is_one_line(tmp_path, inside):
+    (tmp_path / "taken").write_text("x")
+    result = run_cli("train", "-o", str(tmp_path / "taken" / "run" if inside else tmp_path / "taken"))
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and "Traceback" not in result.stderr and len(errors) == 1, result.stderr
+    assert f"'{tmp_path / 'taken'}' is a file, not a folder" in errors[0]
+    assert "train + " not in result.stderr  # refused before the data was prepared
+
+
 def test_broken_yaml_reports_line(tmp_path):
     bad = tmp_path / "c.yaml"
     bad.write_text("simpo:\n  beta: [1,\n")

@@ -155,7 +155,8 @@ def test_refuses_non_empty_output_dir(tiny, tmp_path):
     (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
     config = write_config(tmp_path / "c.yaml", model, data, tmp_path / "run", max_steps=1)
     code, _, err = run_to_end("train", "--config", str(config), "--quiet")
-    assert code == 2 and "--resume" in err and "--overwrite" in err
+    # No checkpoint there: --resume would only be refused in turn, so it is not suggested.
+    assert code == 2 and "no checkpoint to resume from" in err and "--overwrite" in err and "--resume" not in err
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == "{}\n"
 
 
