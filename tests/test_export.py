@@ -293,8 +293,15 @@ def test_bad_run_folders_are_user_errors(run_dir, tmp_path, make, fragment):
         export_run(make(tmp_path, run_dir))
 
 
-def test_a_run_without_adapter_is_a_user_error(run_dir, tmp_path):
+def test_a_run_without_adapter_is_a_user_error(run_dir, tmp_path, monkeypatch):
     (tmp_path / "config.yaml").write_text((run_dir / "config.yaml").read_text())
+    # Stopped before its first checkpoint: --resume would find nothing, so it is not offered.
+    with pytest.raises(UserError, match="no adapter/ and no checkpoint: the run stopped before its first one.*"
+                                        "--overwrite"):
+        export_run(tmp_path)
+    from simpo_lite import run_folder
+
+    monkeypatch.setattr(run_folder, "newest_intact", lambda folder: folder / "checkpoint-2")  # one to resume from
     with pytest.raises(UserError, match="no adapter/: the run has not finished; use one of its checkpoint-N.*--resume"):
         export_run(tmp_path)
 
