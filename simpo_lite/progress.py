@@ -108,6 +108,20 @@ class _StatsBelow(RichProgress):
             yield Text(self.stats, overflow="fold")
 
 
+def _train_rows(output_dir: Path) -> list[list[str]]:
+    """Loss, reward accuracy and margin of the training steps: the first logged step, and the mean of the
+    last 10% (one step's figures are noisy)."""
+    from simpo_lite.run_folder import METRICS, read_metrics
+    from simpo_lite.run_report import tail_mean
+
+    train = [r for r in read_metrics(Path(output_dir) / METRICS) if "loss" in r]
+    if not train:
+        return []
+    return [[f"train {key} (no eval data)", f"{train[0][key]:.4f}", f"{tail_mean(train, key):.4f}"]
+            for key in ("loss", "rewards/accuracies", "rewards/margins")
+            if isinstance(train[0].get(key), (int, float)) and tail_mean(train, key) is not None]
+
+
 def print_summary(summary: dict, output_dir: Path) -> None:
     """The end-of-run table, a result: on stdout (plain rows when piped), the next command on one line."""
     from simpo_lite import health
@@ -121,6 +135,8 @@ def print_summary(summary: dict, output_dir: Path) -> None:
         if key in start or key in end:
             fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
             rows.append([key, fmt(start.get(key)), fmt(end.get(key))])
+    if not rows:  # no held-out pairs: the training figures are all there is, and say less
+        rows = _train_rows(output_dir)
     rows.append(["steps", "", str(summary["steps"])])
     rows.append(["train time", "", f"{summary['train_seconds']:.0f} s"])
     if summary.get("resumed_from"):

@@ -178,7 +178,7 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
-def _tail_mean(records: list[dict], key: str, share: float = 0.1) -> float | None:
+def tail_mean(records: list[dict], key: str, share: float = 0.1) -> float | None:
     values = [r[key] for r in records if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
     if not values:
         return None
@@ -196,9 +196,9 @@ def summary_lines(run_dir: Path, train: list[dict], evals: list[dict], summary: 
     lines = [f"run {run_dir}: {last['step']} steps, epoch {_fmt(last.get('epoch'))}"
              + (f", {seconds / 60:.1f} min" if isinstance(seconds, (int, float)) else "")]
     if train:
-        lines.append(f"train (mean of the last 10% of logged steps): loss {_fmt(_tail_mean(train, 'loss'))}, "
-                     f"reward accuracy {_fmt(_tail_mean(train, 'rewards/accuracies'))}, "
-                     f"margin {_fmt(_tail_mean(train, 'rewards/margins'))}")
+        lines.append(f"train (mean of the last 10% of logged steps): loss {_fmt(tail_mean(train, 'loss'))}, "
+                     f"reward accuracy {_fmt(tail_mean(train, 'rewards/accuracies'))}, "
+                     f"margin {_fmt(tail_mean(train, 'rewards/margins'))}")
     if evals:
         first, end = evals[0], evals[-1]
         lines.append(f"eval step {first['step']} -> {end['step']}: loss {_change(first, end, 'eval_loss')}, "
@@ -209,7 +209,7 @@ def summary_lines(run_dir: Path, train: list[dict], evals: list[dict], summary: 
         lines += _diagnose(first, end)
     else:
         lines.append("no eval records: set data.eval_fraction or data.eval_split to get eval curves")
-    speed = _tail_mean(train, "tokens_per_s", share=1.0)
+    speed = tail_mean(train, "tokens_per_s", share=1.0)
     # The summary's peak is the whole run's, the last evaluation included (train's end table shows it);
     # the step records stop before that evaluation. A run stopped early has only the step records.
     peaks = [r["peak_mem_mb"] for r in [*train, summary] if isinstance(r.get("peak_mem_mb"), (int, float))]

@@ -140,3 +140,17 @@ def test_paths_with_brackets_reach_the_user_as_written(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"resumed from\t\t{run}/checkpoint-2" in out
     assert f"merge it with: simpo-lite export {run}" in out
+
+
+def test_a_run_without_eval_data_ends_with_its_training_figures(tmp_path, capsys):
+    import json
+
+    from simpo_lite.progress import print_summary
+
+    records = [{"step": s, "loss": 1.0 - s / 20, "rewards/accuracies": s / 10, "rewards/margins": s / 5}
+               for s in range(1, 11)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    print_summary({"steps": 10, "train_seconds": 9.0, "peak_mem_mb": 100.0}, tmp_path)
+    out = capsys.readouterr().out
+    assert "train loss (no eval data)\t0.9500\t0.5000" in out
+    assert "train rewards/accuracies (no eval data)\t0.1000\t1.0000" in out
