@@ -340,6 +340,12 @@ def test_csv_empty_cell_is_an_empty_response(tmp_path, smollm2):
     assert prepared.train.num_rows == 2 and prepared.report.sources[0].first_rows == {"empty_response": [1]}
 
 
+def test_a_missing_eval_file_names_its_setting(tmp_path, smollm2):
+    path = write_jsonl(tmp_path / "d.jsonl", string_rows(4))
+    with pytest.raises(UserError, match="data.eval_source: data file '.*nope.jsonl' not found"):
+        build(path, tmp_path, smollm2, eval_source=str(tmp_path / "nope.jsonl"))
+
+
 def test_csv_cells_are_text_as_written(tmp_path, smollm2):
     """pandas would read 4 as a number and NA, None or null as missing: each is an answer here."""
     path = tmp_path / "d.csv"

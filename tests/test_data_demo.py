@@ -150,7 +150,7 @@ def test_cli_data_inspect(tmp_path, smollm2, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["data", "inspect", "--data", str(tmp_path / "missing.jsonl")])
     assert exit_info.value.code == 2
-    assert "error: data file" in capsys.readouterr().err
+    assert "error: data.source: data file" in capsys.readouterr().err
 
 
 def test_demo_file_is_valid_jsonl():

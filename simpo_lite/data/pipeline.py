@@ -80,7 +80,8 @@ def build_datasets(data_cfg, tokenizer, seed: int) -> PreparedData:
     if data_cfg.eval_source or data_cfg.eval_split:
         same = data_cfg.eval_source in (None, data_cfg.source)  # config_name belongs to data.source
         eval_source = load_source(data_cfg.eval_source or data_cfg.source, data_cfg.config_name if same else None,
-                                  data_cfg.eval_split or data_cfg.split)
+                                  data_cfg.eval_split or data_cfg.split,
+                                  setting="data.eval_source" if data_cfg.eval_source else "data.source")
         evaluation, eval_report = _tokenize(eval_source, data_cfg, pairs, "eval")
         reports.append(eval_report)
         origin = f"from {eval_source.name}"

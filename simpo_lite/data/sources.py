@@ -39,13 +39,14 @@ def demo_path() -> Path:
     return Path(__file__).resolve().parent.parent / "assets" / "demo_prefs.jsonl"
 
 
-def load_source(source: str, config_name: Optional[str], split: str) -> Source:
+def load_source(source: str, config_name: Optional[str], split: str, setting: str = "data.source") -> Source:
+    """`setting` names the config key the source came from, for the error a missing file gets."""
     if source == DEMO:
         return _load_file(demo_path(), "train", name="demo")
     if looks_like_local_path(source, tuple(BUILDERS)):
         path = Path(source).expanduser()
         if not path.exists():
-            raise UserError(missing_path(source, "data file", "check the path (or use a Hub dataset id)"))
+            raise UserError(missing_path(source, f"{setting}: data file", "check the path (or use a Hub dataset id)"))
         if path.is_dir():
             return _load_folder(path, config_name, split)
         return _load_file(path, split, name=str(source))
