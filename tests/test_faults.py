@@ -13,35 +13,22 @@ from pathlib import Path
 
 import pytest
 
-from tiny_models import tiny_model_folder, train_losses, write_config, write_pairs
+from tiny_models import short_run_config, tiny_run_inputs, train_config as train, train_losses, write_config
 
 from simpo_lite import files, run_folder
 from simpo_lite.errors import DiskFull, UserError
 
-# A 4-step run with a checkpoint and an evaluation (with 2 health answers) every 2 steps: every kind of
-# save point (config, metrics, samples, two checkpoints, the final adapter, the summary) in seconds.
-RUN = dict(max_steps=4, save_steps=2, eval_steps=2, health_prompts=2, health_max_new_tokens=4,
-           collapse_looping=1.0, collapse_length_ratio=1e6, collapse_logps_drop=1e6)
+# A 4-step short run (tiny_models.SHORT_RUN): two checkpoints, the final adapter and every other save point.
+RUN = dict(max_steps=4)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return tiny_model_folder(root / "model", tie=True), write_pairs(root / "pairs.jsonl", 24)
+    return tiny_run_inputs(tmp_path_factory.mktemp("tiny"))
 
 
 def config_for(tiny, folder: Path, **train) -> Path:
-    model, data = tiny
-    folder.mkdir(parents=True, exist_ok=True)
-    return write_config(folder / "c.yaml", model, data, folder / "run", **{**RUN, **train})
-
-
-def train(config: Path, resume=None, overwrite=False, sets=()):
-    from simpo_lite.config import resolve
-    from simpo_lite.trainer import run_training
-
-    return run_training(resolve(config_file=str(config), sets=list(sets)), resume=resume, overwrite=overwrite,
-                        quiet=True)
+    return short_run_config(tiny, folder, **{**RUN, **train})
 
 
 def cli(*args, **kwargs):
@@ -176,7 +163,7 @@ def test_save_points_sweep_every_fault_leaves_a_resumable_run(tiny, reference, t
         monkeypatch.undo()
         message = str(caught.value)
         assert caught.value.exit_code == 1 and "\n" not in message
-        assert message.startswith(f"disk full while writing ") and name in message, message
+        assert message.startswith("disk full while writing ") and name in message, message
         assert leftovers(run) == [], (name, leftovers(run))
         assert all(run_folder.checkpoint_problem(c) is None for c in run_folder.checkpoints(run)), name
         for kept in ("metrics.jsonl", "samples.jsonl"):

@@ -8,35 +8,23 @@ from pathlib import Path
 
 import pytest
 
-from tiny_models import tiny_model_folder, train_losses, write_config, write_pairs
+from tiny_models import short_run_config, tiny_run_inputs, train_config as train, train_losses
 
 from simpo_lite import run_folder
 from simpo_lite.errors import UserError
 from simpo_lite.resume import find_checkpoint
 
 # 3 steps with a checkpoint every 2: the final state (step 3) is not on the save_steps grid.
-RUN = dict(max_steps=3, save_steps=2, eval_steps=2, health_prompts=2, health_max_new_tokens=4,
-           collapse_looping=1.0, collapse_length_ratio=1e6, collapse_logps_drop=1e6)
+RUN = dict(max_steps=3)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return tiny_model_folder(root / "model", tie=True), write_pairs(root / "pairs.jsonl", 24)
+    return tiny_run_inputs(tmp_path_factory.mktemp("tiny"))
 
 
 def config_for(tiny, folder: Path, **train) -> Path:
-    model, data = tiny
-    folder.mkdir(parents=True, exist_ok=True)
-    return write_config(folder / "c.yaml", model, data, folder / "run", **{**RUN, **train})
-
-
-def train(config: Path, resume=None, overwrite=False, sets=()):
-    from simpo_lite.config import resolve
-    from simpo_lite.trainer import run_training
-
-    return run_training(resolve(config_file=str(config), sets=list(sets)), resume=resume, overwrite=overwrite,
-                        quiet=True)
+    return short_run_config(tiny, folder, **{**RUN, **train})
 
 
 def snapshot(folder: Path) -> dict:

@@ -121,6 +121,33 @@ def write_config(path: Path, model_dir: Path, data_file: Path, output_dir: Path,
     return path
 
 
+# A short run with a checkpoint and an evaluation (with 2 health answers) every 2 steps, guardrails off:
+# every kind of save point (config, metrics, samples, checkpoints, the final adapter, the summary) in seconds.
+SHORT_RUN = dict(save_steps=2, eval_steps=2, health_prompts=2, health_max_new_tokens=4, collapse_looping=1.0,
+                 collapse_length_ratio=1e6, collapse_logps_drop=1e6)
+
+
+def tiny_run_inputs(root: Path) -> tuple[Path, Path]:
+    """(model folder, pairs file) for the short runs of the fault and run-folder tests."""
+    return tiny_model_folder(root / "model", tie=True), write_pairs(root / "pairs.jsonl", 24)
+
+
+def short_run_config(inputs: tuple[Path, Path], folder: Path, **train) -> Path:
+    """folder/c.yaml: SHORT_RUN of `inputs` into folder/run; `train` adds to or replaces its settings."""
+    model, data = inputs
+    folder.mkdir(parents=True, exist_ok=True)
+    return write_config(folder / "c.yaml", model, data, folder / "run", **{**SHORT_RUN, **train})
+
+
+def train_config(config: Path, resume=None, overwrite=False, sets=()):
+    """simpo-lite train --config `config`, in this process and quiet."""
+    from simpo_lite.config import resolve
+    from simpo_lite.trainer import run_training
+
+    return run_training(resolve(config_file=str(config), sets=list(sets)), resume=resume, overwrite=overwrite,
+                        quiet=True)
+
+
 def train_losses(run_dir: Path) -> dict[int, float]:
     """The training loss of each step of a run, from its metrics.jsonl."""
     from simpo_lite.run_folder import read_metrics
