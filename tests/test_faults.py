@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tiny_models import short_run_config, tiny_run_inputs, train_config as train, train_losses, write_config
+from tiny_models import SHORT_RUN, short_run_config, tiny_run_inputs, train_config as train, train_losses, write_config
 
 from simpo_lite import files, run_folder
 from simpo_lite.errors import DiskFull, UserError
@@ -209,7 +209,7 @@ def test_a_disk_too_small_for_the_second_checkpoint(tiny, reference, small_tmpfs
     checkpoint = files.folder_size(reference / "checkpoint-2")
     before = sum(files.folder_size(reference / n) for n in ("config.yaml", "metrics.jsonl", "samples.jsonl"))
     resize(before + checkpoint + checkpoint // 2 + 64 * 1024)
-    config = write_config(tmp_path / "c.yaml", *tiny, disk / "run", **RUN)
+    config = write_config(tmp_path / "c.yaml", *tiny, disk / "run", **{**SHORT_RUN, **RUN})
     result = cli("train", "--config", str(config))
     line = one_error_line(result.stderr)
     assert result.returncode == 1, result.stderr
