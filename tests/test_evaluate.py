@@ -151,7 +151,7 @@ def test_unfinished_run_and_odd_folders_are_user_errors(tmp_path, pipeline):
 
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text("{}\n")
-    with pytest.raises(UserError, match="no adapter/.*--resume"):
+    with pytest.raises(UserError, match="no adapter/ and no checkpoint.*train it again with --overwrite"):
         evaluate_command(str(tmp_path / "run"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="neither a run folder"):
