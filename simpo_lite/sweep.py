@@ -69,19 +69,33 @@ def parse_grid(specs: list[str]) -> tuple[dict[str, list], list[str]]:
         if not sep or not key:
             problems.append(f"--grid {spec!r}: expected section.key=[value,...]")
             continue
+        if key in SET_BY_THE_SWEEP:  # trial_sets would override the grid's value: trials labelled with values never run
+            problems.append(f"--grid {key}: the sweep sets it for every trial ({SET_BY_THE_SWEEP[key]})")
+            continue
+        if "," in text and not text.strip().startswith("["):
+            problems.append(f"--grid {key}: write its values as a list, {key}=[{text.strip()}]")
+            continue
         try:
             values = yaml.safe_load(text)
         except yaml.YAMLError as err:
             problems.append(f"--grid {key}: {text!r} is not a YAML list ({str(err).splitlines()[0]})")
             continue
         values = [_number(v) for v in (values if isinstance(values, list) else [values])]
+        repeated = sorted({str(v) for v in values if values.count(v) > 1})
         if not values:
             problems.append(f"--grid {key}: the list is empty")
+        elif repeated:
+            problems.append(f"--grid {key}: {', '.join(repeated)} given twice (the same trial would run twice)")
         elif key in grid:
             problems.append(f"--grid {key}: given twice")
         else:
             grid[key] = values
     return grid, problems
+
+
+# What trial_sets fixes for every trial, and where the user sets it instead.
+SET_BY_THE_SWEEP = {"train.max_steps": "use --max-steps", "train.output_dir": "use --output-dir",
+                    "train.on_collapse": "a collapsed trial always stops and is disqualified"}
 
 
 def _number(value):
@@ -119,7 +133,7 @@ def resolve_trials(sweep: Sweep, out_dir: Path) -> list[tuple[str, cfgmod.Config
             resolved.append((name, cfgmod.resolve(sweep.preset, sweep.config_file, None,
                                                   trial_sets(sweep, values, out_dir / name))))
         except ConfigError as err:
-            problems += [p for p in err.problems if p not in problems]
+            problems += [p for p in map(lambda p: _grid_problem(p, sweep.grid), err.problems) if p not in problems]
     if problems:
         raise ConfigError(problems)
     data = resolved[0][1].data
@@ -127,6 +141,15 @@ def resolve_trials(sweep: Sweep, out_dir: Path) -> list[tuple[str, cfgmod.Config
         raise UserError("a sweep ranks trials by held-out metrics, and this config holds no pairs out: set "
                         "data.eval_fraction above 0, data.eval_split or data.eval_source")
     return resolved
+
+
+def _grid_problem(problem: str, grid: dict) -> str:
+    """A grid's values reach the config as --set KEY=VALUE: a problem with one names --grid, which the
+    user gave, not --set."""
+    if problem.startswith("--set: ") and any(f"{key} " in problem or f"'{key}'" in problem or f"{key}:" in problem
+                                             for key in grid):
+        return "--grid: " + problem[len("--set: "):]
+    return problem
 
 
 def load_or_start(sweep: Sweep, out_dir: Path, resume: bool, overwrite: bool) -> Sweep:
@@ -155,15 +178,38 @@ def load_or_start(sweep: Sweep, out_dir: Path, resume: bool, overwrite: bool) ->
         if foreign:  # --overwrite deletes what a sweep wrote, never a user's other files
             raise UserError(f"--overwrite: {out_dir} holds files no sweep wrote ({', '.join(foreign[:3])}); "
                             f"choose another --output-dir")
-        import shutil
-
+        # Set aside, not deleted: a new sweep that fails before its first trial finishes (a mistyped data
+        # file, a bad model) gives the old one back (`settle_previous`).
+        previous = out_dir / PREVIOUS
+        previous.mkdir()
         for path in contents:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            if path != previous:
+                path.rename(previous / path.name)
     return sweep
 
 
+PREVIOUS = ".previous-sweep"
+
+
+def settle_previous(out_dir: Path, finished_one: bool) -> None:
+    """After --overwrite: drop the old sweep once a new trial has finished; else put it back as it was."""
+    import shutil
+
+    previous = out_dir / PREVIOUS
+    if not previous.is_dir():
+        return
+    if not finished_one:
+        for path in previous.iterdir():
+            target = out_dir / path.name
+            if target.exists():  # the new sweep's unfinished first trial
+                shutil.rmtree(target) if target.is_dir() else target.unlink()
+            path.rename(target)
+    shutil.rmtree(previous)
+
+
 def _is_sweep_file(path: Path) -> bool:
-    return path.name in (SWEEP_FILE, "sweep.csv", "sweep.png", "best.yaml") or path.name.startswith("trial-")
+    return (path.name in (SWEEP_FILE, "sweep.csv", "sweep.png", "best.yaml", PREVIOUS)
+            or path.name.startswith("trial-"))
 
 
 def outcome(summary: dict) -> dict:
@@ -216,43 +262,45 @@ def run_sweep(sweep: Sweep, out_dir: Path, *, resume: bool = False, overwrite: b
     # FSDP wraps the model in place, so its trials load the base afresh; DDP and one process reuse it.
     reuse = None if fsdp_requested() else Reuse()
     started, durations = time.perf_counter(), []
-    for (name, cfg), values in zip(configs, sweep.trials):
-        if name in sweep.results:
-            continue
-        elapsed = time.perf_counter() - started
-        if budget_minutes and durations and elapsed + sum(durations) / len(durations) > budget_minutes * 60:
-            say(f"sweep: budget of {budget_minutes:g} min reached after {elapsed / 60:.1f} min; "
-                f"{len(configs) - len(sweep.results)} trials not run (continue with --resume and a larger budget)")
-            break
-        say(f"sweep: {name} ({settings_text(values)})")
-        t0 = time.perf_counter()
-        try:
-            result = _trial_outcome(name, out_dir / name,
-                                    lambda: run_training(cfg, overwrite=True, quiet=quiet, reuse=reuse))
-        except RunError as err:
+    try:
+        for (name, cfg), values in zip(configs, sweep.trials):
+            if name in sweep.results:
+                continue
+            elapsed = time.perf_counter() - started
+            if budget_minutes and durations and elapsed + sum(durations) / len(durations) > budget_minutes * 60:
+                say(f"sweep: budget of {budget_minutes:g} min reached after {elapsed / 60:.1f} min; "
+                    f"{len(configs) - len(sweep.results)} trials not run (continue with --resume and a larger budget)")
+                break
+            say(f"sweep: {name} ({settings_text(values)})")
+            t0 = time.perf_counter()
+            try:
+                result = _trial_outcome(name, out_dir / name,
+                                        lambda: run_training(cfg, overwrite=True, quiet=quiet, reuse=reuse))
+            except RunError as err:
+                if main:
+                    save_tables(sweep, out_dir)
+                if err.exit_code != 130:
+                    raise
+                raise RunError(f"sweep interrupted during {name}; the {len(sweep.results)} finished trials are kept "
+                               f"in {out_dir}; continue with: {sweep.command(out_dir)} --resume", exit_code=130) from None
+            durations.append(time.perf_counter() - t0)
+            sweep.results[name] = {**result, "seconds": round(durations[-1], 1)}
             if main:
                 save_tables(sweep, out_dir)
-            if err.exit_code != 130:
-                raise
-            raise RunError(f"sweep interrupted during {name}; the {len(sweep.results)} finished trials are kept "
-                           f"in {out_dir}; continue with: {sweep.command(out_dir)} --resume", exit_code=130) from None
-        durations.append(time.perf_counter() - t0)
-        sweep.results[name] = {**result, "seconds": round(durations[-1], 1)}
+            say(f"sweep: {name} " + (f"accuracy {result.get(RANKED[0], float('nan')):.3f}, margin "
+                                    f"{result.get(RANKED[1], float('nan')):.3f}" if result["status"] == "ok"
+                                    else f"disqualified: {result['reason']}") + f" ({durations[-1]:.0f} s)")
+            left = len(configs) - len(sweep.results)
+            if len(durations) == 1 and left:
+                say(f"sweep: the other {left} trials should take about {left * durations[0] / 60:.1f} min")
+    finally:
         if main:
-            save_tables(sweep, out_dir)
-        say(f"sweep: {name} " + (f"accuracy {result.get(RANKED[0], float('nan')):.3f}, margin "
-                                f"{result.get(RANKED[1], float('nan')):.3f}" if result["status"] == "ok"
-                                else f"disqualified: {result['reason']}") + f" ({durations[-1]:.0f} s)")
-        left = len(configs) - len(sweep.results)
-        if len(durations) == 1 and left:
-            say(f"sweep: the other {left} trials should take about {left * durations[0] / 60:.1f} min")
+            settle_previous(out_dir, finished_one=bool(durations))
     best = None
     if main:
         plot(sweep, out_dir)
         best = write_best(sweep, out_dir)
     return {"ranking": ranking(sweep), "best": best, "main": main}
-
-
 
 
 def sweep_command(preset: str | None, config_file, sets: list[str], grid: list[str], *, max_steps: int,

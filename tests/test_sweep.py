@@ -34,6 +34,28 @@ def test_parse_grid_reports_every_problem():
     assert len(problems) == 2 and "nokey" in problems[0] and "empty" in problems[1]
 
 
+def test_grid_values_the_sweep_would_override_or_run_twice_are_refused():
+    _, problems = sweepmod.parse_grid(["train.max_steps=[1,2]", "train.learning_rate=[5e-4,5e-4]",
+                                       "simpo.beta=2.5,10"])
+    assert "--grid train.max_steps: the sweep sets it for every trial (use --max-steps)" in problems
+    assert any("0.0005 given twice" in p for p in problems)
+    assert "--grid simpo.beta: write its values as a list, simpo.beta=[2.5,10]" in problems
+
+
+def test_a_failed_overwrite_gives_the_previous_sweep_back(tiny_config, tmp_path):
+    """--overwrite with a mistyped data file: the new sweep fails in its first trial, and the old sweep's
+    tables and trials are where they were (before, the folder was left empty)."""
+    out = tmp_path / "sw"
+    (out / "trial-01").mkdir(parents=True)
+    (out / "trial-01" / "metrics.jsonl").write_text("{}\n")
+    (out / "sweep.json").write_text('{"definition": {}, "results": {}}')
+    res = cli("sweep", "--config", str(tiny_config), "--grid", "train.learning_rate=[1e-3]", "--max-steps", "2",
+              "--output-dir", str(out), "--overwrite", "--set", f"data.source={tmp_path / 'nodata.jsonl'}")
+    assert res.returncode == 2 and "nodata.jsonl' not found" in res.stderr, res.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["sweep.json", "trial-01"]
+    assert (out / "trial-01" / "metrics.jsonl").read_text() == "{}\n"
+
+
 def test_grid_trials_all_combinations_or_a_seeded_draw():
     grid = {"a": [1, 2, 3], "b": ["x", "y"]}
     assert len(sweepmod.grid_trials(grid, None, 0)) == 6
