@@ -222,6 +222,7 @@ def generate(
     top_p: float = TopPOpt,
     generator: Optional[str] = typer.Option(None, "--generator", metavar="NAME",
                                             help="Name recorded in the 'generator' field."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
     sets: Optional[List[str]] = SetOpt,
 ):
     """Generate answers for benchmark prompts (AlpacaEval / Arena-Hard style) with length statistics."""
@@ -229,7 +230,7 @@ def generate(
 
     generate_command(model_or_run, prompts=prompts, out=out, max_new_tokens=max_new_tokens,
                      temperature=temperature, top_p=top_p, generator=generator, preset=preset, config=config,
-                     data=data, sets=sets or [])
+                     data=data, sets=sets or [], overwrite=overwrite)
 
 
 @app.command(short_help="Talk to a run, an export or a base model in the terminal.")

@@ -203,7 +203,7 @@ def eval_split_prompts(target, tokenizer) -> tuple[list[dict], list[list[int]]]:
 def generate_command(model_or_run: str, out: Path, prompts: Path | None = None, max_new_tokens: int = 512,
                      temperature: float = 0.0, top_p: float = 1.0, generator: str | None = None,
                      preset: str | None = None, config: Path | None = None, data: str | None = None,
-                     sets: list[str] | None = None) -> list[dict]:
+                     sets: list[str] | None = None, overwrite: bool = False) -> list[dict]:
     from simpo_lite.console import info
     from simpo_lite.target import load_target_model, load_target_tokenizer, resolve_target
 
@@ -212,6 +212,9 @@ def generate_command(model_or_run: str, out: Path, prompts: Path | None = None, 
     if out.suffix.lower() != ".json":
         raise UserError(f"--out '{out}' must end in .json: AlpacaEval reads a JSON list")
     check_output_path(out)
+    if out.exists() and not overwrite:  # a benchmark's answers can take hours to make again
+        raise UserError(f"--out '{out}' exists: add --overwrite to replace it (and its .lengths.json), or choose "
+                        f"another --out")
     items = read_prompts(prompts) if prompts is not None else None
     target = resolve_target(model_or_run, preset=preset, config=config, data=data, sets=sets)
     name = generator or target.label

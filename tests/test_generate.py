@@ -139,3 +139,14 @@ def test_generate_rejects_bad_options(tmp_path, model_dir, kwargs, fragment):
 def test_unknown_model_path_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="not found"):
         generate_command(str(tmp_path / "nope"), prompts=_prompts(tmp_path), out=tmp_path / "o.json")
+
+
+def test_an_existing_out_file_is_kept_unless_overwrite(tmp_path, model_dir):
+    """A benchmark's answers can take hours: a second command with the same --out replaced them in silence."""
+    out = tmp_path / "answers.json"
+    out.write_text("[]")
+    with pytest.raises(UserError, match="answers.json' exists: add --overwrite"):
+        generate_command(str(model_dir), prompts=_prompts(tmp_path), out=out, max_new_tokens=2)
+    assert out.read_text() == "[]"
+    records = generate_command(str(model_dir), prompts=_prompts(tmp_path), out=out, max_new_tokens=2, overwrite=True)
+    assert json.loads(out.read_text()) == records
