@@ -17,6 +17,7 @@ import itertools
 import json
 import random
 import shlex
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -274,8 +275,7 @@ def run_sweep(sweep: Sweep, out_dir: Path, *, resume: bool = False, overwrite: b
             say(f"sweep: {name} ({settings_text(values)})")
             t0 = time.perf_counter()
             try:
-                result = _trial_outcome(name, out_dir / name,
-                                        lambda: run_training(cfg, overwrite=True, quiet=quiet, reuse=reuse))
+                result = _trial_outcome(name, out_dir / name, lambda: _quietly(run_training, cfg, quiet, reuse))
             except RunError as err:
                 if main:
                     save_tables(sweep, out_dir)
@@ -301,6 +301,15 @@ def run_sweep(sweep: Sweep, out_dir: Path, *, resume: bool = False, overwrite: b
         plot(sweep, out_dir)
         best = write_best(sweep, out_dir)
     return {"ranking": ranking(sweep), "best": best, "main": main}
+
+
+def _quietly(run_training, cfg, quiet: bool, reuse):
+    """A trial's end-of-run table goes to stderr, with its progress: the sweep's stdout is its result,
+    the ranking (`simpo-lite sweep ... > ranking.tsv`)."""
+    import contextlib
+
+    with contextlib.redirect_stdout(sys.stderr):
+        return run_training(cfg, overwrite=True, quiet=quiet, reuse=reuse)
 
 
 def sweep_command(preset: str | None, config_file, sets: list[str], grid: list[str], *, max_steps: int,

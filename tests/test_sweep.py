@@ -78,6 +78,8 @@ def test_trials_equal_standalone_runs_and_a_sweep_resumes(tiny_config, tmp_path)
             "--grid", "simpo.gamma_beta_ratio=[0.5]", "--max-steps", "3", "--train-pairs", "16", "--output-dir", str(out)]
     res = cli(*args)
     assert res.returncode == 0, res.stderr[-3000:]
+    # stdout is the sweep's result alone; each trial's own table goes to stderr with its progress.
+    assert "sweep ranking" in res.stdout and "run summary" not in res.stdout and "run summary" in res.stderr
     saved = json.loads((out / "sweep.json").read_text())
     assert set(saved["results"]) == {"trial-01", "trial-02"}
     assert all(r["status"] == "ok" for r in saved["results"].values())
