@@ -36,18 +36,27 @@ def read_prompts(path: Path) -> list[dict]:
     if not path.is_file():
         raise UserError(missing_path(str(path), "--prompts", "give a JSON list or JSON-lines file of prompts"))
     text = read_text(path, "--prompts takes a JSON list or a JSON-lines file of prompts", f"--prompts {path}")
-    try:
-        if path.suffix.lower() == ".jsonl":
-            items = [(f"{path} line {i}", json.loads(line)) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
-        else:
+    if not text.strip():
+        raise UserError(f"--prompts '{path}' holds no prompts")
+    if path.suffix.lower() == ".jsonl":
+        items = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    items.append((f"{path} line {number}", json.loads(line)))
+                except json.JSONDecodeError as err:
+                    raise UserError(f"--prompts '{path}' line {number} is not valid JSON: {err.msg}; fix or delete "
+                                    f"that line") from None
+    else:
+        try:
             data = json.loads(text)
-            if not isinstance(data, list):
-                raise UserError(f"--prompts '{path}': expected a JSON list of prompts, got a {type(data).__name__}; "
-                                f"use a list or a .jsonl file")
-            items = [(f"{path} item {i}", row) for i, row in enumerate(data)]
-    except json.JSONDecodeError as err:
-        raise UserError(f"--prompts '{path}' is not valid JSON (line {err.lineno}): {err.msg}; "
-                        f"a file with one object per line must end in .jsonl") from None
+        except json.JSONDecodeError as err:
+            raise UserError(f"--prompts '{path}' is not valid JSON (line {err.lineno}): {err.msg}; a file with one "
+                            f"JSON object per line must end in .jsonl") from None
+        if not isinstance(data, list):
+            raise UserError(f"--prompts '{path}': expected a JSON list of prompts, got a {type(data).__name__}; "
+                            f"use a list or a .jsonl file")
+        items = [(f"{path} item {i}", row) for i, row in enumerate(data)]
     if not items:
         raise UserError(f"--prompts '{path}' holds no prompts")
     prompts = []

@@ -34,6 +34,8 @@ def test_read_prompts_accepts_alpacaeval_jsonl_and_strings(tmp_path):
     ('[{"instruction": "a"},', "p.json", "not valid JSON"),
     ('{"instruction": "a"}\n{"text": 1}\n', "p.jsonl", "line 2"),
     ("[]", "p.json", "holds no prompts"),
+    ("", "p.json", "holds no prompts"),
+    ('{"prompt": "a"}\n{"prompt": "b"}\noops\n', "p.jsonl", "line 3 is not valid JSON: Expecting value; fix or delete"),
 ])
 def test_read_prompts_errors_name_the_problem(tmp_path, content, name, fragment):
     path = tmp_path / name
