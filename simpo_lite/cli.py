@@ -158,8 +158,8 @@ def presets_list(as_json: bool = typer.Option(False, "--json", help="A JSON list
     rows = []
     for name in cfgmod.preset_names():
         cfg = cfgmod.resolve(name)
-        rows.append([name, cfg.model.name_or_path, cfg.data.source, f"{cfg.simpo.beta:g}",
-                     f"{cfg.simpo.gamma_beta_ratio:g}", f"{cfg.train.learning_rate:g}"])
+        numbers = (cfg.simpo.beta, cfg.simpo.gamma_beta_ratio, cfg.train.learning_rate)
+        rows.append([name, cfg.model.name_or_path, cfg.data.source, *(n if as_json else f"{n:g}" for n in numbers)])
     print_table(["preset", "model", "data", "beta", "gamma/beta", "lr"], rows, as_json=as_json)
 
 

@@ -103,7 +103,8 @@ def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], title: st
     with `as_json` a JSON list of {column: cell}. Cells hold rich markup unless `markup` is False
     (text from a model or a file, which may contain [brackets])."""
     if as_json:
-        records = [{name: _plain(cell, markup) for name, cell in zip(columns, row)} for row in rows]
+        records = [{name: cell if isinstance(cell, (int, float)) else _plain(cell, markup)  # numbers stay numbers
+                    for name, cell in zip(columns, row)} for row in rows]
         print(json.dumps(records, indent=2), flush=True)
         return
     if not stdout_is_terminal():

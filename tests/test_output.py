@@ -75,6 +75,7 @@ def test_presets_list_piped_keeps_full_names_and_json():
     as_json = json.loads(simpo_lite("presets", "list", "--json").stdout)
     assert [p["preset"] for p in as_json] == list(cfgmod.preset_names())
     assert as_json[0]["model"] == cfgmod.resolve(as_json[0]["preset"]).model.name_or_path
+    assert as_json[0]["lr"] == cfgmod.resolve(as_json[0]["preset"]).train.learning_rate  # a number, for jq
 
 
 def test_a_long_message_line_is_not_broken_when_piped(tmp_path, model_dir):
