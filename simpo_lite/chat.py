@@ -10,6 +10,7 @@ Answers go to stdout, everything else (loading, notes) to stderr.
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -66,9 +67,11 @@ class ChatSession:
                 self.history = history
                 return ids, dropped
             if not history:  # the history stays as it was: the message is not sent
+                # A shorter answer only helps where the message alone fits the context.
+                fix = "lower --max-new-tokens" if len(ids) < self.context else "raise --max-context"
                 raise TurnTooLong(f"this message takes {len(ids)} tokens: with room for an answer of "
                                   f"--max-new-tokens {self.generation.max_new_tokens} the context of "
-                                  f"{self.context} tokens holds {room}; shorten it or lower --max-new-tokens")
+                                  f"{self.context} tokens holds {room}; shorten it or {fix}")
             history = history[2:]  # one user turn and its answer
 
     def reply(self, text: str, write: Callable[[str], None], before: Callable[[int], None] = lambda dropped: None) -> dict:
@@ -154,7 +157,7 @@ def run_loop(session: ChatSession, say: Callable[[str], None], read: Callable[[s
             session.reset()
             say("history cleared")
             continue
-        if text.startswith("/") and " " not in text:
+        if re.fullmatch(r"/\w+", text):  # a command's shape; '/etc/passwd' is a message
             say(f"unknown command {text}: {RESET} clears the history, {EXIT} quits")
             continue
         try:

@@ -86,10 +86,22 @@ def test_a_message_longer_than_the_context_is_refused_and_the_history_kept(loade
     chat, said = session(loaded, context=first + 6 + 40), []
     run_loop(chat, said.append, scripted(["Hi", "word " * 200]), lambda text: None)
     assert [m["content"] for m in chat.history if m["role"] == "user"] == ["Hi"]
-    assert any("shorten it or lower --max-new-tokens" in line for line in said)
+    # Longer than the whole context: no shorter answer makes room for it.
+    assert any("shorten it or raise --max-context" in line for line in said)
     with pytest.raises(TurnTooLong):
         chat.fit({"role": "user", "content": "word " * 200})
     assert len(chat.history) == 2
+    # Within the context, but not with room for a 6-token answer: a shorter answer would do.
+    message = {"role": "user", "content": "word " * 20}
+    tight = session(loaded, context=len(render_messages(tokenizer, [message])) + 3)
+    with pytest.raises(TurnTooLong, match="shorten it or lower --max-new-tokens"):
+        tight.fit(message)
+
+
+def test_a_message_that_starts_with_a_path_is_sent_not_taken_for_a_command(loaded):
+    chat, said = session(loaded), []
+    assert run_loop(chat, said.append, scripted(["/etc/passwd"]), lambda text: None) == 1
+    assert chat.history[0]["content"] == "/etc/passwd" and not [line for line in said if "unknown command" in line]
 
 
 @pytest.mark.parametrize("kwargs, fragment", [
