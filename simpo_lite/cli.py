@@ -308,7 +308,8 @@ def sweep(
                                          "drawn at random (seeded by train.seed)."),
     budget_minutes: Optional[float] = typer.Option(None, "--budget-minutes", min=0.0, metavar="MINUTES",
                                                    help="Start no trial that would end after this many minutes."),
-    resume: Optional[str] = typer.Option(None, "--resume", help="Continue the sweep in --output-dir (bare "
+    # Given bare (cli_args turns it into 'latest'): the blank metavar keeps --help from asking for a value.
+    resume: Optional[str] = typer.Option(None, "--resume", metavar=" ", help="Continue the sweep in --output-dir (bare "
                                          "--resume): finished trials are kept, an interrupted one starts again."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh in a non-empty --output-dir."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Plain log lines instead of live progress bars."),
