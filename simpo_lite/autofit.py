@@ -3,7 +3,8 @@
 `train.micro_batch_size: auto` and `model.uncheckpointed_layers: auto` are resolved once, before the
 model loads, from simpo_lite.plan's estimate against a budget:
 
-- on a GPU its free memory (torch.cuda.mem_get_info), which already leaves out other processes;
+- on a GPU its free memory (torch.cuda.mem_get_info), which already leaves out other processes, or
+  `train.memory_budget_gb` where that is less;
 - on the CPU `train.memory_budget_gb` (peak RSS of the run), by default half the RAM available at the
   start: the cores and memory of a CPU machine are usually shared, and glibc keeps freed blocks, so the
   resident set runs above the live tensors the plan counts. A CPU run also holds what the plan does not
@@ -109,6 +110,9 @@ def device_budget(cfg: Config, device: str, processes: int = 1) -> tuple[float, 
         import torch
 
         free, total = torch.cuda.mem_get_info()
+        gb = cfg.train.memory_budget_gb
+        if gb is not None and gb * GIB < free:  # a GPU shared with other work, or a smaller card rehearsed
+            return gb * GIB, f"train.memory_budget_gb={gb:g} of the {free / GIB:.1f} GiB free on {torch.cuda.get_device_name()}"
         return float(free), f"free memory of {torch.cuda.get_device_name()}, {total / GIB:.1f} GiB in all"
     gb = cfg.train.memory_budget_gb
     if gb is not None:

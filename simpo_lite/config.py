@@ -114,9 +114,9 @@ class TrainConfig:
     batch_size: Optional[int] = _f(None, "Pairs per optimizer step per process (micro_batch_size x gradient_accumulation_"
                                          "steps); null = that product, or with micro_batch_size: auto, the micro-batch "
                                          "it replaces x gradient_accumulation_steps.", ge=1)
-    memory_budget_gb: Optional[float] = _f(None, "On the CPU, the peak memory (GiB) that auto settings fit the run into; "
-                                                 "null = half the RAM available when the run starts. On a GPU its free "
-                                                 "memory is the budget.", gt=0.0)
+    memory_budget_gb: Optional[float] = _f(None, "The peak memory (GiB) that auto settings fit the run into. On the CPU "
+                                                 "null = half the RAM available when the run starts; on a GPU its free "
+                                                 "memory, which also caps a budget set here.", gt=0.0)
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.", ge=1)
     warmup_ratio: float = _f(0.1, "Share of the steps spent warming the learning rate up.", ge=0.0, lt=1.0)
     lr_scheduler: Literal["cosine", "linear", "constant"] = _f("cosine", "Learning-rate schedule after warmup.")

@@ -123,6 +123,10 @@ def load_base_model(model_cfg: ModelConfig, quantize: bool | None = None, dtype:
                   device_map=device_map or _device_map(), dtype=dtype or compute_dtype(model_cfg))
     if model_cfg.attn_implementation:
         kwargs["attn_implementation"] = model_cfg.attn_implementation
+    if model_cfg.kernels == "liger":
+        # transformers' Hub kernels (on by default since 5.2x) reset each layer's forward on every
+        # model.train(), silently undoing Liger's per-module patches.
+        kwargs["use_kernels"] = False
     if quantize:
         kwargs["quantization_config"] = quantization_config(model_cfg)
     source = resolve_model_source(model_cfg.name_or_path, need="weights", revision=model_cfg.revision)

@@ -23,6 +23,7 @@ model's original kernel, so generation and unpacked forwards are unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass
 
@@ -97,11 +98,24 @@ def use_segment_attention(lm) -> None:
         def attention(module, query, key, value, attention_mask, segment_layout=None, **kwargs):
             if segment_layout is None:
                 kernel = own_eager_attention(module) if original == "eager" else AttentionInterface()[original]
-                return kernel(module, query, key, value, attention_mask, **kwargs)
+                with implementation_named(module.config, original):
+                    return kernel(module, query, key, value, attention_mask, **kwargs)
             return segment_attention(module, query, key, value, segment_layout, original, **kwargs)
         AttentionInterface.register(name, attention)
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
     config._attn_implementation = name
+
+
+@contextlib.contextmanager
+def implementation_named(config, name: str):
+    """The config's attention implementation read as `name` for one call: transformers' flash-attention
+    function looks its kernel up by that name, and would take ours for a Hub kernel repository."""
+    ours = config._attn_implementation_internal
+    config._attn_implementation_internal = name
+    try:
+        yield
+    finally:
+        config._attn_implementation_internal = ours
 
 
 def own_eager_attention(module):
@@ -156,8 +170,19 @@ def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: list[i
                         "pip install flash-attn, or set model.attn_implementation=sdpa") from err
     as_cu = lambda cu: torch.tensor(cu, dtype=torch.int32, device=q.device)
     lengths = lambda cu: max(b - a for a, b in zip(cu, cu[1:])) if len(cu) > 1 else 0
-    return flash_attn_varlen_func(q, k, v, as_cu(cu_q), as_cu(cu_k), lengths(cu_q), lengths(cu_k),
-                                  dropout_p=dropout, softmax_scale=scale, causal=True)
+    # The kernel takes only 16-bit inputs; fp32 ones come from a model run without autocast
+    # (model.frozen_dtype=fp32), as in transformers' own flash-attention path.
+    half = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else flash_dtype()
+    out = flash_attn_varlen_func(q.to(half), k.to(half), v.to(half), as_cu(cu_q), as_cu(cu_k), lengths(cu_q),
+                                 lengths(cu_k), dropout_p=dropout, softmax_scale=scale, causal=True)
+    return out.to(q.dtype)
+
+
+def flash_dtype() -> torch.dtype:
+    """The 16-bit type flash-attention runs fp32 inputs in: autocast's, else bf16 where the GPU has it."""
+    if torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def check_layout_used(layout: SegmentLayout, layers: int, kind: str) -> None:

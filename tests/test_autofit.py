@@ -69,6 +69,19 @@ def test_a_cpu_budget_is_train_memory_budget_gb_less_the_process():
                                                            - autofit.process_bytes(), rel=0.05)
 
 
+def test_a_gpu_budget_is_its_free_memory_or_train_memory_budget_gb_where_less(monkeypatch):
+    """A 24 GiB budget on an 80 GiB card plans as the 24 GiB card would; a budget above what is free
+    cannot be kept, so the free memory stands."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (70 * GIB, 80 * GIB))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "Big GPU")
+    free, note = autofit.device_budget(resolve("llama3-8b-lora"), "cuda")
+    assert free == 70 * GIB and "free memory of Big GPU" in note
+    budget, note = autofit.device_budget(resolve("llama3-8b-lora", sets=["train.memory_budget_gb=24"]), "cuda")
+    assert budget == 24 * GIB and "train.memory_budget_gb=24 of the 70.0 GiB free on Big GPU" in note
+    over, _ = autofit.device_budget(resolve("llama3-8b-lora", sets=["train.memory_budget_gb=100"]), "cuda")
+    assert over == 70 * GIB
+
+
 def test_the_process_allowance_is_what_it_holds_now_plus_the_load_residue():
     """Read from the resident set: this test process holds more after allocating 200 MiB, and the budget
     left for the plan shrinks by as much."""

@@ -181,3 +181,50 @@ def test_a_step_weighs_every_pair_the_same_whatever_micro_batch_holds_it():
     assert record["loss"] == pytest.approx(loss.item(), rel=1e-12)
     for p, start, grad in zip(params, before, expected):
         torch.testing.assert_close(start - p.detach(), grad, rtol=1e-9, atol=1e-12)
+
+
+def test_an_unpacked_forward_reaches_a_kernel_that_looks_itself_up_by_name():
+    """transformers' flash-attention function finds its kernel by the config's implementation name; after
+    packing (which renames it) a plain forward, as in generation health, must still call it by its own."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    from simpo_lite.segments import use_segment_attention
+
+    seen = []
+
+    def by_name(module, *args, **kwargs):
+        seen.append(module.config._attn_implementation)
+        return sdpa_attention_forward(module, *args, **kwargs)
+
+    AttentionInterface.register("looks_up_by_name", by_name)
+    AttentionMaskInterface.register("looks_up_by_name", ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    model = tiny("llama")
+    model.config._attn_implementation = "looks_up_by_name"
+    use_segment_attention(model)
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]))
+    assert seen and set(seen) == {"looks_up_by_name"}
+    assert model.config._attn_implementation.startswith("simpo_segments+")  # restored after the call
+
+
+def test_flash_varlen_gets_16_bit_inputs_and_gives_back_the_callers_type(monkeypatch):
+    """flash-attention refuses fp32; a model run without autocast (model.frozen_dtype=fp32) hands it fp32."""
+    import sys
+    import types
+
+    from simpo_lite import segments
+
+    got = {}
+
+    def varlen(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs):
+        got.update(dtypes={q.dtype, k.dtype, v.dtype}, cu=cu_q.dtype, max=(max_q, max_k))
+        return q
+
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=varlen))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    q = torch.randn(7, 4, 8)
+    out = segments.flash_varlen(q, q[:, :2], q[:, :2], [0, 3, 7], [0, 3, 7], None, 0.0)
+    assert got == {"dtypes": {torch.bfloat16}, "cu": torch.int32, "max": (4, 4)}
+    assert out.dtype == torch.float32 and out.shape == q.shape
