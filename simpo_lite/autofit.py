@@ -72,8 +72,8 @@ class Choice:
                 f"+ {MARGIN:.0%} margin = {self.planned_peak * (1 + MARGIN) / GIB:.2f} GiB of "
                 f"{self.budget / GIB:.2f} GiB" + (f" ({self.budget_note})" if self.budget_note else "")
                 + ("; the plan's worst case (every row at data.max_length) is over the budget even with every "
-                   "layer recomputed: lower train.micro_batch_size or data.max_length, or raise the budget"
-                   if self.planned_peak * (1 + MARGIN) > self.budget else ""))
+                   "layer recomputed: lower " + ("train.micro_batch_size or " if self.micro_batch_size > 1 else "")
+                   + "data.max_length, or raise the budget" if self.planned_peak * (1 + MARGIN) > self.budget else ""))
 
 
 def wants_autofit(cfg: Config) -> bool:
@@ -140,8 +140,9 @@ def process_bytes() -> float:
     return CPU_PROCESS_FALLBACK_BYTES
 
 
-def choose(cfg: Config, device: str, budget: float, note: str = "") -> Choice:
-    """The micro-batch and uncheckpointed layers that `auto` stands for, for a `budget` of bytes."""
+def choose(cfg: Config, device: str, budget: float, note: str = "", fsdp_processes: int = 1) -> Choice:
+    """The micro-batch and uncheckpointed layers that `auto` stands for, for a `budget` of bytes on each
+    device (of `fsdp_processes` that shard the model, when FSDP does)."""
     auto_micro = cfg.train.micro_batch_size == "auto"
     auto_layers = cfg.model.uncheckpointed_layers == "auto"
     effective = effective_batch(cfg)
@@ -154,14 +155,16 @@ def choose(cfg: Config, device: str, budget: float, note: str = "") -> Choice:
             raise
         return Choice(cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps, 0, 0, True, 0.0, budget,
                       f"the memory plan cannot read this model ({err})")
-    s = setting_from_config(placeholder, device)
-    usable = budget / (1 + MARGIN)
+    s = replace(setting_from_config(placeholder, device), fsdp_processes=fsdp_processes)
+    usable = max(budget, 0.0) / (1 + MARGIN)
     micro, accumulation = s.micro_batch, cfg.train.gradient_accumulation_steps
     if auto_micro:
         fit = largest_micro_batch(arch, s, usable)
         if fit == 0:
             from simpo_lite.plan_report import what_would_fit
 
+            if budget <= 0:
+                raise UserError(f"auto-fit: no memory is left for the run ({note}): raise train.memory_budget_gb")
             raise UserError(f"auto-fit: not even 1 pair x {s.seq_len} tokens fits {budget / GIB:.2f} GiB with a "
                             f"{MARGIN:.0%} margin ({note}): {what_would_fit(arch, s, usable, cfg.data.max_prompt_length)}")
         micro, accumulation = batch_suggestion(effective, fit)
@@ -185,17 +188,18 @@ def apply(cfg: Config, choice: Choice) -> Config:
     return replace(cfg, train=train, model=model)
 
 
-def fit(cfg: Config, device: str | None = None, processes: int = 1) -> tuple[Config, Choice | None]:
+def fit(cfg: Config, device: str | None = None, processes: int = 1, fsdp: bool = False) -> tuple[Config, Choice | None]:
     """(cfg with `auto` resolved for `device` (default: this machine's, as a run here would), shared by
-    `processes` local processes on the CPU, the choice); cfg unchanged and None without `auto`."""
+    `processes` local processes on the CPU, or with `fsdp` sharded over them, the choice); cfg unchanged
+    and None without `auto`."""
     if not wants_autofit(cfg):
         return cfg, None
     if device is None:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    budget, note = device_budget(cfg, device, processes)
-    choice = choose(cfg, device, budget, note)
+    budget, note = device_budget(cfg, device, 1 if fsdp else processes)
+    choice = choose(cfg, device, budget, note, processes if fsdp else 1)
     return apply(cfg, choice), choice
 
 

@@ -13,7 +13,7 @@ from typing import List, Optional
 import typer
 
 from simpo_lite.cli_args import normalise_argv
-from simpo_lite.errors import ConfigError, RunError, UserError
+from simpo_lite.errors import ConfigError, RunError, UserError, first_line
 
 # Plain click help: it is not boxed to 80 columns when piped, and switches show no '<bool>' metavar.
 HELP = {"help_option_names": ["-h", "--help"]}
@@ -360,7 +360,8 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
-    except click.NoArgsIsHelpError:
+    except click.NoArgsIsHelpError as err:  # `simpo-lite` or `simpo-lite presets` alone: what it can do
+        print(err.format_message())
         sys.exit(0)
     except click.UsageError as err:
         if debug:
@@ -376,6 +377,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except KeyboardInterrupt:
         code = 130
+    except Exception as err:  # a case nobody foresaw: one line to report, the traceback on request
+        if debug:
+            raise
+        print(f"error: unexpected {type(err).__name__}: {first_line(err)} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        sys.exit(1)
     # Outside standalone mode typer returns an exit code instead of exiting: 130 for a Ctrl-C that
     # reached it (it turns KeyboardInterrupt into Exit(130)), or a command's typer.Exit(N).
     if isinstance(code, int) and not isinstance(code, bool) and code:

@@ -103,7 +103,7 @@ class SimpoConfig:
 @dataclass
 class TrainConfig:
     output_dir: str = _f("runs/simpo-lite", "Folder for checkpoints, metrics.jsonl, config.yaml and the final adapter.")
-    seed: int = _f(42, "Seed for data order, LoRA init and dropout.")
+    seed: int = _f(42, "Seed for data order, LoRA init and dropout.", ge=0, le=2**32 - 1)  # numpy's range
     learning_rate: float = _f(1e-5, "Peak learning rate.", gt=0.0)
     num_epochs: float = _f(1.0, "Passes over the training data (ignored when max_steps is set).", gt=0.0)
     max_steps: Optional[int] = _f(None, "Stop after this many optimizer steps (null = num_epochs).", ge=1)
@@ -184,11 +184,34 @@ def schema() -> dict[str, dict[str, dataclasses.Field]]:
     return {name: {f.name: f for f in dataclasses.fields(cls)} for name, cls in SECTIONS.items()}
 
 
+# What users of TRL, transformers' TrainingArguments and peft call our settings.
+OTHER_NAMES = {
+    "lr": "train.learning_rate", "per_device_train_batch_size": "train.micro_batch_size",
+    "per_device_eval_batch_size": "train.eval_batch_size", "num_train_epochs": "train.num_epochs",
+    "epochs": "train.num_epochs", "bf16": "train.mixed_precision", "fp16": "train.mixed_precision",
+    "lr_scheduler_type": "train.lr_scheduler", "optim": "train.optimizer", "rank": "lora.r", "lora_r": "lora.r",
+    "lora_rank": "lora.r", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
+    "gamma": "simpo.gamma_beta_ratio", "simpo_gamma": "simpo.gamma_beta_ratio", "cpo_alpha": "simpo.sft_weight",
+    "load_in_4bit": "model.quantize", "model_name_or_path": "model.name_or_path", "model_name": "model.name_or_path",
+    "model": "model.name_or_path", "dataset": "data.source", "dataset_name": "data.source",
+}
+
+
+def setting_named(key: str) -> str | None:
+    """The dotted setting a bare key names: a key of exactly one section, or another tool's name for it."""
+    owners = [section for section, fields in schema().items() if key in fields]
+    if len(owners) == 1:
+        return f"{owners[0]}.{key}"
+    return OTHER_NAMES.get(key)
+
+
 def _suggest_key(section: str, key: str) -> str:
     fields = schema()
     elsewhere = [s for s, fs in fields.items() if key in fs]
     if elsewhere:
         return f"; it belongs to section '{elsewhere[0]}' ('{elsewhere[0]}.{key}')"
+    if key in OTHER_NAMES:
+        return f"; simpo-lite calls it '{OTHER_NAMES[key]}'"
     hint = suggest(key, fields[section])
     if hint:
         return hint.replace("'", f"'{section}.", 1)
@@ -207,7 +230,9 @@ def validate_layer(layer: Any, source: str) -> tuple[dict, list[str]]:
         return valid, [f"{source}: expected a mapping of sections ({', '.join(SECTIONS)}), got {type(layer).__name__}"]
     for section, values in layer.items():
         if section not in fields:
-            hint = suggest(str(section), fields) or f"; sections are {', '.join(fields)}"
+            named = setting_named(str(section))
+            hint = (f"; '{section}' goes under its section: {named.replace('.', ': ', 1)}" if named else
+                    suggest(str(section), fields) or f"; sections are {', '.join(fields)}")
             problems.append(f"{source}: unknown section '{section}'{hint}")
             continue
         if not isinstance(values, dict):
@@ -240,15 +265,20 @@ def parse_set(assignments: list[str]) -> tuple[dict, list[str]]:
         key, sep, raw = item.partition("=")
         section, dot, name = key.strip().partition(".")
         if not sep or not dot or not name:
-            problems.append(f"--set {item!r}: expected section.key=value, e.g. --set simpo.beta=2.5")
+            named = setting_named(section.strip()) if sep and not dot else None
+            hint = f"did you mean --set {named}={raw}?" if named else "e.g. --set simpo.beta=2.5"
+            problems.append(f"--set {item!r}: expected section.key=value; {hint}")
             continue
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            value = raw
         # A string field keeps the text as typed, so `--set model.revision=1234` stays '1234'.
         if section in hints and name in hints[section] and is_str_type(hints[section][name]) and raw not in ("null", "~"):
             value = raw
+        else:
+            try:
+                value = yaml.safe_load(raw) if raw.strip() else None
+            except yaml.YAMLError as err:
+                problems.append(f"--set {item!r}: the value is not valid YAML ({getattr(err, 'problem', err)}); "
+                                f"a list is written [a, b]")
+                continue
         layer.setdefault(section, {})[name] = value
     return layer, problems
 
@@ -340,6 +370,10 @@ def preset_path(name: str) -> Path:
 
 
 def read_yaml(path: Path, what: str) -> Any:
+    if path.is_dir():
+        inside = path / "config.yaml"
+        hint = f"did you mean '{inside}'?" if inside.is_file() else "give the path of a .yaml file"
+        raise UserError(f"{what} '{path}' is a folder; {hint}")
     if not path.is_file():
         raise UserError(missing_path(str(path), what))
     try:
@@ -380,8 +414,10 @@ def resolve(preset: str | None = None, config_file: str | Path | None = None, fl
 def save_config(cfg: Config, path: Path, note: str = "") -> None:
     """Write the resolved config atomically; it reproduces the run with ``--config``. `note`: a comment
     line under the header (what `auto` settings became)."""
-    write_text(path, "# Resolved simpo-lite config; reproduce with: simpo-lite train --config " + Path(path).name
-               + "\n" + (f"# {note}\n" if note else "") + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    run = Path(cfg.train.output_dir)  # not `path`: a checkpoint's copy is written in a temporary folder
+    write_text(path, f"# Resolved simpo-lite config; repeat the run with: simpo-lite train --config {run / path.name} "
+               f"--output-dir {run}-again\n# (or continue it with --resume)\n" + (f"# {note}\n" if note else "")
+               + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def load_saved_config(path: Path) -> Config:

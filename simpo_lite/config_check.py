@@ -4,8 +4,12 @@ numeric bounds, and the closest valid name when it is misspelt."""
 from __future__ import annotations
 
 import difflib
+import math
 import typing
 from typing import Any, Literal
+
+
+YAML_BOOL_WORDS = {False: ("no", "off", "false"), True: ("yes", "on", "true")}
 
 
 def suggest(word: str, options: typing.Iterable[str]) -> str:
@@ -21,7 +25,8 @@ def type_name(tp: Any) -> str:
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
         return " or ".join(type_name(a) for a in inner) + (" or null" if len(inner) < len(typing.get_args(tp)) else "")
     if origin is list:
-        return "a list of " + type_name(typing.get_args(tp)[0]) + "s"
+        item = type_name(typing.get_args(tp)[0])
+        return "a list of " + (item.split(" ", 1)[1] + "s" if item.startswith(("a ", "an ")) else item)
     if origin is dict:
         return "a mapping of strings"
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}[tp]
@@ -36,9 +41,11 @@ def check_type(value: Any, tp: Any) -> tuple[bool, Any]:
         checked = [check_type(value, a) for a in typing.get_args(tp) if a is not type(None)]
         return next(((True, v) for ok, v in checked if ok), (False, value))
     if origin is Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads `mixed_precision: no` as false
+            value = next((w for w in YAML_BOOL_WORDS[value] if w in typing.get_args(tp)), value)
         return value in typing.get_args(tp), value
     if origin is list:
-        if isinstance(value, str):  # a single item is a one-item list: `--set lora.target_modules=q_proj`
+        if isinstance(value, (str, int, float)):  # one item is a one-item list: `--set lora.layers=3`
             value = [value]
         if not isinstance(value, list):
             return False, value
@@ -51,10 +58,11 @@ def check_type(value: Any, tp: Any) -> tuple[bool, Any]:
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string; users mean the number
             try:
-                return True, float(value)
+                number = float(value)
             except ValueError:
                 return False, value
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            return math.isfinite(number), number
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         return ok, float(value) if ok else value
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool), value
@@ -73,6 +81,9 @@ def check_bounds(key: str, value: Any, meta: typing.Mapping) -> str | None:
 
 
 def is_str_type(tp: Any) -> bool:
+    """A string, or one of some strings: `--set` keeps the text as typed (`no` stays 'no', not false)."""
     if typing.get_origin(tp) is typing.Union:
-        return any(is_str_type(a) for a in typing.get_args(tp) if a is not type(None))
+        return all(is_str_type(a) for a in typing.get_args(tp) if a is not type(None))
+    if typing.get_origin(tp) is Literal:
+        return all(isinstance(a, str) for a in typing.get_args(tp))
     return tp is str

@@ -80,14 +80,16 @@ def plan_command(cfg: Config, gpu_memory: float | None = None, processes: int = 
 
     from simpo_lite.console import print_table
 
-    if gpu_memory is not None and gpu_memory <= 0:
+    if gpu_memory is not None and not 0 < gpu_memory < float("inf"):
         raise UserError(f"--gpu-memory {gpu_memory:g}: must be a positive number of GB, e.g. --gpu-memory 24")
     if processes < 1:
         raise UserError(f"--processes {processes}: must be at least 1 (the number of GPUs)")
+    if fsdp and processes == 1:
+        raise UserError("--fsdp shards the model over several GPUs: give their number, e.g. --fsdp --processes 2")
     budget, budget_note = (gpu_memory * GIB, f"{gpu_memory:g} GiB (--gpu-memory)") if gpu_memory else default_budget()
     # `auto` layers spend what the micro-batch leaves, so the micro-batch advice is for all layers recomputed.
     auto_layers = cfg.model.uncheckpointed_layers == "auto"
-    asked, cfg = cfg, _resolve_auto(cfg, budget, budget_note, gpu_memory is None)
+    asked, cfg = cfg, _resolve_auto(cfg, budget, budget_note, gpu_memory is None, processes if fsdp else 1)
     arch = architecture(cfg.model)
     setting = replace(setting_from_config(cfg, "cuda"), fsdp_processes=processes if fsdp else 1)
     est = estimate(arch, setting)
@@ -125,7 +127,7 @@ def _auto_layers_at(asked: Config, budget: float, note: str):
     return layers_at
 
 
-def _resolve_auto(cfg: Config, budget: float, note: str, this_machine: bool) -> Config:
+def _resolve_auto(cfg: Config, budget: float, note: str, this_machine: bool, fsdp_processes: int) -> Config:
     """`auto` settings as a run would resolve them: for the planned GPU (its free memory when it is this
     machine's), and, on a machine without one, also the choice a CPU run here would make."""
     import sys
@@ -137,9 +139,10 @@ def _resolve_auto(cfg: Config, budget: float, note: str, this_machine: bool) -> 
     if not autofit.wants_autofit(cfg):
         return cfg
     if this_machine and torch.cuda.is_available():
-        _, choice = autofit.fit(cfg, "cuda")  # exactly what simpo-lite train would choose here
+        # exactly what simpo-lite train would choose here
+        _, choice = autofit.fit(cfg, "cuda", fsdp_processes, fsdp=fsdp_processes > 1)
     else:
-        choice = autofit.choose(cfg, "cuda", budget, note)
+        choice = autofit.choose(cfg, "cuda", budget, note, fsdp_processes)
         if this_machine:
             try:
                 line = autofit.fit(cfg, "cpu")[1].line()

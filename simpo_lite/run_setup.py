@@ -197,7 +197,9 @@ def fit_auto_settings(cfg: Config, acc) -> Config:
         return cfg
     choice = None
     if acc.is_main_process:
-        _, choice = autofit.fit(cfg, processes=acc.num_processes)
+        from accelerate.utils import DistributedType
+
+        _, choice = autofit.fit(cfg, processes=acc.num_processes, fsdp=acc.distributed_type == DistributedType.FSDP)
         print(f"simpo-lite: {choice.line()}", file=sys.stderr, flush=True)
     if acc.num_processes > 1:
         from accelerate.utils import broadcast_object_list

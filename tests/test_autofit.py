@@ -188,3 +188,18 @@ def test_config_yaml_notes_only_what_auto_fit_chose():
     chosen = resolve("smollm2-demo", sets=["train.micro_batch_size=4"])
     assert _auto_note(resolve("smollm2-demo", sets=["train.micro_batch_size=auto"]), chosen) == \
         "auto-fit (simpo_lite.autofit): train.micro_batch_size: auto -> 4"
+
+
+def test_fsdp_shards_count_in_the_choice():
+    """70B over 4 GPUs of 24 GiB: sharded it fits a micro-batch; planned as one GPU holding it all, nothing does."""
+    cfg = resolve("llama3-70b-lora", sets=["train.micro_batch_size=auto"])
+    sharded = autofit.choose(cfg, "cuda", 24 * GIB, fsdp_processes=4)
+    assert sharded.micro_batch_size >= 1 and sharded.planned_peak * (1 + autofit.MARGIN) <= 24 * GIB
+    with pytest.raises(UserError, match="not even 1 pair"):
+        autofit.choose(cfg, "cuda", 24 * GIB)
+
+
+def test_a_budget_the_process_already_spends_says_so():
+    cfg = resolve("smollm2-demo", sets=["train.micro_batch_size=auto"])
+    with pytest.raises(UserError, match=r"no memory is left for the run \(budget note\): raise train.memory_budget_gb"):
+        autofit.choose(cfg, "cpu", -0.2 * GIB, "budget note")

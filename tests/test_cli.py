@@ -185,3 +185,26 @@ def test_ctrl_c_in_any_command_exits_130_and_says_so(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["plan", "--preset", "smollm2-demo"])
     assert exit_info.value.code == 130 and capsys.readouterr().err.strip() == "interrupted"
+
+
+def test_an_unforeseen_failure_is_one_line_that_offers_the_traceback(monkeypatch, capsys):
+    import simpo_lite.plan_report
+    from simpo_lite.cli import main
+
+    def broken(*args, **kwargs):
+        raise ValueError("Seed must be between 0 and 2**32 - 1\nmore lines of library detail")
+
+    monkeypatch.setattr(simpo_lite.plan_report, "plan_command", broken)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", "--preset", "smollm2-demo"])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.strip() == ("error: unexpected ValueError: Seed must be between 0 and 2**32 - 1 "
+                                               "(rerun with --debug for the traceback)")
+    with pytest.raises(ValueError):
+        main(["plan", "--preset", "smollm2-demo", "--debug"])
+
+
+@pytest.mark.parametrize("args", [[], ["presets"], ["data"]])
+def test_a_command_group_alone_prints_its_help(args):
+    result = run_cli(*args)
+    assert result.returncode == 0 and result.stdout.startswith("Usage: simpo-lite") and "Commands:" in result.stdout

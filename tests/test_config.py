@@ -97,3 +97,52 @@ def test_scientific_notation_without_dot_is_a_number(tmp_path):
     assert cfgmod.resolve(config_file=str(path), sets=["export.verify_tolerance=1e-6"]).train.learning_rate == 1e-5
     with pytest.raises(ConfigError, match="train.learning_rate must be a number"):
         cfgmod.resolve(sets=["train.learning_rate=fast"])
+
+
+def test_other_tools_names_and_bare_keys_point_to_the_setting(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        cfgmod.resolve(sets=["beta=2", "lr=1e-4", "train.per_device_train_batch_size=2", "lora.rank=8"])
+    assert err.value.problems == [
+        "--set 'beta=2': expected section.key=value; did you mean --set simpo.beta=2?",
+        "--set 'lr=1e-4': expected section.key=value; did you mean --set train.learning_rate=1e-4?",
+        "--set: unknown key 'train.per_device_train_batch_size'; simpo-lite calls it 'train.micro_batch_size'",
+        "--set: unknown key 'lora.rank'; simpo-lite calls it 'lora.r'"]
+    flat = tmp_path / "flat.yaml"
+    flat.write_text("learning_rate: 1e-4\n")
+    with pytest.raises(ConfigError, match=r"'learning_rate' goes under its section: train: learning_rate"):
+        cfgmod.resolve(config_file=str(flat))
+
+
+def test_a_set_value_that_is_broken_yaml_is_reported_not_taken_as_text():
+    with pytest.raises(ConfigError, match=r"lora.target_modules=\[q_proj,v_proj'.*not valid YAML"):
+        cfgmod.resolve(sets=["lora.target_modules=[q_proj,v_proj"])
+    assert cfgmod.resolve(sets=["model.revision=[odd"]).model.revision == "[odd"  # a string field takes any text
+
+
+def test_yaml_yes_no_words_reach_settings_that_take_them(tmp_path):
+    file = tmp_path / "c.yaml"
+    file.write_text("train:\n  mixed_precision: no\n")  # YAML 1.1 reads `no` as false
+    assert cfgmod.resolve(config_file=str(file)).train.mixed_precision == "no"
+    assert cfgmod.resolve(sets=["train.mixed_precision=no"]).train.mixed_precision == "no"
+    assert cfgmod.resolve(sets=["lora.layers=3"]).lora.layers == [3]
+
+
+def test_a_folder_given_as_config_file_points_to_its_config_yaml(tmp_path):
+    with pytest.raises(UserError, match=r"is a folder; give the path of a .yaml file"):
+        cfgmod.resolve(config_file=str(tmp_path))
+    (tmp_path / "config.yaml").write_text("train:\n  seed: 1\n")
+    with pytest.raises(UserError, match=rf"did you mean '{tmp_path / 'config.yaml'}'"):
+        cfgmod.resolve(config_file=str(tmp_path))
+
+
+def test_a_seed_outside_numpys_range_is_a_config_error():
+    for seed in ("-1", str(2**32)):
+        with pytest.raises(ConfigError, match=r"train.seed: .* is out of range"):
+            cfgmod.resolve(sets=[f"train.seed={seed}"])
+
+
+def test_the_saved_config_says_how_to_repeat_the_run_without_touching_it(tmp_path):
+    cfg = cfgmod.resolve(flags={"train": {"output_dir": str(tmp_path / "run")}})
+    cfgmod.save_config(cfg, tmp_path / "elsewhere.yaml")
+    first = (tmp_path / "elsewhere.yaml").read_text().splitlines()[0]
+    assert first.endswith(f"--config {tmp_path / 'run' / 'elsewhere.yaml'} --output-dir {tmp_path / 'run'}-again")
