@@ -365,6 +365,8 @@ def preset_path(name: str) -> Path:
         names = preset_names()
         close = difflib.get_close_matches(name, names, n=3, cutoff=0.4)
         hint = f"did you mean {', '.join(close)}?" if close else "see 'simpo-lite presets list'"
+        if name.endswith((".yaml", ".yml")) or "/" in name:
+            hint = f"a preset is a name from 'simpo-lite presets list'; for a file of settings use --config {name}"
         raise UserError(f"unknown preset '{name}': {hint}")
     return path
 

@@ -119,8 +119,10 @@ def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], title: st
     from rich.text import Text
 
     table = Table(title=title, show_lines=show_lines)
-    for column in columns:  # a long path folds onto the next line instead of ending in "..."
-        table.add_column(column, overflow="fold")
+    for i, column in enumerate(columns):  # a long path folds onto the next line instead of ending in "..."
+        # The first column names the row (a preset, a metric, a trial): whole, so it can be copied.
+        table.add_column(column, overflow="fold", no_wrap=i == 0, min_width=max(len(str(row[0])) for row in rows)
+                         if i == 0 and rows else None)
     for row in rows:
         table.add_row(*[cell if isinstance(cell, Text) else str(cell) if markup else Text(str(cell)) for cell in row])
     Console(highlight=False).print(table)

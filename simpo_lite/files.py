@@ -218,9 +218,11 @@ def check_utf8(path: Path, expects: str, name: str | None = None) -> None:
     offset, line, byte = bad
     with Path(path).open("rb") as handle:
         head = handle.read(2)
-    looks = " (it looks like UTF-16)" if head in (b"\xff\xfe", b"\xfe\xff") else ""
+    utf16 = head in (b"\xff\xfe", b"\xfe\xff")
+    looks = " (it looks like UTF-16)" if utf16 else ""
     raise UserError(f"'{name or path}' is not UTF-8 text{looks}: byte 0x{byte:02x} at line {line} (byte offset "
-                    f"{offset}); {expects}, in UTF-8: convert it, e.g. iconv -f latin1 -t utf-8 {path} > "
+                    f"{offset}); {expects}, in UTF-8: convert it, e.g. iconv -f {'utf-16' if utf16 else 'latin1'} "
+                    f"-t utf-8 {path} > "
                     f"{Path(path).stem}.utf8{Path(path).suffix}")
 
 

@@ -28,7 +28,7 @@ class Arch:
 
 
 def _hf(repo: str) -> str:
-    return f"https://huggingface.co/{repo}/blob/main/config.json"
+    return f"simpo-lite's table of known models, copied from https://huggingface.co/{repo}/blob/main/config.json"
 
 
 # Published values, each copied from the model's config.json (the URL in `source`). Used when the

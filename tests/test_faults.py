@@ -474,3 +474,10 @@ def test_liger_kernels_on_a_gpu_without_the_package_say_what_to_install(monkeypa
     with pytest.raises(UserError, match="pip install liger-kernel"):
         check_kernels(ModelConfig(kernels="liger"), cuda_available=True)
     check_kernels(ModelConfig(kernels="none"), cuda_available=False)  # the default asks nothing of the machine
+
+
+def test_a_utf16_file_is_told_how_to_convert_from_utf16(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes("train:\n  seed: 1\n".encode("utf-16"))
+    with pytest.raises(UserError, match=r"looks like UTF-16.*iconv -f utf-16 -t utf-8"):
+        files.check_utf8(path, "a config file is YAML text")
