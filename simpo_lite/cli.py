@@ -13,7 +13,7 @@ from typing import List, Optional
 import typer
 
 from simpo_lite.cli_args import normalise_argv
-from simpo_lite.errors import ConfigError, RunError, UserError, first_line
+from simpo_lite.errors import ConfigError, RunError, UserError, first_line, interrupt_on_sigterm
 
 # Plain click help: it is not boxed to 80 columns when piped, and switches show no '<bool>' metavar.
 HELP = {"help_option_names": ["-h", "--help"]}
@@ -346,6 +346,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args, flags = normalise_argv(raw, app)
         quiet_libraries(flags["verbose"])  # before anything imports transformers, datasets or bitsandbytes
+        interrupt_on_sigterm()
         code = app(args=args, prog_name="simpo-lite", standalone_mode=False)
     except ConfigError as err:
         if debug:

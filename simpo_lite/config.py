@@ -156,8 +156,8 @@ class ExportConfig:
         "export dtype (the export behaves like the trained model), or the base checkpoint's original weights.")
     max_shard_size: str = _f("2GB", "Largest safetensors shard.")
     verify_tolerance: Optional[float] = _f(
-        None, "Largest allowed |merged - (base + adapter)| logit difference; null = 1e-3 for fp32 exports and 1.0 for "
-        "bf16/fp16, whose rounding of the merged weights alone moves SmolLM2's logits by ~0.7.", gt=0.0)
+        None, "Largest allowed |merged - (base + adapter)| logit difference; null = 1e-3 for fp32 exports, and for "
+        "bf16/fp16 ones a quarter of the adapter's own largest logit change (their rounding loses some of it).", gt=0.0)
     hub_private: bool = _f(False, "Create the Hub repository as private when pushing.")
 
 

@@ -56,3 +56,16 @@ class DiskFull(RunError):
         free = "" if self.free is None else f", {human_size(self.free)} free there"
         hint = self.hint or "free some space (or write somewhere else) and run the command again"
         return f"disk full while writing {self.what} ({self.path}){need}{free}; {hint}"
+
+
+def interrupt_on_sigterm() -> None:
+    """Schedulers, `timeout`, `docker stop` and `kill` send SIGTERM: treat it as Ctrl-C, so a run saves a
+    checkpoint and an export removes its unfinished folder, instead of dying where it stands."""
+    import signal
+    import threading
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)

@@ -51,6 +51,9 @@ def export_run(run_dir: Path, out: Path | None = None, dtype: str | None = None,
     `out`, optionally uploading it to the Hub."""
     started = time.perf_counter()
     quant = _check_format(format, quant, adapter_only)
+    if private and not push_to_hub:
+        raise UserError("--private makes the Hub repository of --push-to-hub private: add --push-to-hub USER/NAME, "
+                        "or leave --private out")
     run = Path(run_dir)
     kind, config, adapter = run_folder.finished_run(run)
     name = run_folder.label(run, kind)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import errno
+import glob
 import json
 import os
 import shutil
@@ -157,15 +158,16 @@ def write_folder(target: Path, fill: Callable[[Path], None], what: str | None = 
     (and an existing target stays as it was until the new one is complete). `estimate`: the bytes
     it will take, and `hint`: the way forward, for the message when the disk fills up."""
     target = Path(target)
+    old = target.with_name(f".{target.name}.old")
     with guard(what or target.name, target, estimate=estimate, hint=hint):
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        remove_orphans(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
         with guard(what or target.name, target, needed=lambda: folder_size(tmp), estimate=estimate, hint=hint):
             fill(tmp)
             _apply_umask(tmp)
             if target.exists():
-                old = target.with_name(f".{target.name}.old")
                 shutil.rmtree(old, ignore_errors=True)
                 target.rename(old)
                 tmp.rename(target)
@@ -173,9 +175,30 @@ def write_folder(target: Path, fill: Callable[[Path], None], what: str | None = 
             else:
                 tmp.rename(target)
     except BaseException:
+        if old.exists() and not target.exists():  # interrupted between the two renames: the previous one back
+            old.rename(target)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def remove_orphans(target: Path) -> None:
+    """Delete the unfinished folders for `target` that killed processes left (SIGKILL, out of memory, a
+    power cut: nothing ran to remove them); each name holds its writer's process id."""
+    for folder in target.parent.glob(f".{glob.escape(target.name)}.tmp-*-*"):
+        pid = folder.name[len(target.name) + 6:].split("-", 1)[0]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _apply_umask(folder: Path) -> None:

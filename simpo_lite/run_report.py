@@ -33,6 +33,9 @@ def load_run(run_dir: Path) -> tuple[list[dict], list[dict], dict]:
     if not run_dir.is_dir():
         raise UserError(f"report: run folder '{run_dir}' not found: give the output_dir of a training run")
     path = run_dir / run_folder.METRICS
+    if not path.is_file() and (run_dir.parent / run_folder.METRICS).is_file():
+        raise UserError(f"report: '{run_dir}' is a folder inside a run (a checkpoint or an export): the report is "
+                        f"of the whole run: simpo-lite report {run_dir.parent}")
     if not path.is_file():
         raise UserError(f"report: '{run_dir}' has no metrics.jsonl: it is not a training run's output_dir, "
                         f"or the run has not logged a step yet")

@@ -56,6 +56,10 @@ def classify(name: str) -> tuple[str, Optional[Path], Optional[Path]]:
             return found
         if (path / "config.json").is_file():
             return "folder", None, None
+        ggufs = sorted(path.glob("*.gguf"))
+        if ggufs:
+            raise UserError(f"'{name}' holds a GGUF export ({ggufs[0].name}), which llama.cpp, Ollama or LM Studio "
+                            f"run; give simpo-lite the merged export or the run folder instead")
         raise UserError(f"'{name}' is neither a run folder (config.yaml + adapter/) nor a model folder "
                         f"(config.json): check the path")
     if looks_like_local_path(name):  # never looked up on the Hub: a mistyped path fails at once

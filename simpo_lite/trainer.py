@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -20,7 +18,7 @@ import torch
 
 from simpo_lite import health, run_folder, sharding
 from simpo_lite.config import Config, save_config
-from simpo_lite.errors import RunError
+from simpo_lite.errors import RunError, interrupt_on_sigterm
 from simpo_lite.progress import Progress, peak_memory_mb, print_summary
 from simpo_lite.resume import prepare_resume
 from simpo_lite.run_setup import RunParts, build_run_parts, start_trackers
@@ -313,7 +311,7 @@ def run_training(cfg: Config, resume: str | None = None, overwrite: bool = False
     reuse: a run_setup.Reuse shared by the runs of one process (sweep trials)."""
     output_dir = Path(cfg.train.output_dir)
     run_folder.check_output_dir(output_dir, resume, overwrite)  # refuses only; clear_run below deletes
-    _interrupt_on_sigterm()
+    interrupt_on_sigterm()
     if quiet:
         _hide_library_progress_bars()
     if resume:
@@ -354,15 +352,6 @@ def _auto_note(asked: Config, resolved: Config) -> str:
               if getattr(getattr(asked, section), key) == "auto"}
     auto = [f"{name}: auto -> {value}" for name, value in chosen.items() if value != "auto"]
     return "auto-fit (simpo_lite.autofit): " + ", ".join(auto) if auto else ""
-
-
-def _interrupt_on_sigterm() -> None:
-    """Schedulers and `kill` send SIGTERM: treat it like Ctrl-C so a checkpoint is saved."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, handler)
 
 
 def _hide_library_progress_bars() -> None:

@@ -156,6 +156,9 @@ def test_unfinished_run_and_odd_folders_are_user_errors(tmp_path, pipeline):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="neither a run folder"):
         evaluate_command(str(tmp_path / "empty"))
+    (tmp_path / "empty" / "run-q8_0.gguf").write_bytes(b"GGUF")
+    with pytest.raises(UserError, match="holds a GGUF export .*llama.cpp"):
+        evaluate_command(str(tmp_path / "empty"))
     with pytest.raises(UserError, match="must end in .json"):
         evaluate_command(str(tmp_path / "empty"), out=tmp_path / "m.txt")
 

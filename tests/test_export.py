@@ -309,6 +309,7 @@ def test_a_run_without_adapter_is_a_user_error(run_dir, tmp_path, monkeypatch):
 @pytest.mark.parametrize("args, fragment", [
     (["{tmp}/missing"], "run folder '{tmp}/missing' not found"),
     (["{run}", "--set", "export.verify_tolerence=1"], "did you mean 'export.verify_tolerance'"),
+    (["{run}", "--private"], "--private makes the Hub repository of --push-to-hub private"),
 ])
 def test_cli_reports_user_errors_on_one_line(run_dir, tmp_path, args, fragment):
     fill = lambda text: text.format(tmp=tmp_path, run=run_dir)  # noqa: E731
@@ -557,3 +558,23 @@ def test_a_pre_quantized_base_is_refused(run_dir, tiny_base, tmp_path):
     cfg.model.name_or_path = str(base)
     with pytest.raises(UserError, match="stored quantized.*--adapter-only"):
         parameter_count(cfg)
+
+
+@pytest.mark.parametrize("diff, effect, passes", [
+    (1.44, 25.8, True),    # the demo's bf16 export at step 15: 6% of the adapter's effect rounded away
+    (0.67, 1.7, False),    # a weak adapter, 39% of its effect lost to bf16
+    (1.6, 1.7, False),     # the adapter lost whole: the export is the base
+])
+def test_a_16_bit_export_may_round_away_a_quarter_of_the_adapters_effect(diff, effect, passes):
+    from types import SimpleNamespace
+
+    from simpo_lite.config import resolve
+    from simpo_lite.merge import check_tolerance
+
+    result = SimpleNamespace(merge_diff=diff, adapter_effect=effect, out="OUT")
+    if passes:
+        check_tolerance(result, resolve(), "bf16")
+        return
+    with pytest.raises(RunError, match=rf"loses {diff / effect:.0%} of the fine-tune's largest effect.*"
+                                       rf"--dtype fp32, or accept the loss with --set export.verify_tolerance="):
+        check_tolerance(result, resolve(), "bf16")

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -415,6 +416,52 @@ def test_a_full_disk_while_replacing_a_folder_keeps_the_old_one(tmp_path):
         files.write_folder(target, fill, what="the merged export", hint="run the export again")
     assert (target / "model.safetensors").read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["merged"]
+
+
+def test_an_interrupt_between_the_two_renames_puts_the_old_folder_back(tmp_path, monkeypatch):
+    target = tmp_path / "merged"
+    files.write_folder(target, lambda tmp: (tmp / "model.safetensors").write_bytes(b"old"))
+    rename = Path.rename
+
+    def interrupted_after_the_first(self, to):
+        result = rename(self, to)
+        if to.name == ".merged.old":
+            raise KeyboardInterrupt
+        return result
+
+    monkeypatch.setattr(Path, "rename", interrupted_after_the_first)
+    with pytest.raises(KeyboardInterrupt):
+        files.write_folder(target, lambda tmp: (tmp / "model.safetensors").write_bytes(b"new"))
+    assert (target / "model.safetensors").read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]
+
+
+def test_a_killed_writers_unfinished_folder_is_removed_by_the_next_write(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = tmp_path / f".merged.tmp-{int(dead.stdout)}-abc123"
+    (orphan / "model.safetensors").parent.mkdir()
+    (orphan / "model.safetensors").write_bytes(b"half")
+    live = tmp_path / f".merged.tmp-{os.getpid()}-def456"  # a writer still at work is left alone
+    live.mkdir()
+    files.write_folder(tmp_path / "merged", lambda tmp: (tmp / "model.safetensors").write_bytes(b"new"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["merged", live.name])
+
+
+def test_sigterm_is_an_interrupt_in_every_command():
+    """`timeout`, schedulers and `docker stop` send SIGTERM; without a handler an export died where it
+    stood and left its unfinished folder behind."""
+    import signal
+
+    from simpo_lite.errors import interrupt_on_sigterm
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        interrupt_on_sigterm()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def test_a_full_dataset_cache_is_one_line(tmp_path, monkeypatch):

@@ -107,6 +107,13 @@ def test_report_errors(tmp_path, setup, fragment):
         report_command(tmp_path)
 
 
+def test_a_checkpoint_is_pointed_to_its_run(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    (tmp_path / "checkpoint-1").mkdir()
+    with pytest.raises(UserError, match=rf"the report is of the whole run: simpo-lite report {tmp_path}$"):
+        report_command(tmp_path / "checkpoint-1")
+
+
 def test_cli_report_missing_folder_exits_2(tmp_path):
     out = subprocess.run([sys.executable, "-m", "simpo_lite", "report", str(tmp_path / "nope")],
                          capture_output=True, text=True)
