@@ -113,10 +113,16 @@ def quantized_folder(device: str, model: str | None = None) -> Path:
                                bnb_4bit_compute_dtype=dtype)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    AutoModelForCausalLM.from_pretrained(source, quantization_config=quant, dtype=dtype,
-                                         device_map=device).save_pretrained(tmp)
+    model = AutoModelForCausalLM.from_pretrained(source, quantization_config=quant, dtype=dtype, device_map=device)
+    model.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(source).save_pretrained(tmp)
     tmp.rename(target)
+    if device == "cuda":  # the driver quantized on the GPU: give its cache back before the workers and auto-fit
+        import gc
+
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
     return target
 
 
@@ -475,10 +481,11 @@ def simpo_lite_config(folder: Path, args, device: str, auto_layers: bool = False
 
 
 def run_side_by_side(systems: tuple[str, ...], length: int, steps: int, memory: bool, args,
-                     one_by_one: bool = False) -> dict:
+                     one_by_one: bool = False, on_result=None) -> dict:
     """Every system's run at once, each its own process: they share whatever else loads the machine,
     so their times stay comparable; peak RSS is per process, so memory is unaffected. On a GPU they
-    run one after another instead: they would share the one device."""
+    run one after another instead: they would share the one device; `on_result(runs so far)` is then
+    called after each one (the driver saves them, so a cut-off run keeps the systems that finished)."""
     env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV} | (MALLOC_ENV if memory else {})
     started = time.perf_counter()
     procs, runs = {}, {}
@@ -493,10 +500,13 @@ def run_side_by_side(systems: tuple[str, ...], length: int, steps: int, memory: 
         procs[system] = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if one_by_one:
             runs[system] = _collect(system, length, procs.pop(system), memory)
-    runs |= {system: _collect(system, length, proc, memory) for system, proc in procs.items()}
-    for result in runs.values():
+            runs[system]["run_seconds"] = time.perf_counter() - started
+            if on_result:
+                on_result(runs)
+    collected = {system: _collect(system, length, proc, memory) for system, proc in procs.items()}
+    for result in collected.values():
         result["run_seconds"] = time.perf_counter() - started
-    return runs
+    return runs | collected
 
 
 def _collect(system: str, length: int, proc: subprocess.Popen, memory: bool) -> dict:
@@ -564,6 +574,7 @@ def main() -> None:
         print(f"simpo-lite {auto_line}", file=sys.stderr, flush=True)
     results = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                "auto_fit": auto_line, "time": {}, "memory": {}}
+    args.json.write_text(json.dumps(results, indent=1))  # the settings and auto-fit's choice, before any run
     plan = [("time", args.length, args.steps)]
     plan += [("memory", n, args.memory_steps) for n in [args.length] + sorted(set(args.lengths) - {args.length})]
     for kind, length, steps in plan:
@@ -571,7 +582,12 @@ def main() -> None:
             results[kind][str(length)] = results["time"][str(length)]  # a GPU run measures both at once
             continue
         systems = SYSTEMS + ((FLOOR,) if kind == "time" else ())
-        runs = run_side_by_side(systems, length, steps, kind == "memory", args, one_by_one=gpu)
+
+        def save(runs, kind=kind, length=length):  # after each system on a GPU: partial results survive
+            results[kind][str(length)] = dict(runs)
+            args.json.write_text(json.dumps(results, indent=1))
+
+        runs = run_side_by_side(systems, length, steps, kind == "memory", args, one_by_one=gpu, on_result=save)
         same_inputs(runs["simpo-lite"], runs["trl"], f"{kind} at length {length}")
         results[kind][str(length)] = runs
         args.json.write_text(json.dumps(results, indent=1))  # partial results survive an interruption
