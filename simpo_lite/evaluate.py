@@ -54,4 +54,5 @@ def _print_metrics(result: dict, whole_hint: bool = False) -> None:
     info(f"{result['model']}; {pairs} eval pair{'' if pairs == 1 else 's'} of {result['data']} "
          f"({result['eval_origin']}{hint}), beta {result['beta']:g}, gamma/beta {result['gamma_beta_ratio']:g}")
     print_table(["metric", "value"], [[key, f"{value:.4f}" if isinstance(value, float) else str(value)]
-                                    for key, value in result.items() if key.startswith("eval_")])
+                                    for key, value in result.items()
+                                    if key.startswith("eval_") and key not in ("eval_pairs", "eval_origin")])

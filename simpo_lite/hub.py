@@ -48,11 +48,13 @@ def push_folder(folder: Path, repo_id: str, token: str, private: bool, message: 
     """Create the repo if needed and upload the folder in one commit; return the repo URL."""
     from huggingface_hub import HfApi
 
+    from simpo_lite.run_folder import EXPORT_CONFIG
+
     api = HfApi(token=token)
     try:
         _hub_call(lambda: _ensure_repo(api, repo_id, private), "create the repository")
-        _hub_call(lambda: api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=message),
-                  "upload the files")
+        _hub_call(lambda: api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=message,
+                                            ignore_patterns=[EXPORT_CONFIG]), "upload the files")
     except UserError as err:
         raise UserError(f"exported to {folder} but not pushed: {err}") from err.__cause__
     return f"{api.endpoint}/{repo_id}"

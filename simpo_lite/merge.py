@@ -18,10 +18,11 @@ from typing import Callable
 import torch
 
 from simpo_lite import hub
-from simpo_lite.config import Config
+from simpo_lite.config import Config, save_config
 from simpo_lite.errors import RunError, UserError
 from simpo_lite.model import DTYPES, load_base_model, load_for_inference, load_run_tokenizer
 from simpo_lite.model_source import resolve_model_source
+from simpo_lite.run_folder import EXPORT_CONFIG
 
 PROMPTS = ("What is the capital of France?", "Write a haiku about autumn leaves.",
            "Explain in one sentence why the sky is blue.")
@@ -47,6 +48,7 @@ def fill_merged(tmp: Path, adapter: Path, cfg: Config, dtype_name: str, summary:
     del merged  # the check below reloads from disk: never two copies in memory
     gc.collect()
     tokenizer.save_pretrained(tmp)
+    save_config(cfg, tmp / EXPORT_CONFIG)
     exported = check_saved(tmp, cfg, dtype_name, ids, reference, trained, result)
     result.greedy_agreement = continuation_agreement(greedy_answers(exported, tokenizer, ids), trained_answers)
     result.sample_prompt = PROMPTS[0]

@@ -38,6 +38,9 @@ from simpo_lite.files import (append_line, check_safetensors, check_torch_file, 
 
 CONFIG, METRICS, SAMPLES = "config.yaml", "metrics.jsonl", "samples.jsonl"
 ADAPTER, SUMMARY = "adapter", "summary.json"
+# In a merged export: the run's resolved config, so eval and chat of the export take the run's data split
+# and SimPO settings (kept out of Hub uploads: it holds local paths).
+EXPORT_CONFIG = "simpo-lite-run.yaml"
 TRAINER_STATE = "trainer_state.json"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 CHECKPOINT_FILES = ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt",

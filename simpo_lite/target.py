@@ -55,7 +55,10 @@ def classify(name: str) -> tuple[str, Optional[Path], Optional[Path]]:
         if found is not None:
             return found
         if (path / "config.json").is_file():
-            return "folder", None, None
+            from simpo_lite.run_folder import EXPORT_CONFIG
+
+            saved = path / EXPORT_CONFIG  # a merged export: the run's settings, its held-out pairs
+            return "folder", saved if saved.is_file() else None, None
         ggufs = sorted(path.glob("*.gguf"))
         if ggufs:
             raise UserError(f"'{name}' holds a GGUF export ({ggufs[0].name}), which llama.cpp, Ollama or LM Studio "
@@ -79,7 +82,7 @@ def resolve_target(name: str, preset: str | None = None, config: Path | None = N
     flags: dict = {}
     if kind in ("folder", "hub"):
         model_path = str(Path(name).expanduser()) if kind == "folder" else name
-        flags["model"] = {"name_or_path": model_path, **({"quantize": False} if kind == "folder" else {})}
+        flags["model"] = {"name_or_path": model_path, **({"quantize": False, "revision": None} if kind == "folder" else {})}
     if data is not None:
         flags["data"] = {"source": data}
     cfg = cfgmod.resolve(preset, config, flags, list(sets or []), saved=saved)

@@ -136,6 +136,18 @@ def test_fp32_export_loads_with_plain_transformers_and_matches_the_adapter_model
     assert leftovers(out.parent) == []
 
 
+def test_eval_and_chat_of_an_export_take_the_runs_settings(run_dir, fp32_export):
+    """The run's data split and SimPO settings, so the export is scored on the run's held-out pairs and
+    not on pairs it trained on; the model is the export itself, unquantized."""
+    from simpo_lite.config import load_saved_config
+    from simpo_lite.target import resolve_target
+
+    out, _ = fp32_export
+    run, target = load_saved_config(run_dir / "config.yaml"), resolve_target(str(out))
+    assert (target.cfg.data, target.cfg.simpo, target.cfg.train.seed) == (run.data, run.simpo, run.train.seed)
+    assert target.cfg.model.name_or_path == str(out) and target.cfg.model.quantize is False
+
+
 def test_dequantized_export_is_the_model_the_run_trained(run_dir, fp32_export, tmp_path):
     """export.merge_into=dequantized (the default) merges into the NF4 weights the run trained on: the
     export's logits match the trained 4-bit model far better than a merge into the original weights."""
@@ -438,7 +450,9 @@ def test_push_uploads_the_export_with_the_token_and_writes_the_token_nowhere(run
     repo = hub_standin.repos["tester/tiny-simpo"]
     assert repo["private"] is True
     local = {p.name: p.read_bytes() for p in out.iterdir()}
-    assert repo["files"] == local  # every file of the export, byte for byte
+    # every file of the export, byte for byte, but the run's config: it holds the uploader's local paths
+    assert repo["files"] == {name: data for name, data in local.items() if name != "simpo-lite-run.yaml"}
+    assert "simpo-lite-run.yaml" in local
     assert {"model.safetensors", "config.json", "README.md", "tokenizer.json", "generation_config.json"} <= set(local)
     assert "tester/tiny-simpo" in (out / "README.md").read_text()
     assert hub_standin.cards and "simpo" in hub_standin.cards[0]["tags"]
