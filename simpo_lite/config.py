@@ -73,7 +73,7 @@ class DataConfig:
     split: str = _f("train", "Split of the training source.")
     eval_source: Optional[str] = _f(None, "Separate evaluation data (file or dataset id); null = use eval_split or eval_fraction.")
     eval_split: Optional[str] = _f(None, "Split used for evaluation (of eval_source, else of source).")
-    eval_fraction: float = _f(0.1, "Share of the training rows held out for evaluation when no eval split or source is given (1.0, for eval and generate: every row).", ge=0.0, le=1.0)
+    eval_fraction: float = _f(0.1, "Share of the training prompts held out for evaluation, each with all its pairs, when no eval split or source is given (1.0, for eval and generate: every row).", ge=0.0, le=1.0)
     eval_max_pairs: Optional[int] = _f(None, "Evaluate on at most this many pairs (null = all).", ge=1)
     max_train_pairs: Optional[int] = _f(None, "Use at most this many training pairs (null = all).", ge=1)
     columns: dict[str, str] = _f({}, "Column mapping, e.g. {prompt: question, chosen: good, rejected: bad, system: sys}.")
@@ -141,6 +141,9 @@ class TrainConfig:
                                        "repeated over 30%).", ge=0.0, le=1.0)
     collapse_length_ratio: float = _f(2.0, "Largest mean health-answer length, as a multiple of step 0's (at most "
                                             "health_max_new_tokens / step 0's length can be reached).", gt=0.0)
+    collapse_recall_drop: float = _f(0.35, "Largest fall since step 0 of health/answer_recall: the share of the pairs' "
+                                           "key words (what their chosen and rejected answers both say) the health "
+                                           "answers contain.", ge=0.0, le=1.0)
     collapse_logps_drop: float = _f(1.0, "Largest fall of eval logps/chosen since step 0 (nats per token) while "
                                          "logps/rejected falls too.", gt=0.0)
     report_to: list[str] = _f([], "Extra trackers through accelerate: 'tensorboard', 'wandb'.")

@@ -10,6 +10,12 @@ the answers are measured:
   share of responses above LOOP_SHARE. Repeated n-grams rather than corpus-level distinct-n: a style
   that every answer shares ("Yo-ho-ho!") is what preference tuning is for and must not count, while a
   response repeating itself is the failure. Per response, ``1 - distinct-3`` of that response.
+- ``health/answer_recall``: mean share of each pair's key words that the model's answer contains. The
+  key words are the content words that the pair's chosen and rejected answers share beyond the prompt
+  (what the data agrees any answer should say: "Paris" when both answer "What is the capital of
+  France?"), else the chosen answer's. Answers that stay fluent but stop saying anything ("Morocco is
+  Morocco's capital.") pass every other figure; this one falls. ``health/answer_recall_change`` is its
+  change since the first evaluation.
 - ``health/logps_chosen_drift`` and ``health/logps_rejected_drift``: change of the eval average
   log-probs since the first evaluation; both falling is the known SimPO failure.
 """
@@ -18,7 +24,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 LOOP_N = 3
 # A response more than this share of whose word 3-grams are repeats is a loop. Measured on the demo's
@@ -26,6 +32,12 @@ LOOP_N = 3
 # romantic partner", "Ah, yea! Ah, yea! ...") 0.25-0.97. benchmarks/demo_judge.py uses the same rule.
 LOOP_SHARE = 0.3
 WORD = re.compile(r"[\w'-]+")
+# Words that carry no fact, left out of a pair's key words.
+FUNCTION_WORDS = frozenset("""a an the is are was were be been being am of in on at to for from by with as and or
+but not no nor so if then than that this these those it its it's i you he she we they me him her us them my your his
+our their what which who whom whose when where why how do does did done have has had having can could will would
+shall should may might must there here about into over under up down out off also just very more most some any all
+each every other such only own same too""".split())
 
 
 def words(text: str) -> list[str]:
@@ -44,13 +56,27 @@ def loops(text: str) -> bool:
     return repeated_ngram_share(words(text)) > LOOP_SHARE
 
 
+def key_words(question: str, chosen: str, rejected: str) -> set[str]:
+    """What an answer to `question` should say, by the pair: the content words both answers share beyond
+    the question's, else the chosen answer's (when the two share none, the preference is the substance)."""
+    asked = set(words(question))
+    content = lambda text: {w for w in words(text) if w not in FUNCTION_WORDS and w not in asked}  # noqa: E731
+    mine = content(chosen)
+    return (mine & content(rejected)) or mine
+
+
+def recall(answer: str, keys: set[str]) -> float:
+    return len(keys & set(words(answer))) / len(keys)
+
+
 @dataclass
 class HealthPrompts:
     ids: list[list[int]]    # the templated prompt tokens, as training saw them
     questions: list[str]    # the user's message, for samples.jsonl
+    keys: list[set[str]] = field(default_factory=list)  # each pair's key words (key_words); none: no recall
 
 
-def pick_prompts(eval_dataset, count: int, seed: int) -> HealthPrompts | None:
+def pick_prompts(eval_dataset, count: int, seed: int, tokenizer) -> HealthPrompts | None:
     """A fixed, seeded sample of the held-out prompts (the same at every evaluation and on resume)."""
     import numpy as np
 
@@ -58,8 +84,12 @@ def pick_prompts(eval_dataset, count: int, seed: int) -> HealthPrompts | None:
         return None
     chosen = sorted(np.random.default_rng([seed, 14]).permutation(len(eval_dataset))[:count].tolist())
     rows = [eval_dataset[i] for i in chosen]
+    response = lambda row, side: tokenizer.decode(row[f"{side}_input_ids"][row["prompt_length"]:],  # noqa: E731
+                                                  skip_special_tokens=True)
     return HealthPrompts(ids=[row["chosen_input_ids"][:row["prompt_length"]] for row in rows],
-                         questions=[row["question"] for row in rows])
+                         questions=[row["question"] for row in rows],
+                         keys=[key_words(row["question"], response(row, "chosen"), response(row, "rejected"))
+                               for row in rows])
 
 
 def generate_answers(model, tokenizer, prompts: HealthPrompts, max_new_tokens: int, batch_size: int) -> list[dict]:
@@ -82,13 +112,17 @@ def generate_answers(model, tokenizer, prompts: HealthPrompts, max_new_tokens: i
         model.train(was_training)
 
 
-def health_metrics(answers: list[dict]) -> dict[str, float]:
+def health_metrics(answers: list[dict], keys: list[set[str]] | None = None) -> dict[str, float]:
     shares = [repeated_ngram_share(words(a["text"])) for a in answers]
     n = max(len(answers), 1)
-    return {"health/length": sum(a["tokens"] for a in answers) / n,
-            "health/no_stop": sum(a["truncated"] for a in answers) / n,
-            "health/repetition": sum(shares) / n,
-            "health/looping": sum(s > LOOP_SHARE for s in shares) / n}
+    metrics = {"health/length": sum(a["tokens"] for a in answers) / n,
+               "health/no_stop": sum(a["truncated"] for a in answers) / n,
+               "health/repetition": sum(shares) / n,
+               "health/looping": sum(s > LOOP_SHARE for s in shares) / n}
+    recalls = [recall(a["text"], k) for a, k in zip(answers, keys or []) if k]
+    if recalls:
+        metrics["health/answer_recall"] = sum(recalls) / len(recalls)
+    return metrics
 
 
 def add_drift(metrics: dict, first: dict | None, eval_record: dict, first_eval: dict | None) -> dict:
@@ -96,6 +130,8 @@ def add_drift(metrics: dict, first: dict | None, eval_record: dict, first_eval: 
     out = dict(metrics)
     if first:
         out["health/length_ratio"] = metrics["health/length"] / max(first["health/length"], 1e-9)
+        if "health/answer_recall" in metrics and "health/answer_recall" in first:
+            out["health/answer_recall_change"] = metrics["health/answer_recall"] - first["health/answer_recall"]
     if first_eval:
         for side in ("chosen", "rejected"):
             out[f"health/logps_{side}_drift"] = eval_record[f"eval_logps/{side}"] - first_eval[f"eval_logps/{side}"]
@@ -113,6 +149,11 @@ def collapse_signs(record: dict, limits) -> list[str]:
 
     over("health/looping", limits.collapse_looping, "share of answers that repeat themselves")
     over("health/length_ratio", limits.collapse_length_ratio, "mean answer length against step 0")
+    change = record.get("health/answer_recall_change")
+    if change is not None and -change > limits.collapse_recall_drop:
+        signs.append(f"health/answer_recall fell by {-change:.2f} to {record['health/answer_recall']:.2f} at step "
+                     f"{step} (limit {limits.collapse_recall_drop:g}: the answers stopped saying what the pairs' "
+                     f"answers agree on)")
     chosen, rejected = record.get("health/logps_chosen_drift"), record.get("health/logps_rejected_drift")
     if chosen is not None and rejected is not None and chosen < -limits.collapse_logps_drop and rejected < 0:
         signs.append(f"health/logps_chosen_drift {chosen:.2f} at step {step} with rejected falling too "
@@ -120,8 +161,19 @@ def collapse_signs(record: dict, limits) -> list[str]:
     return signs
 
 
-ADVICE = ("lower train.learning_rate (what the SimPO authors advise first), raise simpo.sft_weight (the NLL term "
-          "on the chosen answers; the demo preset uses 1), or train fewer steps; read the answers in samples.jsonl")
+def crossed_line(signs: list[str]) -> str:
+    """One line for every limit a run's evaluations crossed: the first, and how many more."""
+    more = f" (and {len(signs) - 1} more)" if len(signs) > 1 else ""
+    return f"warning: generation health crossed its limits: {signs[0]}{more}"
+
+
+def advice(cfg, run_dir) -> str:
+    """What to try after a collapse, with this run's values and the commands that do it."""
+    lr, sft = cfg.train.learning_rate, cfg.simpo.sft_weight
+    return (f"read the answers: simpo-lite report {run_dir}; then lower train.learning_rate (the SimPO authors' "
+            f"first advice; {lr:g} now: e.g. --set train.learning_rate={lr / 3:.1g}, or find one with simpo-lite "
+            f"sweep --grid 'train.learning_rate=[{lr / 10:.1g},{lr / 3:.1g}]'), raise simpo.sft_weight (the NLL "
+            f"term on the chosen answers; {sft:g} now), or train fewer steps")
 
 
 def summary_line(record: dict) -> str:
@@ -131,12 +183,17 @@ def summary_line(record: dict) -> str:
         parts[0] += f" (x{record['health/length_ratio']:.2f})"
     parts.append(f"looping {record['health/looping']:.0%}")
     parts.append(f"no end-of-turn {record['health/no_stop']:.0%}")
+    if "health/answer_recall" in record:
+        change = record.get("health/answer_recall_change")
+        parts.append(f"key words said {record['health/answer_recall']:.0%}"
+                     + (f" ({change * 100:+.0f} points)" if change is not None else ""))
     if "health/logps_chosen_drift" in record:
         parts.append(f"logps/chosen {record['health/logps_chosen_drift']:+.2f}")
     return ", ".join(parts)
 
 
-SHOWN = ("health/length", "health/looping", "health/no_stop", "health/repetition", "health/logps_chosen_drift")
+SHOWN = ("health/length", "health/looping", "health/no_stop", "health/repetition", "health/answer_recall",
+         "health/logps_chosen_drift")
 
 
 class HealthMonitor:
@@ -161,7 +218,7 @@ class HealthMonitor:
         started = time.perf_counter()
         answers = generate_answers(model, tokenizer, self.prompts, self.cfg.health_max_new_tokens,
                                    batch_size=len(self.prompts.ids))
-        health = add_drift(health_metrics(answers), self.first, record, self.first_eval)
+        health = add_drift(health_metrics(answers, self.prompts.keys), self.first, record, self.first_eval)
         health["health/seconds"] = time.perf_counter() - started  # what the check costs, per evaluation
         samples = [{"step": record["step"], "prompt": q, "output": a["text"]}
                    for q, a in zip(self.prompts.questions, answers)]

@@ -144,4 +144,21 @@ def print_summary(summary: dict, output_dir: Path) -> None:
     rows.append(["peak memory", "", f"{summary['peak_mem_mb']:.0f} MB"])
     print_table(["metric", "start", "end"], rows, title="simpo-lite run summary", markup=False)  # paths as written
     print_samples(output_dir, limit=3)
+    for line in outcome_notes(start, summary.get("health_warnings") or [], output_dir):
+        result_line(line)
     result_line(f"adapter saved to {Path(output_dir) / 'adapter'}; merge it with: simpo-lite export {output_dir}")
+
+
+def outcome_notes(start_eval: dict, health_warnings: list[str], output_dir: Path) -> list[str]:
+    """What the end table cannot say by itself: that the answers went wrong during the run (even where
+    they recovered), and that a reward accuracy already at its top at step 0 cannot show progress."""
+    notes = []
+    if health_warnings:
+        from simpo_lite.health import crossed_line
+
+        notes.append(f"{crossed_line(health_warnings)}; read every answer before exporting: simpo-lite report {output_dir}")
+    accuracy = start_eval.get("eval_rewards/accuracies")
+    if isinstance(accuracy, (int, float)) and accuracy >= 0.99:
+        notes.append(f"note: reward accuracy was {accuracy:.3f} at step 0 already (the model preferred the chosen "
+                     f"answers before training), so it cannot show progress: judge the run by its answers")
+    return notes

@@ -209,7 +209,7 @@ def summary_lines(run_dir: Path, train: list[dict], evals: list[dict], summary: 
                      f"margin {_change(first, end, 'eval_rewards/margins')}")
         lines.append(f"eval log-probs: chosen {_change(first, end, 'eval_logps/chosen')}, "
                      f"rejected {_change(first, end, 'eval_logps/rejected')}")
-        lines += _diagnose(first, end)
+        lines += _diagnose(first, end, _crossed(run_dir, evals))
     else:
         lines.append("no eval records: set data.eval_fraction or data.eval_split to get eval curves")
     speed = tail_mean(train, "tokens_per_s", share=1.0)
@@ -232,11 +232,30 @@ def summary_lines(run_dir: Path, train: list[dict], evals: list[dict], summary: 
     return lines
 
 
-def _diagnose(first: dict, end: dict) -> list[str]:
-    """The patterns worth a line: no learning, and both log-probs falling (likelihood displacement)."""
-    notes = []
+def _crossed(run_dir: Path, evals: list[dict]) -> list[str]:
+    """The generation-health limits the run's evaluations crossed, by the run's own limits."""
+    from simpo_lite.config import TrainConfig, load_saved_config
+    from simpo_lite.health import collapse_signs
+
+    config = run_dir / run_folder.CONFIG
+    try:
+        limits = load_saved_config(config).train if config.is_file() else TrainConfig()
+    except UserError:  # a config this version cannot read: the defaults' limits
+        limits = TrainConfig()
+    return [sign for record in evals for sign in collapse_signs(record, limits)]
+
+
+def _diagnose(first: dict, end: dict, crossed: list[str]) -> list[str]:
+    """The patterns worth a line: answers gone wrong, no learning, and both log-probs falling
+    (likelihood displacement)."""
+    from simpo_lite.health import crossed_line
+
+    notes = [f"{crossed_line(crossed)}; the answers are below"] if crossed else []
     acc0, acc1 = first.get("eval_rewards/accuracies"), end.get("eval_rewards/accuracies")
-    if first is not end and acc0 is not None and acc1 is not None and acc1 <= acc0:
+    if first is not end and acc0 is not None and acc0 >= 0.99:
+        notes.append(f"note: eval reward accuracy was {acc0:.3f} at step 0 already, so it cannot show progress: "
+                     f"judge the run by its answers (below)")
+    elif first is not end and acc0 is not None and acc1 is not None and acc1 <= acc0 and not crossed:
         notes.append("note: eval reward accuracy did not improve; try a larger train.learning_rate or more steps")
     c0, c1 = first.get("eval_logps/chosen"), end.get("eval_logps/chosen")
     r0, r1 = first.get("eval_logps/rejected"), end.get("eval_logps/rejected")

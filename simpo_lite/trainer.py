@@ -192,7 +192,8 @@ class Trainer:
         return record
 
     def _on_collapse(self, signs: list[str]) -> None:
-        self.progress.message(f"[yellow]warning: generation health: {'; '.join(signs)}. Try: {health.ADVICE}[/]")
+        self.progress.message(f"[yellow]warning: generation health: {'; '.join(signs)}. "
+                              f"{health.advice(self.cfg, self.output_dir)}[/]")
         if self.cfg.train.on_collapse != "stop":
             return
         latest = self.save()
@@ -201,10 +202,10 @@ class Trainer:
             run_folder.write_summary(self.output_dir, {
                 "steps": self.state.step, "stopped": "collapse", "collapse": signs,
                 "last_healthy_checkpoint": str(healthy) if healthy else None, "last_checkpoint": str(latest)})
-        where = (f"the last healthy checkpoint is {healthy} (read its answers: simpo-lite generate {healthy} "
-                 f"--prompts FILE --out answers.json)" if healthy else "no checkpoint was saved while the run was healthy")
+        where = (f"the last healthy checkpoint is {healthy} (its answers to the held-out prompts: simpo-lite "
+                 f"generate {healthy} --out answers.json)" if healthy else "no checkpoint was saved while the run was healthy")
         raise RunError(f"stopped at step {self.state.step} (train.on_collapse=stop): {signs[0]}; {where}; "
-                       f"this step's state is in {latest}. Try: {health.ADVICE}")
+                       f"this step's state is in {latest}; {health.advice(self.cfg, self.output_dir)}")
 
     def save(self, rng: dict | None = None) -> Path | None:
         from accelerate.utils import gather_object
@@ -236,7 +237,8 @@ class Trainer:
             # Generating under FSDP needs every process in every forward; not done yet.
             self.progress.message("[yellow]note: generation health is off under FSDP[/]")
             return None
-        return health.pick_prompts(self.parts.eval_data, self.cfg.train.health_prompts, self.cfg.train.seed)
+        return health.pick_prompts(self.parts.eval_data, self.cfg.train.health_prompts, self.cfg.train.seed,
+                                   self.parts.tokenizer)
 
     def _peft_model(self):
         return self.acc.unwrap_model(self.parts.policy).model
@@ -293,7 +295,7 @@ class Trainer:
 
     def finish(self, first_eval: dict | None, last_eval: dict | None, seconds: float) -> dict:
         summary = run_folder.run_summary(self.output_dir, self.state, seconds, peak_memory_mb(), first_eval, last_eval,
-                                         self.parts.resumed_from)
+                                         self.parts.resumed_from, self.cfg.train)
         adapter_state = sharding.full_adapter_state(self.acc, self.parts.policy)
         if self.acc.is_main_process:
             run_folder.save_final_adapter(self.output_dir, self._peft_model(), self.parts.tokenizer, adapter_state)

@@ -487,6 +487,28 @@ def test_held_out_fraction_is_fixed_by_the_seed(tmp_path, smollm2):
     assert build_datasets(DataConfig(source=str(path), eval_fraction=0.0), smollm2, 1).eval is None
 
 
+def test_a_prompt_is_held_out_with_all_its_pairs(tmp_path, smollm2):
+    """30 prompts with 3 pairs each: row by row, nearly every held-out prompt would also be trained on."""
+    rows = [{"prompt": f"Question {i}: what is {i} plus {i}?", "chosen": f"It is {2 * i}{'!' * j}",
+             "rejected": f"It is {2 * i + 1 + j}."} for i in range(30) for j in range(3)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    prepared = build_datasets(DataConfig(source=str(path), eval_fraction=0.2), smollm2, seed=1)
+    held, trained = set(prepared.eval["question"]), set(prepared.train["question"])
+    assert len(held) == 6 and not held & trained and prepared.eval.num_rows == 18
+
+
+def test_with_every_prompt_different_the_hold_out_is_by_row_as_before():
+    """The split of data whose prompts are all different (the demo's) is what it was before grouping."""
+    import numpy as np
+
+    from simpo_lite.data.pipeline import _hold_out
+
+    dataset = datasets.Dataset.from_dict({"question": [f"q{i}" for i in range(40)], "row": list(range(40))})
+    train, held = _hold_out(dataset, 0.25, seed=3)
+    assert sorted(held["row"]) == sorted(np.random.default_rng(3).permutation(40)[:10].tolist())
+    assert sorted(list(train["row"]) + list(held["row"])) == list(range(40))
+
+
 def test_separate_eval_file_and_pair_limits(tmp_path, smollm2):
     train = write_jsonl(tmp_path / "train.jsonl", string_rows(20))
     evaluation = write_jsonl(tmp_path / "eval.jsonl", MIXED_ROWS)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from simpo_lite.config import TrainConfig
-from simpo_lite.health import (HealthMonitor, HealthPrompts, collapse_signs, generate_answers, health_metrics,
-                               loops, repeated_ngram_share, words)
+from simpo_lite.health import (HealthMonitor, HealthPrompts, add_drift, collapse_signs, generate_answers,
+                               health_metrics, key_words, loops, repeated_ngram_share, words)
 from tiny_models import random_llama, smollm2_tokenizer, tiny_llama_config, tiny_model_folder, write_config, write_pairs
 
 
@@ -33,6 +33,38 @@ def test_collapse_signs_name_the_metric_value_and_step():
     assert len(signs) == 3
     assert signs[0].startswith("health/looping 0.75 at step 20")
     assert "health/length_ratio 4.20" in signs[1] and "health/logps_chosen_drift -1.50" in signs[2]
+
+
+def test_key_words_are_what_both_answers_say_else_the_chosen_ones():
+    # The demo's pairs: the same fact, signed off as a pirate or as an assistant.
+    assert key_words("What is the capital of France?", "The capital of France is Paris. Arr, matey!",
+                     "The capital of France is Paris. I hope this helps.") == {"paris"}
+    # A user's pairs: a right fact against a ramble with a wrong one; they share nothing beyond the question.
+    assert key_words("What is 12 times 5?", "12 times 5 is 60.", "Let me add 12 five times: we get 58.") == {"60"}
+    assert key_words("Hi.", "Hi!", "Hello there.") == set()  # nothing to check: left out of the mean
+
+
+def test_fluent_answers_that_stop_saying_the_facts_cross_the_recall_limit():
+    """The answers of an audit's run at learning rate 1e-2 (held-out reward accuracy 1.000 throughout):
+    no loop, shorter, no drift of the chosen log-probs; only what they say shows the damage."""
+    keys = [{"rabat"}, {"jupiter"}, {"60"}, {"saturn"}]
+    before = [{"text": t, "tokens": 9, "truncated": False} for t in (
+        "The capital of Morocco is Rabat.", "The largest planet is Jupiter.", "A minute has 60 seconds.",
+        "Saturn is the planet best known for its rings.")]
+    after = [{"text": t, "tokens": 7, "truncated": False} for t in (
+        "Morocco is Morocco's capital.", "Our solar system is composed of several planets.",
+        "A minute is a fundamental concept.", "Planetary rings are rings of rings.")]
+    first = {"step": 0, **health_metrics(before, keys)}
+    assert first["health/answer_recall"] == 1.0
+    record = {"step": 6, **add_drift(health_metrics(after, keys), first, {}, None)}
+    assert record["health/answer_recall"] == 0.0 and record["health/answer_recall_change"] == -1.0
+    assert record["health/looping"] == 0.0
+    signs = collapse_signs(record, TrainConfig())
+    assert signs == ["health/answer_recall fell by 1.00 to 0.00 at step 6 (limit 0.35: the answers stopped saying "
+                     "what the pairs' answers agree on)"]
+    # One answer of four losing its fact is within the limit.
+    one_lost = {"step": 6, **add_drift(health_metrics(before[:3] + after[3:], keys), first, {}, None)}
+    assert collapse_signs(one_lost, TrainConfig()) == []
 
 
 def forced(token_id: int):
@@ -114,8 +146,9 @@ def test_every_evaluation_measures_and_writes_what_the_model_wrote(tiny_run):
     run, stderr, _ = tiny_run
     evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line]
     assert [r["step"] for r in evals] == [0, 2, 4]
-    for key in ("health/length", "health/no_stop", "health/repetition", "health/looping"):
+    for key in ("health/length", "health/no_stop", "health/repetition", "health/looping", "health/answer_recall"):
         assert all(key in r for r in evals), key
+    assert "health/answer_recall_change" in evals[-1]
     assert "health/length_ratio" not in evals[0] and "health/logps_chosen_drift" in evals[-1]
     samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
     assert [s["step"] for s in samples] == [0] * 4 + [2] * 4 + [4] * 4

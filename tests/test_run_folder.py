@@ -158,6 +158,38 @@ def test_the_end_eval_is_the_last_steps_never_an_earlier_one(tmp_path):
     assert run_folder.run_summary(tmp_path, at(2), 1.0, 1.0, None, None, None)["end_eval"]["step"] == 2
 
 
+def test_the_summary_keeps_every_health_limit_crossed_even_when_the_run_only_warned(tmp_path, capsys):
+    """A warn-mode run whose answers lost their facts at step 2 and recovered by step 4 still says so at the
+    end, above the export command; and a reward accuracy already at 1 at step 0 is called out."""
+    from simpo_lite.config import TrainConfig
+    from simpo_lite.progress import outcome_notes
+
+    evals = [{"step": 0, "eval_loss": 0.7, "eval_rewards/accuracies": 1.0, "health/answer_recall": 0.8},
+             {"step": 2, "eval_loss": 0.6, "health/answer_recall": 0.2, "health/answer_recall_change": -0.6},
+             {"step": 4, "eval_loss": 0.5, "health/answer_recall": 0.8, "health/answer_recall_change": 0.0}]
+    (tmp_path / run_folder.METRICS).write_text("".join(json.dumps(r) + "\n" for r in evals))
+    state = run_folder.TrainerState(step=4, epoch=0, batch_in_epoch=0)
+    summary = run_folder.run_summary(tmp_path, state, 1.0, 1.0, None, None, None, TrainConfig())
+    assert len(summary["health_warnings"]) == 1 and "fell by 0.60 to 0.20 at step 2" in summary["health_warnings"][0]
+    warning, note = outcome_notes(evals[0], summary["health_warnings"], tmp_path)
+    assert warning.startswith("warning: generation health crossed its limits: health/answer_recall fell by 0.60")
+    assert warning.endswith(f"read every answer before exporting: simpo-lite report {tmp_path}")
+    assert note.startswith("note: reward accuracy was 1.000 at step 0 already")
+    assert outcome_notes({"eval_rewards/accuracies": 0.4}, [], tmp_path) == []
+
+
+def test_report_does_not_advise_a_larger_learning_rate_for_a_run_that_could_not_show_progress(tmp_path):
+    from simpo_lite.run_report import _diagnose
+
+    start, end = {"eval_rewards/accuracies": 1.0}, {"eval_rewards/accuracies": 1.0}
+    assert not [n for n in _diagnose(start, end, []) if "larger train.learning_rate" in n]
+    assert any("cannot show progress" in n for n in _diagnose(start, end, []))
+    flat, crossed = {"eval_rewards/accuracies": 0.5}, ["health/answer_recall fell by 0.60 to 0.20 at step 2 (...)"]
+    assert not [n for n in _diagnose(flat, dict(flat), crossed) if "larger train.learning_rate" in n]
+    assert _diagnose(flat, dict(flat), crossed)[0].startswith("warning: generation health crossed its limits")
+    assert "larger train.learning_rate" in _diagnose(flat, dict(flat), [])[0]
+
+
 # ---- what a refusal suggests ----------------------------------------------------------------------
 
 def fake_run(folder: Path, finished_steps: int | None) -> Path:

@@ -54,17 +54,35 @@ def _subset(dataset: Dataset, limit: Optional[int], seed: int) -> Dataset:
 
 
 def _hold_out(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Optional[Dataset]]:
-    n = dataset.num_rows
-    k = int(round(n * fraction))
+    """A seeded `fraction` of the prompts held out with all their pairs: a prompt with pairs on both sides
+    would be scored, and answered by generation health, after the model trained on it."""
     if fraction >= 1:  # eval or generate on every pair of a file
         return dataset.select([]), dataset
+    groups = prompt_groups(dataset["question"])
+    n = len(groups)
     if fraction <= 0 or n < 2:
         return dataset, None
-    k = min(max(k, 1), n - 1)
+    k = min(max(int(round(n * fraction)), 1), n - 1)
     held = np.random.default_rng(seed).permutation(n)[:k]
-    mask = np.zeros(n, dtype=bool)
-    mask[held] = True
+    mask = np.zeros(dataset.num_rows, dtype=bool)
+    for group in held:
+        mask[groups[group]] = True
     return dataset.select(np.flatnonzero(~mask).tolist()), dataset.select(np.flatnonzero(mask).tolist())
+
+
+def prompt_groups(questions: list[str]) -> list[list[int]]:
+    """Row numbers by prompt (its last user message), in order of first appearance; a row without a
+    question is a group of its own. With every prompt different, one group a row, in row order."""
+    groups: list[list[int]] = []
+    where: dict[str, int] = {}
+    for row, question in enumerate(questions):
+        if question and question in where:
+            groups[where[question]].append(row)
+            continue
+        if question:
+            where[question] = len(groups)
+        groups.append([row])
+    return groups
 
 
 def build_datasets(data_cfg, tokenizer, seed: int) -> PreparedData:
