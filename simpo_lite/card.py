@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from simpo_lite.config import Config
+from simpo_lite.hub import BUNDLED_HUB_IDS
 from simpo_lite.loss import METRIC_NAMES
 
 EVAL_SHOWN = tuple(f"eval_{name}" for name in METRIC_NAMES)
@@ -11,7 +12,7 @@ EVAL_SHOWN = tuple(f"eval_{name}" for name in METRIC_NAMES)
 def render_card(cfg: Config, summary: dict | None, result, base_id: str | None, datasets: list[str]) -> str:
     return "\n".join([_front_matter(result, base_id, datasets), _intro(cfg, result, base_id),
                       _training(cfg, summary), _evaluation(summary), _export_check(result), _gguf_check(result),
-                      _usage(result, base_id)])
+                      _usage(cfg, result)])
 
 
 def _front_matter(result, base_id: str | None, datasets: list[str]) -> str:
@@ -111,18 +112,25 @@ def _gguf_check(result) -> str:
             + _table(("reader", "same top token", "max abs logit diff"), rows) + "\n")
 
 
-def _usage(result, base_id: str | None) -> str:
+def _usage(cfg: Config, result) -> str:
     name = result.hub_repo or str(result.out)
     gguf = getattr(result, "gguf", None)
     if gguf:
         code = (f"llama-cli -m {gguf['file']} -cnv    # llama.cpp\n"
                 f"ollama create my-model -f Modelfile && ollama run my-model")
         return f"## Use\n\n```bash\n{code}\n```\n"
+    note = ""
     if result.adapter_only:
         code = (f"from peft import AutoPeftModelForCausalLM\n\n"
                 f"model = AutoPeftModelForCausalLM.from_pretrained(\"{name}\")")
+        if cfg.model.quantize:
+            bundled = " (here of the bundled GGUF copy of the base)" if cfg.model.name_or_path in BUNDLED_HUB_IDS else ""
+            note = (f"\nThe adapter was trained on the 4-bit NF4 quantization of the base{bundled}, so on the "
+                    f"full-precision base it gives a slightly different model from the one trained (README of "
+                    f"simpo-lite, \"Which base to merge into\"); `simpo-lite export` without `--adapter-only` "
+                    f"merges it into the weights it trained on.\n")
     else:
         code = (f"from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
                 f"model = AutoModelForCausalLM.from_pretrained(\"{name}\")\n"
                 f"tokenizer = AutoTokenizer.from_pretrained(\"{name}\")")
-    return f"## Use\n\n```python\n{code}\n```\n"
+    return f"## Use\n\n```python\n{code}\n```\n{note}"

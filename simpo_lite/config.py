@@ -339,11 +339,10 @@ def build_config(layers: list[tuple[str, Any]]) -> Config:
         _merge(merged, valid)
         if isinstance(merged.get("train", {}).get("micro_batch_size"), int):
             micro = merged["train"]["micro_batch_size"]
-    if problems:
-        raise ConfigError(problems)
+    # The checks across keys run on the valid values too, so every problem is reported in one go.
     _keep_effective_batch(merged.setdefault("train", {}), micro)
     cfg = Config(**{name: cls(**merged.get(name, {})) for name, cls in SECTIONS.items()})
-    problems = _cross_checks(cfg)
+    problems += _cross_checks(cfg)
     if problems:
         raise ConfigError(problems)
     return cfg

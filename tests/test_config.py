@@ -146,3 +146,9 @@ def test_the_saved_config_says_how_to_repeat_the_run_without_touching_it(tmp_pat
     cfgmod.save_config(cfg, tmp_path / "elsewhere.yaml")
     first = (tmp_path / "elsewhere.yaml").read_text().splitlines()[0]
     assert first.endswith(f"--config {tmp_path / 'run' / 'elsewhere.yaml'} --output-dir {tmp_path / 'run'}-again")
+
+
+def test_checks_across_keys_are_reported_with_the_others():
+    with pytest.raises(ConfigError) as err:
+        cfgmod.resolve(sets=["train.report_to=[tensorbord]", "train.learning_rate=fast"])
+    assert len(err.value.problems) == 2 and "did you mean 'tensorboard'" in err.value.problems[1]

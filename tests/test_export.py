@@ -224,6 +224,8 @@ def test_comparison_measures():
 
 def test_adapter_only_export_loads_on_the_base_and_keeps_the_adapter(run_dir, tmp_path):
     from peft import PeftModel
+
+    from simpo_lite.config import load_saved_config
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
@@ -235,6 +237,8 @@ def test_adapter_only_export_loads_on_the_base_and_keeps_the_adapter(run_dir, tm
     trained = load_file(run_dir / "adapter" / "adapter_model.safetensors")
     assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in trained)
     assert card_metadata(out)["library_name"] == "peft"
+    quantized = load_saved_config(run_dir / "config.yaml").model.quantize
+    assert ("trained on the 4-bit NF4 quantization of the base" in (out / "README.md").read_text()) == quantized
 
     config = json.loads((out / "adapter_config.json").read_text())
     base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"], dtype=torch.float32)
