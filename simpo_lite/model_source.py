@@ -74,6 +74,9 @@ def resolve_model_source(name_or_path: str, need: str = "config", revision: str 
 
             fetch_model(name_or_path, need, revision)
         return name_or_path
+    if revision:
+        raise UserError(f"model.revision={revision} picks a commit of a Hub model; {name_or_path} is bundled with "
+                        f"simpo-lite and has one version: leave model.revision null")
     target = cache_dir() / "models" / name_or_path
     if not (target / "config.json").is_file():
         gguf = _bundled_gguf(name_or_path)

@@ -71,3 +71,11 @@ def test_lora_layers_beyond_the_model_are_one_clear_error(four_layer_llama):
     cfg = resolve("smollm2-demo", sets=[f"model.name_or_path={four_layer_llama}", "lora.layers=[1,4]"])
     with pytest.raises(UserError, match=r"lora.layers \[4\]: the model has layers 0 to 3"):
         load_model(cfg)
+
+
+def test_a_revision_of_the_bundled_model_is_refused_not_ignored():
+    from simpo_lite.errors import UserError
+    from simpo_lite.model_source import resolve_model_source
+
+    with pytest.raises(UserError, match="smollm2-135m-instruct is bundled with simpo-lite.*leave model.revision null"):
+        resolve_model_source("smollm2-135m-instruct", revision="v2")
