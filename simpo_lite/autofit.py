@@ -198,7 +198,7 @@ def fit(cfg: Config, device: str | None = None, processes: int = 1, fsdp: bool =
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    budget, note = device_budget(cfg, device, 1 if fsdp else processes)
+    budget, note = device_budget(cfg, device, processes)  # a CPU's RAM is shared, sharded or not
     choice = choose(cfg, device, budget, note, processes if fsdp else 1)
     return apply(cfg, choice), choice
 

@@ -160,7 +160,7 @@ def presets_list(as_json: bool = typer.Option(False, "--json", help="A JSON list
         cfg = cfgmod.resolve(name)
         numbers = (cfg.simpo.beta, cfg.simpo.gamma_beta_ratio, cfg.train.learning_rate)
         rows.append([name, cfg.model.name_or_path, cfg.data.source, *(n if as_json else f"{n:g}" for n in numbers)])
-    print_table(["preset", "model", "data", "beta", "gamma/beta", "lr"], rows, as_json=as_json)
+    print_table(["preset", "model", "data", "beta", "gamma/beta", "lr"], rows, as_json=as_json, names_first=True)
 
 
 @presets_app.command("show")

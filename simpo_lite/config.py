@@ -18,7 +18,8 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from simpo_lite.config_check import check_bounds, check_type, is_str_type, suggest, type_name
+from simpo_lite.config_check import (check_bounds, check_type, is_str_type, setting_named, suggest, suggest_key,
+                                     type_name)
 from simpo_lite.errors import ConfigError, UserError
 from simpo_lite.files import missing_path, read_text, write_text
 
@@ -187,40 +188,6 @@ def schema() -> dict[str, dict[str, dataclasses.Field]]:
     return {name: {f.name: f for f in dataclasses.fields(cls)} for name, cls in SECTIONS.items()}
 
 
-# What users of TRL, transformers' TrainingArguments and peft call our settings.
-OTHER_NAMES = {
-    "lr": "train.learning_rate", "per_device_train_batch_size": "train.micro_batch_size",
-    "per_device_eval_batch_size": "train.eval_batch_size", "num_train_epochs": "train.num_epochs",
-    "epochs": "train.num_epochs", "bf16": "train.mixed_precision", "fp16": "train.mixed_precision",
-    "lr_scheduler_type": "train.lr_scheduler", "optim": "train.optimizer", "rank": "lora.r", "lora_r": "lora.r",
-    "lora_rank": "lora.r", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
-    "gamma": "simpo.gamma_beta_ratio", "simpo_gamma": "simpo.gamma_beta_ratio", "cpo_alpha": "simpo.sft_weight",
-    "load_in_4bit": "model.quantize", "model_name_or_path": "model.name_or_path", "model_name": "model.name_or_path",
-    "model": "model.name_or_path", "dataset": "data.source", "dataset_name": "data.source",
-}
-
-
-def setting_named(key: str) -> str | None:
-    """The dotted setting a bare key names: a key of exactly one section, or another tool's name for it."""
-    owners = [section for section, fields in schema().items() if key in fields]
-    if len(owners) == 1:
-        return f"{owners[0]}.{key}"
-    return OTHER_NAMES.get(key)
-
-
-def _suggest_key(section: str, key: str) -> str:
-    fields = schema()
-    elsewhere = [s for s, fs in fields.items() if key in fs]
-    if elsewhere:
-        return f"; it belongs to section '{elsewhere[0]}' ('{elsewhere[0]}.{key}')"
-    if key in OTHER_NAMES:
-        return f"; simpo-lite calls it '{OTHER_NAMES[key]}'"
-    hint = suggest(key, fields[section])
-    if hint:
-        return hint.replace("'", f"'{section}.", 1)
-    return f"; valid keys: {', '.join(fields[section])}"
-
-
 def validate_layer(layer: Any, source: str) -> tuple[dict, list[str]]:
     """Check one override layer ({section: {key: value}}); return the valid part and the problems."""
     fields = schema()
@@ -233,8 +200,8 @@ def validate_layer(layer: Any, source: str) -> tuple[dict, list[str]]:
         return valid, [f"{source}: expected a mapping of sections ({', '.join(SECTIONS)}), got {type(layer).__name__}"]
     for section, values in layer.items():
         if section not in fields:
-            named = setting_named(str(section))
-            hint = (f"; '{section}' goes under its section: {named.replace('.', ': ', 1)}" if named else
+            named = setting_named(fields, str(section))
+            hint = (f"; '{section}' goes under its section: {named[0].replace('.', ': ', 1)}{named[1]}" if named else
                     suggest(str(section), fields) or f"; sections are {', '.join(fields)}")
             problems.append(f"{source}: unknown section '{section}'{hint}")
             continue
@@ -244,7 +211,7 @@ def validate_layer(layer: Any, source: str) -> tuple[dict, list[str]]:
         for key, value in values.items():
             dotted = f"{section}.{key}"
             if key not in fields[section]:
-                problems.append(f"{source}: unknown key '{dotted}'{_suggest_key(section, str(key))}")
+                problems.append(f"{source}: unknown key '{dotted}'{suggest_key(fields, section, str(key))}")
                 continue
             tp = hints[section][key]
             ok, value = check_type(value, tp)
@@ -268,8 +235,9 @@ def parse_set(assignments: list[str]) -> tuple[dict, list[str]]:
         key, sep, raw = item.partition("=")
         section, dot, name = key.strip().partition(".")
         if not sep or not dot or not name:
-            named = setting_named(section.strip()) if sep and not dot else None
-            hint = f"did you mean --set {named}={raw}?" if named else "e.g. --set simpo.beta=2.5"
+            named = setting_named(schema(), section.strip()) if sep and not dot else None
+            hint = (f"did you mean --set {named[0]}={raw if not named[1] else '...'}?{named[1]}" if named
+                    else "e.g. --set simpo.beta=2.5")
             problems.append(f"--set {item!r}: expected section.key=value; {hint}")
             continue
         # A string field keeps the text as typed, so `--set model.revision=1234` stays '1234'.
@@ -339,10 +307,11 @@ def build_config(layers: list[tuple[str, Any]]) -> Config:
         _merge(merged, valid)
         if isinstance(merged.get("train", {}).get("micro_batch_size"), int):
             micro = merged["train"]["micro_batch_size"]
-    # The checks across keys run on the valid values too, so every problem is reported in one go.
+    if problems:  # the checks across keys below would read defaults in place of the refused values
+        raise ConfigError(problems)
     _keep_effective_batch(merged.setdefault("train", {}), micro)
     cfg = Config(**{name: cls(**merged.get(name, {})) for name, cls in SECTIONS.items()})
-    problems += _cross_checks(cfg)
+    problems = _cross_checks(cfg)
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -415,13 +384,16 @@ def resolve(preset: str | None = None, config_file: str | Path | None = None, fl
     return cfg
 
 
-def save_config(cfg: Config, path: Path, note: str = "") -> None:
+def save_config(cfg: Config, path: Path, note: str = "", sections: tuple[str, ...] | None = None) -> None:
     """Write the resolved config atomically; it reproduces the run with ``--config``. `note`: a comment
-    line under the header (what `auto` settings became)."""
-    run = Path(cfg.train.output_dir)  # not `path`: a checkpoint's copy is written in a temporary folder
-    write_text(path, f"# Resolved simpo-lite config; repeat the run with: simpo-lite train --config {run / path.name} "
+    line under the header (what `auto` settings became); `sections`: only these (default: all)."""
+    # The run's own config.yaml, whatever `path` is: a checkpoint's copy is written in a temporary folder,
+    # an export's copy has another name.
+    run = Path(cfg.train.output_dir)
+    write_text(path, f"# Resolved simpo-lite config; repeat the run with: simpo-lite train --config {run / 'config.yaml'} "
                f"--output-dir {run}-again\n# (or continue it with --resume)\n" + (f"# {note}\n" if note else "")
-               + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+               + yaml.safe_dump({name: values for name, values in cfg.to_dict().items()
+                                 if sections is None or name in sections}, sort_keys=False))
 
 
 def load_saved_config(path: Path) -> Config:

@@ -81,9 +81,49 @@ def check_bounds(key: str, value: Any, meta: typing.Mapping) -> str | None:
 
 
 def is_str_type(tp: Any) -> bool:
-    """A string, or one of some strings: `--set` keeps the text as typed (`no` stays 'no', not false)."""
+    """A string field: `--set` keeps the text as typed (`model.revision=1234` stays '1234')."""
     if typing.get_origin(tp) is typing.Union:
         return all(is_str_type(a) for a in typing.get_args(tp) if a is not type(None))
-    if typing.get_origin(tp) is Literal:
-        return all(isinstance(a, str) for a in typing.get_args(tp))
     return tp is str
+
+
+# What users of TRL, transformers' TrainingArguments and peft call our settings, and how the values differ
+# where they do (a value copied across would be refused, or worse, taken).
+OTHER_NAMES = {
+    "lr": ("train.learning_rate", ""), "per_device_train_batch_size": ("train.micro_batch_size", ""),
+    "per_device_eval_batch_size": ("train.eval_batch_size", ""), "num_train_epochs": ("train.num_epochs", ""),
+    "epochs": ("train.num_epochs", ""), "rank": ("lora.r", ""), "lora_r": ("lora.r", ""), "lora_rank": ("lora.r", ""),
+    "lora_alpha": ("lora.alpha", ""), "lora_dropout": ("lora.dropout", ""), "cpo_alpha": ("simpo.sft_weight", ""),
+    "model_name_or_path": ("model.name_or_path", ""), "model_name": ("model.name_or_path", ""),
+    "model": ("model.name_or_path", ""), "dataset": ("data.source", ""), "dataset_name": ("data.source", ""),
+    "gamma": ("simpo.gamma_beta_ratio", " (the target margin divided by simpo.beta)"),
+    "simpo_gamma": ("simpo.gamma_beta_ratio", " (the target margin divided by simpo.beta)"),
+    "bf16": ("train.mixed_precision", " (auto, no, bf16 or fp16)"),
+    "fp16": ("train.mixed_precision", " (auto, no, bf16 or fp16)"),
+    "optim": ("train.optimizer", " (auto, adamw or paged_adamw_8bit)"),
+    "lr_scheduler_type": ("train.lr_scheduler", " (cosine, linear or constant)"),
+    "load_in_4bit": ("model.quantize", " (true or false)"),
+}
+
+
+def setting_named(fields: dict, key: str) -> tuple[str, str] | None:
+    """(the dotted setting a bare key names, how its values differ or ''): a key of exactly one section
+    of `fields` (the schema), or another tool's name for it."""
+    owners = [section for section, names in fields.items() if key in names]
+    if len(owners) == 1:
+        return f"{owners[0]}.{key}", ""
+    return OTHER_NAMES.get(key)
+
+
+def suggest_key(fields: dict, section: str, key: str) -> str:
+    """The hint after "unknown key 'section.key'": its right section, our name for it, or the closest key."""
+    elsewhere = [s for s, names in fields.items() if key in names]
+    if elsewhere:
+        return f"; it belongs to section '{elsewhere[0]}' ('{elsewhere[0]}.{key}')"
+    if key in OTHER_NAMES:
+        name, values = OTHER_NAMES[key]
+        return f"; simpo-lite calls it '{name}'{values}"
+    hint = suggest(key, fields[section])
+    if hint:
+        return hint.replace("'", f"'{section}.", 1)
+    return f"; valid keys: {', '.join(fields[section])}"

@@ -98,10 +98,11 @@ def _plain(cell: Any, markup: bool = True) -> str:
 
 
 def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None,
-                as_json: bool = False, markup: bool = True, show_lines: bool = False) -> None:
+                as_json: bool = False, markup: bool = True, show_lines: bool = False, names_first: bool = False) -> None:
     """A result table on stdout: rich on a terminal; tab-separated rows (header first) when piped;
     with `as_json` a JSON list of {column: cell}. Cells hold rich markup unless `markup` is False
-    (text from a model or a file, which may contain [brackets])."""
+    (text from a model or a file, which may contain [brackets]). `names_first`: the first column holds
+    short names a user types (presets): kept whole on a terminal, up to a third of its width."""
     if as_json:
         records = [{name: cell if isinstance(cell, (int, float)) else _plain(cell, markup)  # numbers stay numbers
                     for name, cell in zip(columns, row)} for row in rows]
@@ -119,10 +120,11 @@ def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], title: st
     from rich.text import Text
 
     table = Table(title=title, show_lines=show_lines)
+    console = Console(highlight=False)
     for i, column in enumerate(columns):  # a long path folds onto the next line instead of ending in "..."
-        # The first column names the row (a preset, a metric, a trial): whole, so it can be copied.
-        table.add_column(column, overflow="fold", no_wrap=i == 0, min_width=max(len(str(row[0])) for row in rows)
-                         if i == 0 and rows else None)
+        whole = names_first and i == 0 and rows
+        width = min(max(Text.from_markup(_plain(row[0], markup)).cell_len for row in rows), console.width // 3) if whole else None
+        table.add_column(column, overflow="fold", no_wrap=bool(whole), min_width=width)
     for row in rows:
         table.add_row(*[cell if isinstance(cell, Text) else str(cell) if markup else Text(str(cell)) for cell in row])
-    Console(highlight=False).print(table)
+    console.print(table)

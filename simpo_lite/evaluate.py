@@ -40,8 +40,8 @@ def evaluate_command(model_or_run: str, preset: str | None = None, config=None, 
     # A file given with --data is a training source to the config: say when only its held-out share counts.
     _print_metrics(result, whole_hint=data is not None and cfg.data.eval_fraction < 1
                    and not (cfg.data.eval_source or cfg.data.eval_split))
-    if target.kind in ("run", "checkpoint"):
-        run = Path(model_or_run) if target.kind == "run" else Path(model_or_run).parent
+    run = Path(model_or_run) if target.kind == "run" else Path(model_or_run).parent
+    if target.kind in ("run", "checkpoint") and (run / "samples.jsonl").is_file():
         info(f"these figures are not the outcome; what the model writes: simpo-lite report {run}")
     if out is not None:
         write_json(Path(out), result)

@@ -18,9 +18,11 @@ import contextlib
 import difflib
 import errno
 import glob
+import hashlib
 import json
 import os
 import shutil
+import socket
 import struct
 import tempfile
 import zipfile
@@ -162,7 +164,7 @@ def write_folder(target: Path, fill: Callable[[Path], None], what: str | None = 
     with guard(what or target.name, target, estimate=estimate, hint=hint):
         target.parent.mkdir(parents=True, exist_ok=True)
         remove_orphans(target)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-{_HOST}-", dir=target.parent))
     try:
         with guard(what or target.name, target, needed=lambda: folder_size(tmp), estimate=estimate, hint=hint):
             fill(tmp)
@@ -182,10 +184,15 @@ def write_folder(target: Path, fill: Callable[[Path], None], what: str | None = 
     return target
 
 
+# This machine, in the names of unfinished folders: a process id means nothing on another host that
+# shares the folder.
+_HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
 def remove_orphans(target: Path) -> None:
-    """Delete the unfinished folders for `target` that killed processes left (SIGKILL, out of memory, a
-    power cut: nothing ran to remove them); each name holds its writer's process id."""
-    for folder in target.parent.glob(f".{glob.escape(target.name)}.tmp-*-*"):
+    """Delete the unfinished folders for `target` that killed processes of this machine left (SIGKILL, out
+    of memory: nothing ran to remove them); each name holds its writer's process id and host."""
+    for folder in target.parent.glob(f".{glob.escape(target.name)}.tmp-*-{_HOST}-*"):
         pid = folder.name[len(target.name) + 6:].split("-", 1)[0]
         if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)

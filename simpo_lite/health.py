@@ -31,7 +31,7 @@ LOOP_N = 3
 # health answers (README): ordinary answers 0-0.12; loops ("a romantic partner or a romantic partner of a
 # romantic partner", "Ah, yea! Ah, yea! ...") 0.25-0.97. benchmarks/demo_judge.py uses the same rule.
 LOOP_SHARE = 0.3
-WORD = re.compile(r"[\w'-]+")
+WORD = re.compile(r"[\w'\u2019-]+")  # "it’s" with a typographic apostrophe is one word, as "it's" is
 # Words that carry no fact, left out of a pair's key words.
 FUNCTION_WORDS = frozenset("""a an the is are was were be been being am of in on at to for from by with as and or
 but not no nor so if then than that this these those it its it's i you he she we they me him her us them my your his
@@ -161,6 +161,11 @@ def collapse_signs(record: dict, limits) -> list[str]:
     return signs
 
 
+def crossed_limits(records: list[dict], limits) -> list[str]:
+    """Every limit the evaluations among `records` crossed, in order (collapse_signs of each)."""
+    return [sign for record in records if "eval_loss" in record for sign in collapse_signs(record, limits)]
+
+
 def crossed_line(signs: list[str]) -> str:
     """One line for every limit a run's evaluations crossed: the first, and how many more."""
     more = f" (and {len(signs) - 1} more)" if len(signs) > 1 else ""
@@ -169,11 +174,14 @@ def crossed_line(signs: list[str]) -> str:
 
 def advice(cfg, run_dir) -> str:
     """What to try after a collapse, with this run's values and the commands that do it."""
-    lr, sft = cfg.train.learning_rate, cfg.simpo.sft_weight
-    return (f"read the answers: simpo-lite report {run_dir}; then lower train.learning_rate (the SimPO authors' "
-            f"first advice; {lr:g} now: e.g. --set train.learning_rate={lr / 3:.1g}, or find one with simpo-lite "
-            f"sweep --grid 'train.learning_rate=[{lr / 10:.1g},{lr / 3:.1g}]'), raise simpo.sft_weight (the NLL "
-            f"term on the chosen answers; {sft:g} now), or train fewer steps")
+    lr, sft, run = cfg.train.learning_rate, cfg.simpo.sft_weight, str(run_dir).rstrip("/")
+    again = f"--config {run}/config.yaml"
+    return (f"read the answers: simpo-lite report {run}; then lower train.learning_rate (the SimPO authors' "
+            f"first advice; {lr:g} now: simpo-lite train {again} --output-dir {run}-lr --set "
+            f"train.learning_rate={lr / 3:.1g}, or find one: simpo-lite sweep {again} --grid "
+            f"'train.learning_rate=[{lr / 10:.1g},{lr / 3:.1g}]' --max-steps {min(cfg.train.max_steps or 50, 50)} "
+            f"--output-dir {run}-sweep), raise simpo.sft_weight (the NLL term on the chosen answers; {sft:g} now), "
+            f"or train fewer steps")
 
 
 def summary_line(record: dict) -> str:

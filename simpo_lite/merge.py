@@ -48,7 +48,9 @@ def fill_merged(tmp: Path, adapter: Path, cfg: Config, dtype_name: str, summary:
     del merged  # the check below reloads from disk: never two copies in memory
     gc.collect()
     tokenizer.save_pretrained(tmp)
-    save_config(cfg, tmp / EXPORT_CONFIG)
+    # What eval and chat of the export take from the run: its data split and SimPO settings; not its
+    # model settings, which were the training machine's (flash-attention, 4-bit, the base's path).
+    save_config(cfg, tmp / EXPORT_CONFIG, sections=("data", "simpo", "train"))
     exported = check_saved(tmp, cfg, dtype_name, ids, reference, trained, result)
     result.greedy_agreement = continuation_agreement(greedy_answers(exported, tokenizer, ids), trained_answers)
     result.sample_prompt = PROMPTS[0]

@@ -157,8 +157,10 @@ def outcome_notes(start_eval: dict, health_warnings: list[str], output_dir: Path
         from simpo_lite.health import crossed_line
 
         notes.append(f"{crossed_line(health_warnings)}; read every answer before exporting: simpo-lite report {output_dir}")
-    accuracy = start_eval.get("eval_rewards/accuracies")
-    if isinstance(accuracy, (int, float)) and accuracy >= 0.99:
+    from simpo_lite.run_report import saturated_accuracy
+
+    accuracy = saturated_accuracy(start_eval)
+    if accuracy is not None:
         notes.append(f"note: reward accuracy was {accuracy:.3f} at step 0 already (the model preferred the chosen "
                      f"answers before training), so it cannot show progress: judge the run by its answers")
     return notes

@@ -28,7 +28,7 @@ from simpo_lite.run_folder import (CONFIG, TRAINER_STATE, TrainerState, checkpoi
 RESUME_MAY_CHANGE = {
     "train": {"output_dir", "max_steps", "logging_steps", "eval_steps", "eval_batch_size", "save_steps",
               "save_total_limit", "on_nonfinite", "on_collapse", "health_prompts", "health_max_new_tokens",
-              "collapse_looping", "collapse_length_ratio", "collapse_logps_drop", "report_to",
+              "collapse_looping", "collapse_length_ratio", "collapse_recall_drop", "collapse_logps_drop", "report_to",
               "memory_budget_gb"},  # auto settings keep the checkpoint's choice (autofit.keep_saved_choice)
     "data": {"num_proc", "max_bad_fraction"},
     "export": "*",

@@ -388,15 +388,13 @@ def names_way_forward(run):
 def run_summary(output_dir: Path, state: TrainerState, seconds: float, peak_mem_mb: float,
                 first_eval: dict | None, last_eval: dict | None, resumed_from: Path | None, limits=None) -> dict:
     """summary.json of a run; a resumed run takes its start from metrics.jsonl and keeps its earlier time.
-    `limits` (the TrainConfig): the generation-health limits any evaluation crossed go in too, whether
-    the run stopped for them or only warned."""
-    from simpo_lite.health import collapse_signs
-
+    With `limits` (the TrainConfig) every health limit crossed, warned of or stopped for, goes in too."""
+    from simpo_lite.health import crossed_limits
     evals = [r for r in read_metrics(Path(output_dir) / METRICS) if "eval_loss" in r and r["step"] <= state.step]
     start = first_eval or next((r for r in evals if r["step"] == 0), None)
     # The end is the eval of the last step; an earlier one (a resume that ran no step) is not the end.
     end = last_eval or next((r for r in reversed(evals) if r["step"] == state.step), None)
-    crossed = [sign for record in evals for sign in collapse_signs(record, limits)] if limits is not None else []
+    crossed = crossed_limits(evals, limits) if limits is not None else []
     return {"steps": state.step, "skipped_steps": state.skipped_steps, "train_seconds": seconds,
             "peak_mem_mb": peak_mem_mb, "start_eval": start, "end_eval": end,
             "resumed_from": str(resumed_from) if resumed_from else None, "health_warnings": crossed}

@@ -232,17 +232,24 @@ def summary_lines(run_dir: Path, train: list[dict], evals: list[dict], summary: 
     return lines
 
 
+def saturated_accuracy(first_eval: dict) -> float | None:
+    """The step-0 reward accuracy when it is already at its top (the model preferred the chosen answers
+    before training, common on real data): the figure then cannot show progress."""
+    accuracy = first_eval.get("eval_rewards/accuracies")
+    return accuracy if isinstance(accuracy, (int, float)) and accuracy >= 0.99 else None
+
+
 def _crossed(run_dir: Path, evals: list[dict]) -> list[str]:
     """The generation-health limits the run's evaluations crossed, by the run's own limits."""
     from simpo_lite.config import TrainConfig, load_saved_config
-    from simpo_lite.health import collapse_signs
+    from simpo_lite.health import crossed_limits
 
     config = run_dir / run_folder.CONFIG
     try:
         limits = load_saved_config(config).train if config.is_file() else TrainConfig()
     except UserError:  # a config this version cannot read: the defaults' limits
         limits = TrainConfig()
-    return [sign for record in evals for sign in collapse_signs(record, limits)]
+    return crossed_limits(evals, limits)
 
 
 def _diagnose(first: dict, end: dict, crossed: list[str]) -> list[str]:
@@ -252,7 +259,7 @@ def _diagnose(first: dict, end: dict, crossed: list[str]) -> list[str]:
 
     notes = [f"{crossed_line(crossed)}; the answers are below"] if crossed else []
     acc0, acc1 = first.get("eval_rewards/accuracies"), end.get("eval_rewards/accuracies")
-    if first is not end and acc0 is not None and acc0 >= 0.99:
+    if first is not end and saturated_accuracy(first) is not None:
         notes.append(f"note: eval reward accuracy was {acc0:.3f} at step 0 already, so it cannot show progress: "
                      f"judge the run by its answers (below)")
     elif first is not end and acc0 is not None and acc1 is not None and acc1 <= acc0 and not crossed:

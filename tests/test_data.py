@@ -616,3 +616,15 @@ def test_padding_fraction_counts_the_stacked_tensor():
     assert padding_fraction([[0, 1]], [3, 2], [1, 2]) == pytest.approx(4 / 12)
     assert padding_fraction([[0], [1]], [3, 2], [3, 2]) == 0.0
     assert padding_fraction([], [], []) == 0.0
+
+
+def test_a_prompt_with_most_of_the_rows_is_not_held_out_for_a_tenth():
+    from simpo_lite.data.pipeline import _hold_out
+
+    questions = ["Continue."] * 45 + [f"q{i}" for i in range(5)]
+    dataset = datasets.Dataset.from_dict({"question": questions, "row": list(range(50))})
+    for seed in range(20):
+        train, held = _hold_out(dataset, 0.1, seed)
+        assert held.num_rows == 5 and "Continue." not in held["question"], seed
+    one = datasets.Dataset.from_dict({"question": ["Same."] * 10, "row": list(range(10))})
+    assert _hold_out(one, 0.1, 0)[1] is None

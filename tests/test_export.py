@@ -146,6 +146,7 @@ def test_eval_and_chat_of_an_export_take_the_runs_settings(run_dir, fp32_export)
     run, target = load_saved_config(run_dir / "config.yaml"), resolve_target(str(out))
     assert (target.cfg.data, target.cfg.simpo, target.cfg.train.seed) == (run.data, run.simpo, run.train.seed)
     assert target.cfg.model.name_or_path == str(out) and target.cfg.model.quantize is False
+    assert "model" not in yaml.safe_load((out / "simpo-lite-run.yaml").read_text())  # the training machine's
 
 
 def test_dequantized_export_is_the_model_the_run_trained(run_dir, fp32_export, tmp_path):

@@ -438,30 +438,37 @@ def test_an_interrupt_between_the_two_renames_puts_the_old_folder_back(tmp_path,
 
 def test_a_killed_writers_unfinished_folder_is_removed_by_the_next_write(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    orphan = tmp_path / f".merged.tmp-{int(dead.stdout)}-abc123"
+    orphan = tmp_path / f".merged.tmp-{int(dead.stdout)}-{files._HOST}-abc123"
     (orphan / "model.safetensors").parent.mkdir()
     (orphan / "model.safetensors").write_bytes(b"half")
-    live = tmp_path / f".merged.tmp-{os.getpid()}-def456"  # a writer still at work is left alone
+    live = tmp_path / f".merged.tmp-{os.getpid()}-{files._HOST}-def456"  # a writer still at work is left alone
+    elsewhere = tmp_path / f".merged.tmp-{int(dead.stdout)}-0000beef-ghi789"  # another host's: its pids aren't ours
     live.mkdir()
+    elsewhere.mkdir()
     files.write_folder(tmp_path / "merged", lambda tmp: (tmp / "model.safetensors").write_bytes(b"new"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["merged", live.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["merged", live.name, elsewhere.name])
 
 
-def test_sigterm_is_an_interrupt_in_every_command():
+def test_sigterm_is_an_interrupt_in_every_command(monkeypatch, capsys):
     """`timeout`, schedulers and `docker stop` send SIGTERM; without a handler an export died where it
     stood and left its unfinished folder behind."""
     import signal
 
-    from simpo_lite.errors import interrupt_on_sigterm
+    import simpo_lite.plan_report
+    from simpo_lite.cli import main
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
 
     before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(simpo_lite.plan_report, "plan_command", terminated)
     try:
-        interrupt_on_sigterm()
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(1)
+        with pytest.raises(SystemExit) as exit_info:
+            main(["plan", "--preset", "smollm2-demo"])
     finally:
         signal.signal(signal.SIGTERM, before)
+    assert exit_info.value.code == 130 and capsys.readouterr().err.strip() == "interrupted"
 
 
 def test_a_full_dataset_cache_is_one_line(tmp_path, monkeypatch):

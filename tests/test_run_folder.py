@@ -222,3 +222,15 @@ def test_a_run_with_a_checkpoint_is_told_how_to_resume(finished):
         run_folder.check_output_dir(finished, None, False)
     with pytest.raises(UserError, match="holds no run to resume; start without --resume"):
         find_checkpoint(finished.parent / "elsewhere", "latest")
+
+
+def test_a_resume_may_change_every_guardrail_and_health_setting():
+    """They decide when to warn or stop, never what a step computes; a new limit left out of the list
+    would refuse the resume of a run stopped by it with a looser limit."""
+    import dataclasses
+
+    from simpo_lite.config import TrainConfig
+    from simpo_lite.resume import RESUME_MAY_CHANGE
+
+    judged = {f.name for f in dataclasses.fields(TrainConfig) if f.name.startswith(("collapse_", "health_", "on_"))}
+    assert judged <= RESUME_MAY_CHANGE["train"]

@@ -53,7 +53,7 @@ def twelve_step_config(tiny, folder: Path) -> Path:
     nothing: its guardrails are set out of reach."""
     model, data = tiny
     return write_config(folder / "c.yaml", model, data, folder / "run", max_steps=12, save_steps=4, eval_steps=4,
-                        collapse_looping=1.0, collapse_length_ratio=1e6, collapse_logps_drop=1e6)
+                        collapse_looping=1.0, collapse_length_ratio=1e6, collapse_recall_drop=1.0, collapse_logps_drop=1e6)
 
 
 def start_until_first_checkpoint(tiny, tmp_path):

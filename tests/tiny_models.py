@@ -124,7 +124,7 @@ def write_config(path: Path, model_dir: Path, data_file: Path, output_dir: Path,
 # A short run with a checkpoint and an evaluation (with 2 health answers) every 2 steps, guardrails off:
 # every kind of save point (config, metrics, samples, checkpoints, the final adapter, the summary) in seconds.
 SHORT_RUN = dict(save_steps=2, eval_steps=2, health_prompts=2, health_max_new_tokens=4, collapse_looping=1.0,
-                 collapse_length_ratio=1e6, collapse_logps_drop=1e6)
+                 collapse_length_ratio=1e6, collapse_recall_drop=1.0, collapse_logps_drop=1e6)
 
 
 def tiny_run_inputs(root: Path) -> tuple[Path, Path]:

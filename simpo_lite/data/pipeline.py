@@ -54,19 +54,25 @@ def _subset(dataset: Dataset, limit: Optional[int], seed: int) -> Dataset:
 
 
 def _hold_out(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Optional[Dataset]]:
-    """A seeded `fraction` of the prompts held out with all their pairs: a prompt with pairs on both sides
-    would be scored, and answered by generation health, after the model trained on it."""
+    """About a seeded `fraction` of the rows held out, whole prompts at a time: a prompt with pairs on both
+    sides would be scored, and answered by generation health, after the model trained on it. Prompts are
+    drawn in a seeded order, each taken while the held-out rows stay within the fraction (one prompt at
+    least, the smallest, when every prompt has more rows than that; never all)."""
+    n = dataset.num_rows
     if fraction >= 1:  # eval or generate on every pair of a file
         return dataset.select([]), dataset
     groups = prompt_groups(dataset["question"])
-    n = len(groups)
-    if fraction <= 0 or n < 2:
+    if fraction <= 0 or len(groups) < 2:
         return dataset, None
-    k = min(max(int(round(n * fraction)), 1), n - 1)
-    held = np.random.default_rng(seed).permutation(n)[:k]
-    mask = np.zeros(dataset.num_rows, dtype=bool)
-    for group in held:
-        mask[groups[group]] = True
+    wanted = min(max(int(round(n * fraction)), 1), n - 1)
+    mask = np.zeros(n, dtype=bool)
+    held = 0
+    for group in np.random.default_rng(seed).permutation(len(groups)):
+        if held + len(groups[group]) <= wanted:
+            mask[groups[group]] = True
+            held += len(groups[group])
+    if not held:
+        mask[min(groups, key=len)] = True
     return dataset.select(np.flatnonzero(~mask).tolist()), dataset.select(np.flatnonzero(mask).tolist())
 
 
@@ -105,8 +111,10 @@ def build_datasets(data_cfg, tokenizer, seed: int) -> PreparedData:
         origin = f"from {eval_source.name}"
     else:
         train, evaluation = _hold_out(train, data_cfg.eval_fraction, seed)
-        origin = ("no evaluation data" if evaluation is None else "every row" if data_cfg.eval_fraction >= 1
-                  else f"held out {data_cfg.eval_fraction:g} of the training rows with seed {seed}")
+        origin = ("every row" if data_cfg.eval_fraction >= 1 else "no evaluation data" if data_cfg.eval_fraction <= 0
+                  else "no evaluation data: a single prompt, which cannot be held out without training on it "
+                       "(give data.eval_source)" if evaluation is None
+                  else f"held out {data_cfg.eval_fraction:g} of the training rows, whole prompts, with seed {seed}")
     train = _subset(train, data_cfg.max_train_pairs, seed)
     if evaluation is not None:
         evaluation = _subset(evaluation, data_cfg.eval_max_pairs, seed)
