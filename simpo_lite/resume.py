@@ -206,6 +206,16 @@ def load_adapter_weights(model, checkpoint: Path) -> None:
                         f"({len(missing)} missing, {len(getattr(result, 'unexpected_keys', []))} unexpected)")
 
 
+def check_same_data(checkpoint: Path, train_pairs: int) -> None:
+    """Refuse a resume whose training pairs are not the checkpoint's in number: the batch order would be
+    another, and the resumed steps a different run (the file changed, or how pairs are held out did)."""
+    then = json.loads((checkpoint / TRAINER_STATE).read_text()).get("train_pairs", 0)
+    if then and then != train_pairs:
+        raise UserError(f"--resume: the training data now gives {train_pairs} pairs, {checkpoint} trained on {then}: "
+                        f"the data changed, or how eval pairs are held out (whole prompts since 2026-12-06); resume "
+                        f"with the data of the checkpoint, or start a new run (--output-dir NEW)")
+
+
 def restore_training_state(checkpoint: Path, acc, policy, optimizer, scheduler) -> tuple[TrainerState, dict]:
     """Optimizer and scheduler state into the prepared objects; (data position, this process's RNG state)."""
     sharding.load_optimizer_state(acc, policy, optimizer, _load_torch(checkpoint / "optimizer.pt"), checkpoint)

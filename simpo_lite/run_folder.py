@@ -228,6 +228,7 @@ class TrainerState:
     batch_in_epoch: int       # micro-batches of that epoch already consumed (all processes together)
     skipped_steps: int = 0    # steps dropped by the non-finite guard
     train_seconds: float = 0.0  # wall time of the run up to this checkpoint, earlier resumed parts included
+    train_pairs: int = 0      # the training pairs the run's batch order is drawn over (0: not recorded)
 
 
 def rng_state() -> dict:

@@ -226,6 +226,8 @@ def build_run_parts(cfg: Config, resume_path: Path | None, quiet: bool, reuse: R
     if acc.is_main_process:
         # Even with --quiet one line says what the data preparation kept, skipped and truncated.
         print(prepared.report.counts_line() if quiet else prepared.report.summary(), file=sys.stderr, flush=True)
+    if resume_path:
+        resume.check_same_data(resume_path, prepared.train.num_rows)  # before the model loads
     cfg = fit_auto_settings(cfg, acc)
     batches_for_epoch = batch_order(cfg, prepared.train, acc.num_processes)
     policy, trainable = build_policy(cfg, acc, resume_path, prepared.train[0]["chosen_input_ids"], reuse)
@@ -236,6 +238,7 @@ def build_run_parts(cfg: Config, resume_path: Path | None, quiet: bool, reuse: R
     state, resume_rng = run_folder.TrainerState(step=0, epoch=0, batch_in_epoch=0), None
     if resume_path:
         state, resume_rng = resume.restore_training_state(resume_path, acc, policy, optimizer, scheduler)
+    state.train_pairs = prepared.train.num_rows
     collate = make_collator(tokenizer.pad_token_id, cfg.simpo.pack_prompt, cfg.simpo.pack_tokens)
     return RunParts(cfg, acc, tokenizer, prepared.train, prepared.eval, collate, batches_for_epoch, policy, optimizer,
                     scheduler, total, trainable, state, resume_path, resume_rng)

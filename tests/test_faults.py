@@ -535,3 +535,15 @@ def test_a_utf16_file_is_told_how_to_convert_from_utf16(tmp_path):
     path.write_bytes("train:\n  seed: 1\n".encode("utf-16"))
     with pytest.raises(UserError, match=r"looks like UTF-16.*iconv -f utf-16 -t utf-8"):
         files.check_utf8(path, "a config file is YAML text")
+
+
+def test_a_resume_over_other_training_data_is_refused_before_the_model_loads(tiny, reference, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    state_file = run / "checkpoint-4" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["train_pairs"] > 0  # recorded by every checkpoint
+    state_file.write_text(json.dumps({**state, "train_pairs": state["train_pairs"] + 3}))
+    with pytest.raises(UserError, match=rf"now gives {state['train_pairs']} pairs, .*checkpoint-4 trained on "
+                                        rf"{state['train_pairs'] + 3}"):
+        train(config_for(tiny, tmp_path), resume="latest")
