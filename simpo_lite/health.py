@@ -31,7 +31,10 @@ LOOP_N = 3
 # health answers (README): ordinary answers 0-0.12; loops ("a romantic partner or a romantic partner of a
 # romantic partner", "Ah, yea! Ah, yea! ...") 0.25-0.97. benchmarks/demo_judge.py uses the same rule.
 LOOP_SHARE = 0.3
-WORD = re.compile(r"[\w'\u2019-]+")  # "it’s" with a typographic apostrophe is one word, as "it's" is
+MIN_MEASURED = 4  # health answers with key words needed for health/answer_recall
+WORD = re.compile(r"[\w'-]+")
+# A key word: a number as written whole ("3.14", "1,440"), else a word; a possessive is its noun.
+TERM = re.compile(r"\d+(?:[.,]\d+)+|[\w'-]+")
 # Words that carry no fact, left out of a pair's key words.
 FUNCTION_WORDS = frozenset("""a an the is are was were be been being am of in on at to for from by with as and or
 but not no nor so if then than that this these those it its it's i you he she we they me him her us them my your his
@@ -56,17 +59,27 @@ def loops(text: str) -> bool:
     return repeated_ngram_share(words(text)) > LOOP_SHARE
 
 
+def terms(text: str) -> set[str]:
+    """The words and numbers of `text` as key words compare them: lower case, one apostrophe, no
+    possessive 's, thousands commas dropped, nothing without a letter or digit."""
+    found = TERM.findall(text.lower().replace("\u2019", "'"))
+    cleaned = (t.replace(",", "") if t[0].isdigit() else t.removesuffix("'s").strip("'-") for t in found)
+    return {t for t in cleaned if any(c.isalnum() for c in t)}
+
+
 def key_words(question: str, chosen: str, rejected: str) -> set[str]:
     """What an answer to `question` should say, by the pair: the content words both answers share beyond
-    the question's, else the chosen answer's (when the two share none, the preference is the substance)."""
-    asked = set(words(question))
-    content = lambda text: {w for w in words(text) if w not in FUNCTION_WORDS and w not in asked}  # noqa: E731
+    the question's, else the chosen answer's (when the two share none, the preference is the substance).
+    Whether the answer says them, not whether what it says is true: "not Paris" says "paris"."""
+    asked = terms(question)
+    content = lambda text: {w for w in terms(text) if w not in FUNCTION_WORDS and w not in asked}  # noqa: E731
     mine = content(chosen)
     return (mine & content(rejected)) or mine
 
 
 def recall(answer: str, keys: set[str]) -> float:
-    return len(keys & set(words(answer))) / len(keys)
+    """The share of `keys` (not empty) that `answer` says."""
+    return len(keys & terms(answer)) / len(keys)
 
 
 @dataclass
@@ -82,8 +95,13 @@ def pick_prompts(eval_dataset, count: int, seed: int, tokenizer) -> HealthPrompt
 
     if eval_dataset is None or count == 0 or len(eval_dataset) == 0:
         return None
-    chosen = sorted(np.random.default_rng([seed, 14]).permutation(len(eval_dataset))[:count].tolist())
-    rows = [eval_dataset[i] for i in chosen]
+    # Distinct prompts: the pairs of one prompt would be the same question asked twice.
+    questions, picked = eval_dataset["question"], {}
+    for i in np.random.default_rng([seed, 14]).permutation(len(eval_dataset)).tolist():
+        if len(picked) == count:
+            break
+        picked.setdefault(questions[i] or i, i)
+    rows = [eval_dataset[i] for i in sorted(picked.values())]
     response = lambda row, side: tokenizer.decode(row[f"{side}_input_ids"][row["prompt_length"]:],  # noqa: E731
                                                   skip_special_tokens=True)
     return HealthPrompts(ids=[row["chosen_input_ids"][:row["prompt_length"]] for row in rows],
@@ -120,7 +138,7 @@ def health_metrics(answers: list[dict], keys: list[set[str]] | None = None) -> d
                "health/repetition": sum(shares) / n,
                "health/looping": sum(s > LOOP_SHARE for s in shares) / n}
     recalls = [recall(a["text"], k) for a, k in zip(answers, keys or []) if k]
-    if recalls:
+    if len(recalls) >= min(MIN_MEASURED, len(answers)):  # on fewer, one answer would swing the mean
         metrics["health/answer_recall"] = sum(recalls) / len(recalls)
     return metrics
 
@@ -151,14 +169,31 @@ def collapse_signs(record: dict, limits) -> list[str]:
     over("health/length_ratio", limits.collapse_length_ratio, "mean answer length against step 0")
     change = record.get("health/answer_recall_change")
     if change is not None and -change > limits.collapse_recall_drop:
-        signs.append(f"health/answer_recall fell by {-change:.2f} to {record['health/answer_recall']:.2f} at step "
-                     f"{step} (limit {limits.collapse_recall_drop:g}: the answers stopped saying what the pairs' "
-                     f"answers agree on)")
+        now = record["health/answer_recall"]
+        signs.append(f"health/answer_recall fell by {-change:.2f}, from {now - change:.2f} to {now:.2f}, at step {step} "
+                     f"(limit {limits.collapse_recall_drop:g}: the answers stopped saying their pairs' key words)")
     chosen, rejected = record.get("health/logps_chosen_drift"), record.get("health/logps_rejected_drift")
     if chosen is not None and rejected is not None and chosen < -limits.collapse_logps_drop and rejected < 0:
         signs.append(f"health/logps_chosen_drift {chosen:.2f} at step {step} with rejected falling too "
                      f"({rejected:.2f}; limit -{limits.collapse_logps_drop:g} nats per token)")
     return signs
+
+
+def recall_note(first_record: dict, limits, run_dir) -> str | None:
+    """At step 0: a line when health/answer_recall cannot see a collapse on this data, unmeasured (too few
+    prompts with key words) or already below the fall its limit waits for (long answers rarely repeat
+    their pair's words)."""
+    if "health/length" not in first_record:
+        return None
+    value = first_record.get("health/answer_recall")
+    if value is None:
+        return (f"note: health/answer_recall is not measured: fewer than {MIN_MEASURED} health prompts have key words "
+                f"(words their pairs' answers say); loops and length are still watched")
+    if value <= limits.collapse_recall_drop:
+        return (f"note: health/answer_recall is {value:.2f} at step 0, so it cannot fall by train.collapse_recall_drop "
+                f"({limits.collapse_recall_drop:g}): on answers like these it will not flag lost content; read them: "
+                f"simpo-lite report {run_dir}")
+    return None
 
 
 def crossed_limits(records: list[dict], limits) -> list[str]:
@@ -193,8 +228,8 @@ def summary_line(record: dict) -> str:
     parts.append(f"no end-of-turn {record['health/no_stop']:.0%}")
     if "health/answer_recall" in record:
         change = record.get("health/answer_recall_change")
-        parts.append(f"key words said {record['health/answer_recall']:.0%}"
-                     + (f" ({change * 100:+.0f} points)" if change is not None else ""))
+        parts.append(f"key words said {record['health/answer_recall']:.2f}"
+                     + (f" ({change:+.2f})" if change is not None else ""))
     if "health/logps_chosen_drift" in record:
         parts.append(f"logps/chosen {record['health/logps_chosen_drift']:+.2f}")
     return ", ".join(parts)

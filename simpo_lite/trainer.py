@@ -171,7 +171,11 @@ class Trainer:
         line = (f"eval @ step {self.state.step}: loss {metrics['eval_loss']:.4f}  "
                 f"reward accuracy {metrics['eval_rewards/accuracies']:.3f}  margin {metrics['eval_rewards/margins']:.3f}")
         self.progress.message(line + (f"\n  {health.summary_line(record)}" if "health/length" in record else ""))
+        first = self.health.first_eval is None
         signs = self.health.judge(record)
+        note = health.recall_note(record, self.cfg.train, self.output_dir) if first else None
+        if note:
+            self.progress.message(f"[yellow]{note}[/]")
         if signs:
             self._on_collapse(signs)
         return record

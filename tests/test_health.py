@@ -9,7 +9,7 @@ import torch
 
 from simpo_lite.config import TrainConfig
 from simpo_lite.health import (HealthMonitor, HealthPrompts, add_drift, collapse_signs, generate_answers,
-                               health_metrics, key_words, loops, repeated_ngram_share, words)
+                               health_metrics, key_words, loops, recall, repeated_ngram_share, words)
 from tiny_models import random_llama, smollm2_tokenizer, tiny_llama_config, tiny_model_folder, write_config, write_pairs
 
 
@@ -60,8 +60,8 @@ def test_fluent_answers_that_stop_saying_the_facts_cross_the_recall_limit():
     assert record["health/answer_recall"] == 0.0 and record["health/answer_recall_change"] == -1.0
     assert record["health/looping"] == 0.0
     signs = collapse_signs(record, TrainConfig())
-    assert signs == ["health/answer_recall fell by 1.00 to 0.00 at step 6 (limit 0.35: the answers stopped saying "
-                     "what the pairs' answers agree on)"]
+    assert signs == ["health/answer_recall fell by 1.00, from 1.00 to 0.00, at step 6 (limit 0.35: the answers "
+                     "stopped saying their pairs' key words)"]
     # One answer of four losing its fact is within the limit.
     one_lost = {"step": 6, **add_drift(health_metrics(before[:3] + after[3:], keys), first, {}, None)}
     assert collapse_signs(one_lost, TrainConfig()) == []
@@ -183,3 +183,24 @@ def test_the_end_of_training_shows_what_the_model_writes_before_and_after(tiny_r
     assert shown == [prompt for prompt, _, _ in samples_side_by_side(run)[:3]]
     assert lines[title + 5] == f"all 4 answers and the curves: simpo-lite report {run}"
     assert lines[title + 6].startswith("adapter saved to")  # the next command comes last
+
+
+def test_key_words_read_numbers_whole_and_possessives_as_their_noun():
+    assert key_words("What is pi to two decimals?", "Pi is about 3.14.", "Pi is 3, roughly.") == {"3.14"}
+    assert recall("It is 12.5.", {"12"}) == 0.0  # a number is compared whole
+    assert key_words("Who wrote Hamlet?", "It’s by Shakespeare.", "Shakespeare's, I think.") == {"shakespeare"}
+    assert recall("A day has 1,440 minutes.", {"1440"}) == 1.0
+    assert key_words("List two.", "- one\n- two", "- uno\n- dos") == {"one"}  # a dash is no key word
+
+
+def test_recall_needs_enough_prompts_with_key_words_and_says_when_it_cannot_fall_far_enough():
+    from simpo_lite.health import recall_note
+
+    answers = [{"text": "Paris.", "tokens": 2, "truncated": False}] * 8
+    assert "health/answer_recall" not in health_metrics(answers, [{"paris"}] * 3 + [set()] * 5)
+    assert health_metrics(answers, [{"paris"}] * 4 + [set()] * 4)["health/answer_recall"] == 1.0
+    limits = TrainConfig()
+    assert recall_note({"health/length": 9.0, "health/answer_recall": 0.9}, limits, "runs/x") is None
+    low = recall_note({"health/length": 9.0, "health/answer_recall": 0.13}, limits, "runs/x")
+    assert low.startswith("note: health/answer_recall is 0.13 at step 0, so it cannot fall by") and "runs/x" in low
+    assert "not measured" in recall_note({"health/length": 9.0}, limits, "runs/x")

@@ -170,7 +170,7 @@ def test_the_summary_keeps_every_health_limit_crossed_even_when_the_run_only_war
     (tmp_path / run_folder.METRICS).write_text("".join(json.dumps(r) + "\n" for r in evals))
     state = run_folder.TrainerState(step=4, epoch=0, batch_in_epoch=0)
     summary = run_folder.run_summary(tmp_path, state, 1.0, 1.0, None, None, None, TrainConfig())
-    assert len(summary["health_warnings"]) == 1 and "fell by 0.60 to 0.20 at step 2" in summary["health_warnings"][0]
+    assert len(summary["health_warnings"]) == 1 and "fell by 0.60, from 0.80 to 0.20, at step 2" in summary["health_warnings"][0]
     warning, note = outcome_notes(evals[0], summary["health_warnings"], tmp_path)
     assert warning.startswith("warning: generation health crossed its limits: health/answer_recall fell by 0.60")
     assert warning.endswith(f"read every answer before exporting: simpo-lite report {tmp_path}")
